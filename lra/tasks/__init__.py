@@ -1,0 +1,52 @@
+"""Task registry: the Long Range Arena tasks by name.
+
+A task is an object with
+
+- ``name`` (str), ``num_classes`` (int), ``vocab_size`` (int, token id 0 is padding),
+  ``generated`` (bool: True when ``prepare`` needs no download) and ``splits``
+  (``("train", "val", "test")``);
+- ``prepare(data_dir, **settings) -> dict``: writes the task's files into ``data_dir``
+  (or accepts files already there) and returns a manifest describing them; preparing
+  again with the same settings does nothing, with different settings it raises
+  ``ValueError``;
+- ``load(split, data_dir) -> dict[str, np.ndarray]``: ``inputs`` [N, L] integer tokens
+  padded with 0, ``lengths`` [N], ``targets`` [N] (retrieval adds ``inputs2`` and
+  ``lengths2``), memory-mapped where large. Missing files raise ``FileNotFoundError``
+  naming the ``python -m lra.data prepare ...`` command that makes them;
+- ``is_prepared(data_dir) -> bool``.
+
+Adding a task is one module in this package plus one line in ``_TASKS``. Modules are
+imported only when their task is requested.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> "module:attribute" of the task object, imported lazily by `get`.
+_TASKS: dict[str, str] = {
+    "listops": "lra.tasks.listops:TASK",
+}
+
+NAMES: tuple[str, ...] = tuple(_TASKS)
+
+
+def get(name: str) -> Any:
+    """Returns the task object registered under `name`.
+
+    Args:
+        name: one of `NAMES`.
+
+    Returns:
+        The task object (see the module docstring for its contract).
+
+    Raises:
+        ValueError: `name` is not a known task.
+    """
+    try:
+        target = _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(NAMES)}") from None
+    module_name, attribute = target.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
