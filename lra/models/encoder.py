@@ -1,0 +1,355 @@
+"""The one Transformer encoder: embeddings, positions, pre-LN blocks, pooling, heads.
+
+Every attention variant shares every line here except its core, which comes from
+the `lra.models.attention` registry by name. Shapes: B batch, L length (including
+the CLS position when pooling is "cls"), E emb_dim, H heads, D head_dim, K classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lra.models import attention as attention_registry
+from lra.models.attention import Choice
+
+
+class Pooling(Choice):
+    """How the encoder output [B, L, E] becomes one vector [B, E]."""
+
+    CLS = "cls"  # a learned CLS vector prepended at position 0; take position 0
+    MEAN = "mean"  # mean over real tokens only
+
+
+class Positions(Choice):
+    """Position information added to the token embeddings."""
+
+    SINUSOIDAL = "sinusoidal"  # fixed sin/cos table
+    LEARNED = "learned"  # trained table, one row per position
+    NONE = "none"  # no positions (the attention itself may encode order)
+
+
+_INIT_STDDEV = 0.02  # CLS vector and learned positions
+
+
+@functools.lru_cache(maxsize=16)
+def _sinusoidal_LxE(length: int, dim: int) -> np.ndarray:
+    half = dim // 2
+    timescales = 10_000.0 ** (-np.arange(half) / max(half - 1, 1))
+    angles_LxE2 = np.arange(length)[:, None] * timescales[None, :]
+    table = np.zeros((length, dim), np.float32)
+    table[:, :half] = np.sin(angles_LxE2)
+    table[:, half : 2 * half] = np.cos(angles_LxE2)
+    table.setflags(write=False)  # shared by the cache
+    return table
+
+
+class MultiHeadAttention(nnx.Module):
+    """q, k, v projections E -> H*D, the registry's attention core, output H*D -> E."""
+
+    def __init__(
+        self,
+        *,
+        emb_dim: int,
+        qkv_dim: int,
+        num_heads: int,
+        max_len: int,
+        dropout: float,
+        attention_dropout: float,
+        attention: str,
+        attention_options: dict[str, Any],
+        rngs: nnx.Rngs,
+    ):
+        if qkv_dim % num_heads:
+            raise ValueError(
+                f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}"
+            )
+        self.num_heads = num_heads
+        self.query = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
+        self.key = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
+        self.value = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
+        self.core = attention_registry.make(
+            attention,
+            num_heads=num_heads,
+            head_dim=qkv_dim // num_heads,
+            max_len=max_len,
+            dropout_rate=attention_dropout,
+            rngs=rngs,
+            **attention_options,
+        )
+        self.out = nnx.Linear(qkv_dim, emb_dim, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def _heads(self, x_BxLxHD: jax.Array) -> jax.Array:
+        return x_BxLxHD.reshape(*x_BxLxHD.shape[:2], self.num_heads, -1)
+
+    def __call__(
+        self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
+    ) -> jax.Array:
+        q_BxLxHxD = self._heads(self.query(x_BxLxE))
+        k_BxLxHxD = self._heads(self.key(x_BxLxE))
+        v_BxLxHxD = self._heads(self.value(x_BxLxE))
+        y_BxLxHxD = self.core(
+            q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, deterministic=deterministic
+        )
+        y_BxLxE = self.out(y_BxLxHxD.reshape(*y_BxLxHxD.shape[:2], -1))
+        return self.dropout(y_BxLxE, deterministic=deterministic)
+
+
+class Mlp(nnx.Module):
+    """E -> mlp_dim -> gelu -> dropout -> E -> dropout."""
+
+    def __init__(self, *, emb_dim: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
+        self.up = nnx.Linear(emb_dim, mlp_dim, rngs=rngs)
+        self.down = nnx.Linear(mlp_dim, emb_dim, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x_BxLxE: jax.Array, *, deterministic: bool) -> jax.Array:
+        h_BxLxM = self.dropout(jax.nn.gelu(self.up(x_BxLxE)), deterministic=deterministic)
+        return self.dropout(self.down(h_BxLxM), deterministic=deterministic)
+
+
+class Block(nnx.Module):
+    """Pre-LN block: x + attention(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(
+        self,
+        *,
+        emb_dim: int,
+        qkv_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        max_len: int,
+        dropout: float,
+        attention_dropout: float,
+        attention: str,
+        attention_options: dict[str, Any],
+        rngs: nnx.Rngs,
+    ):
+        self.attention_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
+        self.attention = MultiHeadAttention(
+            emb_dim=emb_dim,
+            qkv_dim=qkv_dim,
+            num_heads=num_heads,
+            max_len=max_len,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            attention=attention,
+            attention_options=attention_options,
+            rngs=rngs,
+        )
+        self.mlp_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
+        self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, rngs=rngs)
+
+    def __call__(
+        self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
+    ) -> jax.Array:
+        x_BxLxE = x_BxLxE + self.attention(
+            self.attention_norm(x_BxLxE), mask_BxL, deterministic=deterministic
+        )
+        return x_BxLxE + self.mlp(self.mlp_norm(x_BxLxE), deterministic=deterministic)
+
+
+class Encoder(nnx.Module):
+    """Tokens [B, L] and mask [B, L] -> one pooled vector per sequence [B, E].
+
+    One tower: the classifier uses it once, a dual encoder (retrieval) shares it
+    between both documents.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_len: int,
+        num_layers: int,
+        emb_dim: int,
+        qkv_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        pooling: str,
+        positions: str,
+        attention: str,
+        attention_options: dict[str, Any],
+        rngs: nnx.Rngs,
+    ):
+        """Builds the encoder.
+
+        Args:
+          vocab_size: number of token ids.
+          max_len: longest token sequence (without the CLS position).
+          num_layers: number of blocks.
+          emb_dim: model width E.
+          qkv_dim: total width of q, k and v over all heads (num_heads * D).
+          num_heads: H; must divide qkv_dim.
+          mlp_dim: hidden width of each block's MLP.
+          dropout: dropout after embeddings, attention output and MLP layers.
+          attention_dropout: dropout on attention probabilities (families that
+            have them).
+          pooling: a `Pooling` value, "cls" or "mean".
+          positions: a `Positions` value, "sinusoidal", "learned" or "none".
+          attention: an attention name from `lra.models.attention.NAMES`.
+          attention_options: options of that attention family.
+          rngs: streams ``params`` and ``dropout``.
+
+        Raises:
+          ValueError: for an invalid setting, naming it.
+        """
+        self.pooling = Pooling(pooling)
+        self.positions = Positions(positions)
+        self.max_len = max_len
+        self.emb_dim = emb_dim
+        use_cls = self.pooling is Pooling.CLS
+        length = max_len + 1 if use_cls else max_len  # attention sees the CLS position
+        init = nnx.initializers.normal(_INIT_STDDEV)
+        self.embed = nnx.Embed(vocab_size, emb_dim, rngs=rngs)
+        self.cls_E = nnx.Param(init(rngs.params(), (emb_dim,))) if use_cls else None
+        learned = self.positions is Positions.LEARNED
+        self.positions_LxE = (
+            nnx.Param(init(rngs.params(), (length, emb_dim))) if learned else None
+        )
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.blocks = nnx.List(
+            Block(
+                emb_dim=emb_dim,
+                qkv_dim=qkv_dim,
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                max_len=length,
+                dropout=dropout,
+                attention_dropout=attention_dropout,
+                attention=attention,
+                attention_options=attention_options,
+                rngs=rngs,
+            )
+            for _ in range(num_layers)
+        )
+        self.final_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
+
+    def _embed(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Token embeddings (+ CLS) + positions, and the mask over that sequence."""
+        x_BxLxE = self.embed(tokens_BxL)
+        if self.cls_E is not None:
+            batch = tokens_BxL.shape[0]
+            cls_Bx1xE = jnp.broadcast_to(self.cls_E[...], (batch, 1, self.emb_dim))
+            x_BxLxE = jnp.concatenate([cls_Bx1xE.astype(x_BxLxE.dtype), x_BxLxE], 1)
+            mask_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), mask_BxL], 1)
+        length = x_BxLxE.shape[1]
+        if self.positions is Positions.SINUSOIDAL:
+            x_BxLxE = x_BxLxE + _sinusoidal_LxE(length, self.emb_dim)
+        elif self.positions is Positions.LEARNED:
+            x_BxLxE = x_BxLxE + self.positions_LxE[:length]
+        return x_BxLxE, mask_BxL
+
+    def _pool(self, x_BxLxE: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+        if self.pooling is Pooling.CLS:
+            return x_BxLxE[:, 0]
+        weights_BxLx1 = mask_BxL[..., None].astype(x_BxLxE.dtype)
+        count_Bx1 = jnp.maximum(weights_BxLx1.sum(1), 1)
+        return (x_BxLxE * weights_BxLx1).sum(1) / count_Bx1
+
+    def __call__(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
+        """Encodes a batch.
+
+        Args:
+          tokens_BxL: int token ids; any id (0 included) at a real position is real.
+          mask_BxL: bool, True at real tokens; masked positions never change the
+            output.
+          deterministic: if False, applies dropout from the ``dropout`` rng stream.
+
+        Returns:
+          Pooled vectors [B, emb_dim].
+        """
+        if tokens_BxL.shape[1] > self.max_len:
+            raise ValueError(
+                f"sequence length {tokens_BxL.shape[1]} exceeds max_len={self.max_len}"
+            )
+        x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
+        x_BxLxE = self.dropout(x_BxLxE, deterministic=deterministic)
+        for block in self.blocks:
+            x_BxLxE = block(x_BxLxE, mask_BxL, deterministic=deterministic)
+        return self._pool(self.final_norm(x_BxLxE), mask_BxL)
+
+
+class Head(nnx.Module):
+    """Classifier MLP: Dense(hidden) -> relu -> Dense(num_classes), float32 logits."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(in_dim, hidden_dim, rngs=rngs)
+        self.logits = nnx.Linear(hidden_dim, num_classes, rngs=rngs)
+
+    def __call__(self, x_BxI: jax.Array) -> jax.Array:
+        return self.logits(jax.nn.relu(self.hidden(x_BxI))).astype(jnp.float32)
+
+
+class Classifier(nnx.Module):
+    """Encoder + classifier head: tokens [B, L], mask [B, L] -> logits [B, K]."""
+
+    def __init__(self, encoder: Encoder, *, num_classes: int, mlp_dim: int, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.head = Head(encoder.emb_dim, mlp_dim, num_classes, rngs=rngs)
+
+    def __call__(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
+        """Returns float32 logits [B, num_classes]; see `Encoder.__call__`."""
+        return self.head(self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic))
+
+
+def build_model(
+    model_config: Any,
+    *,
+    attention: str,
+    vocab_size: int,
+    num_classes: int,
+    max_len: int,
+    rngs: nnx.Rngs,
+) -> Classifier:
+    """Builds the classifier that a task's config describes.
+
+    Args:
+      model_config: the config's ``model`` node (attributes num_layers, emb_dim,
+        qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
+        attention_options).
+      attention: an attention name from `lra.models.attention.NAMES`.
+      vocab_size: number of token ids.
+      num_classes: number of output classes.
+      max_len: longest token sequence.
+      rngs: streams ``params`` and ``dropout``.
+
+    Returns:
+      A `Classifier`.
+
+    Raises:
+      ValueError: for an invalid setting, naming it.
+    """
+    encoder = Encoder(
+        vocab_size=vocab_size,
+        max_len=max_len,
+        num_layers=model_config.num_layers,
+        emb_dim=model_config.emb_dim,
+        qkv_dim=model_config.qkv_dim,
+        num_heads=model_config.num_heads,
+        mlp_dim=model_config.mlp_dim,
+        dropout=model_config.dropout,
+        attention_dropout=model_config.attention_dropout,
+        pooling=model_config.pooling,
+        positions=model_config.positions,
+        attention=attention,
+        attention_options=dict(model_config.attention_options),
+        rngs=rngs,
+    )
+    return Classifier(
+        encoder, num_classes=num_classes, mlp_dim=model_config.mlp_dim, rngs=rngs
+    )
