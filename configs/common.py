@@ -1,0 +1,95 @@
+"""Shared pieces of the config files: the argument string, default sizes, data folders.
+
+A config file is `get_config(arg)`, where `arg` is the text after the colon in
+`--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>`,
+`seed=<int>`, `preset=<name>`. Every key the training loop reads gets its default here or
+in the task's file, each with a comment; `lra.train` never falls back to defaults of its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from lra.models import attention
+
+# Where prepared data lives unless `config.data_dir` says otherwise.
+DATA_ROOT = os.path.expanduser(os.environ.get("LRA_DATA_DIR", "~/.cache/lra"))
+
+ARG_TYPES = {"runlocal": bool, "attention": str, "seed": int, "preset": str}
+
+
+def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
+    """Parses `runlocal,attention=linear,seed=1,preset=lra` into a dict of typed values.
+
+    Raises:
+      ValueError: for an unknown argument, a malformed value or an unknown preset.
+    """
+    parsed = {"runlocal": False, "attention": "softmax", "seed": 0, "preset": presets[0]}
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, value = item.partition("=")
+        name = name.strip()
+        if name not in ARG_TYPES:
+            raise ValueError(f"unknown config argument {name!r}; known: {', '.join(ARG_TYPES)}")
+        kind = ARG_TYPES[name]
+        if kind is bool:
+            if has_value:
+                raise ValueError(f"config argument {name!r} takes no value")
+            parsed[name] = True
+            continue
+        if not has_value or not value:
+            raise ValueError(f"config argument {name!r} needs a value, e.g. {name}=...")
+        try:
+            parsed[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
+    if parsed["attention"] not in attention.NAMES:
+        raise ValueError(
+            f"unknown attention {parsed['attention']!r}; known: {', '.join(attention.NAMES)}"
+        )
+    if parsed["preset"] not in presets:
+        raise ValueError(f"unknown preset {parsed['preset']!r}; known: {', '.join(presets)}")
+    return parsed
+
+
+def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
+    """The keys every task shares, with LRA-style defaults; task files override sizes."""
+    config = ml_collections.ConfigDict()
+    config.task = task  # name in the task registry `lra.tasks`
+    config.seed = args["seed"]  # model init, dropout and data order all derive from it
+    config.attention = args["attention"]  # name in the attention registry `lra.models.attention`
+    config.data_dir = os.path.join(DATA_ROOT, task)  # prepared data (official layout accepted)
+    # Settings handed to the task's `prepare` when the data has to be generated.
+    config.prepare = ml_collections.ConfigDict()
+    config.max_length = 1000  # tokens per sequence: longer ones are truncated, shorter padded
+    config.batch_size = 32  # global batch, split over the `data` mesh axis
+    config.eval_batch_size = 32  # global batch for evaluation; the last one is padded
+    config.num_train_steps = 5000
+    config.learning_rate = 1e-3  # peak learning rate, reached at the end of warmup
+    config.warmup_steps = 1000  # linear warmup from 0; must be shorter than training
+    config.schedule = "rsqrt"  # after warmup: rsqrt | cosine | constant
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.98
+    config.adam_eps = 1e-9
+    config.weight_decay = 0.1  # decoupled (AdamW), multiplied by the learning rate
+    config.grad_clip = 0.0  # clip gradients to this global norm; 0 = no clipping
+    config.log_every = 50  # train metrics are averaged over this many steps
+    config.eval_every = 500  # full validation pass; test too whenever validation improves
+    config.checkpoint_every = 500  # also saved at the end and on SIGTERM
+    config.keep_checkpoints = 3  # the newest N are kept, so a corrupt latest one has a fallback
+    config.num_devices = 0  # 0 = every device; N = the first N (for checks and debugging)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.num_layers = 4
+    config.model.emb_dim = 256  # width of the residual stream
+    config.model.qkv_dim = 256  # total width of queries/keys/values over all heads
+    config.model.num_heads = 4
+    config.model.mlp_dim = 1024  # also the hidden width of the classifier head
+    config.model.dropout = 0.1
+    config.model.attention_dropout = 0.1  # on attention probabilities, where a family has them
+    config.model.pooling = "cls"  # cls | mean
+    config.model.positions = "sinusoidal"  # sinusoidal | learned | none
+    # The attention family's options, starting from its defaults (see README).
+    config.model.attention_options = attention.default_options(args["attention"])
+    return config

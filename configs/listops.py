@@ -1,0 +1,73 @@
+"""ListOps (Nangia & Bowman, 2018) as in LRA: 10-way classification of nested MIN/MAX/MED/SM lists.
+
+Sequences of 500-2000 tokens from our offline generator (faithful to the LRA one); the data is
+generated on first use into `config.data_dir` (or `python -m lra.data prepare listops ...`).
+
+Launch (from the repository root):
+  python launch.py --config configs/listops.py:runlocal --workdir runs/listops-local
+  python launch.py --config configs/listops.py:preset=lra,attention=softmax,seed=0 --workdir runs/listops
+Expected test accuracy: runlocal ~RUNLOCAL_ACC (majority class ~RUNLOCAL_MAJ);
+preset=lra softmax ~36-38% (LRA paper, Table 1: 36.37).
+"""
+
+import os
+
+from configs import common
+
+PRESETS = ("lra",)  # lra = the released LRA ListOps hyperparameters
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, PRESETS)
+    config = common.base_config("listops", args)
+    # Generator settings (LRA: 96K/2K/2K, 500 < tokens < 2000).
+    config.prepare.num_train = 96_000
+    config.prepare.num_val = 2_000
+    config.prepare.num_test = 2_000
+    config.prepare.seed = 0  # the data, unlike the model, does not change with `seed`
+    config.prepare.min_length = 500
+    config.prepare.max_length = 2000
+
+    # preset=lra: 4 layers, width 512, 8 heads, MLP 1024, batch 32, 5K steps, Adam b2 0.98,
+    # weight decay 0.1, 1K warmup then rsqrt decay from a peak of 0.05 / sqrt(1000).
+    config.max_length = 2000
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_train_steps = 5000
+    config.learning_rate = 0.05 / 1000**0.5
+    config.warmup_steps = 1000
+    config.schedule = "rsqrt"
+    config.weight_decay = 0.1
+    config.eval_every = 500
+    config.checkpoint_every = 500
+    config.model.num_layers = 4
+    config.model.emb_dim = 512
+    config.model.qkv_dim = 512
+    config.model.num_heads = 8
+    config.model.mlp_dim = 1024
+    config.model.pooling = "cls"
+
+    if args["runlocal"]:
+        # A CPU run of a few minutes, data generation included: shorter lists, a small model.
+        config.data_dir = os.path.join(common.DATA_ROOT, "listops-runlocal")
+        config.prepare.num_train = 6_000
+        config.prepare.num_val = 500
+        config.prepare.num_test = 500
+        config.prepare.min_length = 20
+        config.prepare.max_length = 128
+        config.max_length = 128
+        config.batch_size = 32
+        config.num_train_steps = 1000
+        config.learning_rate = 1e-3
+        config.warmup_steps = 100
+        config.eval_every = 250
+        config.checkpoint_every = 250
+        config.log_every = 50
+        config.model.num_layers = 2
+        config.model.emb_dim = 64
+        config.model.qkv_dim = 64
+        config.model.num_heads = 4
+        config.model.mlp_dim = 128
+        config.model.dropout = 0.0  # a few minutes of training: nothing to regularise yet
+        config.model.attention_dropout = 0.0
+    return config

@@ -1,0 +1,102 @@
+r"""Train and evaluate one config: flags -> lra.train.train_and_evaluate(config, workdir).
+
+  python launch.py --config configs/listops.py:runlocal --workdir runs/listops-local
+  python launch.py --config configs/listops.py:attention=softmax,seed=1 --workdir runs/x \
+      --config.num_train_steps=2000 --config.model.num_layers=2
+
+The same command on the same workdir resumes the run; on a finished run it prints the
+results. Errors in the config, the workdir or the data print one message (exit status 2);
+--debug shows the full traceback instead.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/<task>.py[:runlocal,attention=NAME,seed=N,preset=NAME]",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: logs, checkpoints, results")
+_DEBUG = flags.DEFINE_bool("debug", False, "show full tracebacks for configuration errors")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# The errors a user can cause with flags, config values or data folders.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with unknown `--config.x` keys reported as the known ones."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+        hint = str(error).strip("'\"").replace("\\n", " ")
+        print(f"error: unknown config key among {', '.join(overrides)} ({hint})", file=sys.stderr)
+        _print_known_keys(argv)
+        sys.exit(2)
+    except flags.Error as error:
+        print(f"error: {error}\nusage: {__doc__}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _print_known_keys(argv: list[str]) -> None:
+    """Loads the config file alone (no overrides) and lists its keys."""
+    config_arg = None
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            config_arg = argv[index + 1]
+        elif arg.startswith("--config="):
+            config_arg = arg.split("=", 1)[1]
+    if config_arg is None:
+        return
+    try:
+        config = config_flags.config_flags.ConfigFileFlagParser(name="config").parse(config_arg)
+    except Exception:  # the message above already names the problem
+        return
+    keys = sorted(_flatten(json.loads(config.to_json_best_effort())))
+    print("known keys: config." + ", config.".join(keys), file=sys.stderr)
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            names += _flatten(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from lra import train  # after flag parsing, so --help is fast
+
+    try:
+        results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as error:
+        if _DEBUG.value:
+            raise
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if results is None:  # stopped by SIGTERM after a checkpoint
+        return 143
+    workdir = _WORKDIR.value
+    print(
+        f"\n{results['task']} / {results['attention']}: step {results['step']}, "
+        f"val accuracy {results['val_accuracy']:.4f}, test accuracy {results['test_accuracy']:.4f} "
+        f"(best val {results['best_val_accuracy']:.4f} at step {results['best_step']}, "
+        f"test there {results['test_accuracy_at_best']:.4f})\n"
+        f"results: {workdir}/results.json  metrics: {workdir}/metrics.jsonl  "
+        f"TensorBoard: tensorboard --logdir {workdir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

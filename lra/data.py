@@ -1,0 +1,173 @@
+"""Data: prepare a task's files, then source -> shuffle -> batch -> global device arrays.
+
+The training stream is a grain `MapDataset` of example *indices*: shuffled per epoch from
+`config.seed` (grain folds the epoch number into the seed), repeated forever and batched
+without dropping anything (a batch may straddle two epochs). Rows are gathered from the
+task's (memory-mapped) NumPy arrays only after each process has picked its own slice of the
+global batch, so on several hosts every process reads just its share. The position in the
+stream is grain's iterator state, saved in every checkpoint, so a resumed run sees exactly
+the batches an uninterrupted one would.
+
+Model batches are dicts of `inputs` [B, L] int32, `mask` [B, L] bool (True = real token,
+from `lengths`, never from token values), `targets` [B] int32 and, for evaluation,
+`weights` [B] float32 (0 for the padding rows of the last batch). Pair tasks add
+`inputs2`/`mask2` the same way.
+
+Command line:
+  python -m lra.data prepare <task> --data_dir DIR [--num_train N --num_val N --num_test N
+                                                    --seed S --min_length A --max_length B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lra import tasks
+
+Arrays = dict[str, np.ndarray]
+
+# (token array, its lengths, the mask the model gets) for single and paired inputs.
+SEQUENCE_FIELDS = (("inputs", "lengths", "mask"), ("inputs2", "lengths2", "mask2"))
+
+
+def prepare_command(task_name: str, data_dir: str) -> str:
+    return f"python -m lra.data prepare {task_name} --data_dir {data_dir}"
+
+
+def ensure_prepared(task, data_dir: str, settings: Mapping) -> None:
+    """Makes sure `data_dir` holds the task's data, generating it if the task can.
+
+    Tasks that need a download raise a FileNotFoundError saying which command prepares them.
+    """
+    if getattr(task, "generated", False):
+        task.prepare(data_dir, **dict(settings))
+    elif not task.is_prepared(data_dir):
+        raise FileNotFoundError(
+            f"no prepared {task.name} data in {data_dir}; prepare it with:\n  "
+            f"{prepare_command(task.name, data_dir)}"
+        )
+
+
+def warn_if_truncated(arrays: Arrays, max_length: int, split: str) -> None:
+    """Logs how many sequences of a split are longer than `max_length` (they get truncated)."""
+    for _, lengths_key, _ in SEQUENCE_FIELDS:
+        if lengths_key in arrays:
+            lengths = np.asarray(arrays[lengths_key])
+            if (truncated := int(np.sum(lengths > max_length))):
+                logging.warning(
+                    "%s: %d of %d sequences are longer than max_length=%d and are truncated",
+                    split, truncated, len(lengths), max_length,
+                )
+
+
+def gather(arrays: Arrays, index: np.ndarray, max_length: int) -> Arrays:
+    """Rows `index` as a model batch: tokens cut or padded to `max_length`, masks from lengths."""
+    batch = {"targets": np.asarray(arrays["targets"][index], np.int32)}
+    for inputs_key, lengths_key, mask_key in SEQUENCE_FIELDS:
+        if inputs_key not in arrays:
+            continue
+        rows = np.asarray(arrays[inputs_key][index][:, :max_length], np.int32)
+        tokens_BxL = np.zeros((len(index), max_length), np.int32)
+        tokens_BxL[:, : rows.shape[1]] = rows
+        lengths = np.minimum(arrays[lengths_key][index], max_length)
+        batch[inputs_key] = tokens_BxL
+        batch[mask_key] = np.arange(max_length)[None, :] < lengths[:, None]
+    return batch
+
+
+def _process_slice(global_batch: int) -> slice:
+    num_processes, process = jax.process_count(), jax.process_index()
+    if global_batch % num_processes:
+        raise ValueError(f"batch size {global_batch} is not divisible by {num_processes} processes")
+    local = global_batch // num_processes
+    return slice(process * local, (process + 1) * local)
+
+
+def train_dataset(
+    arrays: Arrays, *, batch_size: int, max_length: int, seed: int
+) -> grain.MapDataset:
+    """The infinite training stream: batch `i` is `dataset[i]`, the same on every run."""
+    num_examples = len(arrays["targets"])
+    own = _process_slice(batch_size)
+    return (
+        grain.MapDataset.range(num_examples)
+        .shuffle(seed=seed)
+        .repeat(None)
+        .batch(batch_size, drop_remainder=True)
+        .map(lambda index: gather(arrays, index[own], max_length))
+    )
+
+
+def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+    """A prefetching iterator whose `get_state()`/`set_state()` go into checkpoints."""
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    return iter(dataset.to_iter_dataset(options))
+
+
+def eval_batches(arrays: Arrays, *, batch_size: int, max_length: int) -> Iterator[Arrays]:
+    """The whole split in order; the last batch is padded with rows of weight 0."""
+    num_examples = len(arrays["targets"])
+    own = _process_slice(batch_size)
+    for start in range(0, num_examples, batch_size):
+        index = np.arange(start, min(start + batch_size, num_examples))
+        weights = np.ones(batch_size, np.float32)
+        weights[len(index):] = 0.0
+        padded = np.concatenate([index, np.zeros(batch_size - len(index), index.dtype)])
+        batch = gather(arrays, padded[own], max_length)
+        batch["weights"] = weights[own]
+        yield batch
+
+
+def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Process-local rows -> global arrays sharded along the batch over the `data` axis."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value)
+        for key, value in batch.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: python -m lra.data prepare <task> --data_dir DIR [settings]
+
+SETTING_FLAGS = ("num_train", "num_val", "num_test", "seed", "min_length", "max_length")
+
+
+def _prepare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lra.data", description="Prepare the data of an LRA task."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="generate or convert a task's data")
+    prepare.add_argument("task", choices=tasks.NAMES)
+    prepare.add_argument("--data_dir", required=True, help="folder to write the prepared data to")
+    for name in SETTING_FLAGS:
+        prepare.add_argument(f"--{name}", type=int, default=None)
+    args = parser.parse_args(argv)
+    task = tasks.get(args.task)
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    accepted = set(inspect.signature(task.prepare).parameters) - {"data_dir"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        parser.error(f"{args.task} does not take {', '.join('--' + u for u in unknown)}")
+    try:
+        manifest = task.prepare(args.data_dir, **settings)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = manifest.get("counts", {}) if isinstance(manifest, Mapping) else {}
+    print(f"{args.task} data ready in {args.data_dir} {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_prepare_main(sys.argv[1:]))

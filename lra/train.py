@@ -1,0 +1,500 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One jitted train step over a `data` mesh axis (batch sharded, parameters replicated), the
+same code on 1 or N devices. The model and optimizer live as one NNX state pytree split off
+their graph definition (`nnx.split`), so the step is a plain `jax.jit` function with buffer
+donation; dropout is reseeded every step from `fold_in(key, step)`, so a run is a pure
+function of the config and resuming from any checkpoint replays it exactly.
+
+Workdir layout (see DESIGN.md): config.json, metrics.jsonl, results.json, checkpoints/
+(orbax: model + optimizer state, data iterator position, best-val bookkeeping), TensorBoard
+event files. The same command on the same workdir resumes; on a finished run it returns the
+stored results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lra import data, logs, models, tasks
+from lra.models import attention
+
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+# Keys that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
+                     "data_dir", "eval_batch_size")
+SCHEDULES = ("rsqrt", "cosine", "constant")
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a checkpoint must carry besides the arrays to resume the bookkeeping exactly."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    val_accuracy: float = math.nan
+    val_step: int = -1
+    test_accuracy: float = math.nan
+    test_step: int = -1
+    best_val_accuracy: float = -math.inf
+    best_step: int = -1
+    test_accuracy_at_best: float = math.nan
+
+
+# ---------------------------------------------------------------------------------------
+# Config checks, mesh, optimizer, state
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Rejects bad values before anything is compiled, naming the config key."""
+    positive = ("batch_size", "eval_batch_size", "num_train_steps", "max_length", "eval_every",
+                "checkpoint_every", "log_every", "keep_checkpoints", "model.num_layers",
+                "model.emb_dim", "model.qkv_dim", "model.num_heads", "model.mlp_dim")
+    for key in positive:
+        value = functools.reduce(getattr, key.split("."), config)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    if not config.learning_rate > 0:
+        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if not 0 <= config.warmup_steps < config.num_train_steps:
+        raise ValueError(
+            f"config.warmup_steps={config.warmup_steps} must be in [0, num_train_steps="
+            f"{config.num_train_steps}): a warmup longer than training never reaches the peak"
+        )
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"config.schedule={config.schedule!r}; known: {', '.join(SCHEDULES)}")
+    for key in ("weight_decay", "grad_clip", "model.dropout", "model.attention_dropout"):
+        value = functools.reduce(getattr, key.split("."), config)
+        if value < 0:
+            raise ValueError(f"config.{key} must be >= 0, got {value}")
+    if config.attention not in attention.NAMES:
+        raise ValueError(
+            f"config.attention={config.attention!r} is unknown; known: {', '.join(attention.NAMES)}"
+        )
+    if config.model.qkv_dim % config.model.num_heads:
+        raise ValueError(
+            f"config.model.qkv_dim={config.model.qkv_dim} is not divisible by "
+            f"config.model.num_heads={config.model.num_heads}"
+        )
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_devices:
+            raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
+
+
+def make_mesh(num_devices: int) -> jax.sharding.Mesh:
+    """A 1-D `data` mesh over the first `num_devices` devices (0 = all)."""
+    devices = jax.devices()
+    if num_devices > len(devices):
+        raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} devices exist")
+    devices = devices[: num_devices or len(devices)]
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then rsqrt decay, cosine decay to 0, or constant."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    decay_steps = config.num_train_steps - warmup
+    after = {
+        "rsqrt": lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1))),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+        "constant": optax.constant_schedule(peak),
+    }[config.schedule]
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        make_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    if config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    return adamw
+
+
+def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Optimizer]:
+    rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+    model = models.build_model(
+        config.model, attention=config.attention, vocab_size=task.vocab_size,
+        num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
+    )
+    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+
+
+def create_state(config, task, mesh):
+    """Initialises model + optimizer directly into replicated device buffers.
+
+    Returns:
+      (graphdef, rng_state, state, state_shardings): `state` holds parameters and optimizer
+      state (what checkpoints save); `rng_state` the dropout/param streams, reseeded per step.
+    """
+    abstract = nnx.eval_shape(lambda: _build(config, task))
+    graphdef, abstract_rngs, abstract_state = nnx.split(abstract, nnx.RngState, ...)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, (abstract_rngs, abstract_state))
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.state(_build(config, task), nnx.RngState, ...)
+
+    rng_state, state = init()
+    return graphdef, rng_state, state, shardings[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Steps
+
+
+def _logits(model, batch, *, deterministic: bool) -> jax.Array:
+    return model(batch["inputs"], batch["mask"], deterministic=deterministic)
+
+
+def make_train_step(graphdef, state_shardings, config):
+    schedule = make_schedule(config)
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+    def train_step(state, rng_state, batch):
+        model, optimizer = nnx.merge(graphdef, rng_state, state)
+        step = optimizer.step[...]
+        nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+
+        def loss_fn(model):
+            logits = _logits(model, batch, deterministic=False)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            return losses.mean(), logits
+
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(step),
+        }
+        return nnx.state((model, optimizer), nnx.Not(nnx.RngState)), metrics
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def make_eval_step(graphdef):
+    @jax.jit
+    def eval_step(state, rng_state, batch):
+        model, _ = nnx.merge(graphdef, rng_state, state)
+        logits = _logits(model, batch, deterministic=True)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        weights = batch["weights"]
+        correct = (jnp.argmax(logits, -1) == batch["targets"]) * weights
+        return {"loss": jnp.sum(losses * weights), "correct": jnp.sum(correct),
+                "count": jnp.sum(weights)}
+
+    return eval_step
+
+
+def evaluate(eval_step, state, rng_state, arrays, *, config, mesh) -> dict[str, float]:
+    """Loss and accuracy over a whole split (no example dropped, padding weighted out)."""
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in data.eval_batches(arrays, batch_size=config.eval_batch_size,
+                                   max_length=config.max_length):
+        sums = jax.device_get(eval_step(state, rng_state, data.to_global(batch, mesh)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpoints:
+    """Orbax checkpoints of (state, data iterator position, Progress), newest N kept."""
+
+    def __init__(self, directory: Path, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+    def save(self, step: int, state, data_state: dict, progress: Progress) -> None:
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            progress=ocp.args.JsonSave(dataclasses.asdict(progress)),
+        ))
+
+    def restore_latest(self, abstract_state):
+        """The newest checkpoint that reads back; an unreadable one is skipped with a warning.
+
+        Returns:
+          (state, data_state, Progress), or None when there is no checkpoint.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    progress=ocp.args.JsonRestore(),
+                ))
+            except Exception as error:  # a truncated or corrupt checkpoint: try the previous
+                logging.warning("checkpoint at step %d is unreadable (%s); trying an older one",
+                                step, error)
+                continue
+            return restored["state"], restored["data"], Progress(**restored["progress"])
+        return None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Workdir files
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    """A short hash of everything that can change a run's results."""
+    relevant = {k: v for k, v in _config_dict(config).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_and_write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    path = workdir / CONFIG_FILE
+    new = _config_dict(config)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(
+            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run with a different config (changed: {', '.join(changed)}); "
+                "use another --workdir to start a new run"
+            )
+    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    names = ("lra", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def read_finished_results(workdir: str | Path, config) -> dict | None:
+    path = Path(workdir) / RESULTS_FILE
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("step") == config.num_train_steps else None
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+    """Trains and evaluates `config.task` with `config.attention`, resuming from `workdir`.
+
+    Returns:
+      The results dict (also in workdir/results.json), or None when the run was stopped by
+      SIGTERM after saving a checkpoint (relaunching resumes it).
+
+    Raises:
+      ValueError: a bad config value, unknown task/attention, or a workdir of another config.
+      FileNotFoundError: data that must be downloaded is missing (the message says how).
+      FloatingPointError: the loss became non-finite (the step is named).
+    """
+    workdir = Path(workdir).expanduser()
+    task = tasks.get(config.task)
+    mesh = make_mesh(config.num_devices)
+    validate_config(config, mesh.size)
+    finished = read_finished_results(workdir, config)
+    if finished is not None:
+        logging.info("%s holds a finished run; nothing to do", workdir)
+        return finished
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_and_write_config(workdir, config)
+    data.ensure_prepared(task, config.data_dir, config.prepare)
+    splits = {split: task.load(split, config.data_dir) for split in task.splits}
+    for split, arrays in splits.items():
+        data.warn_if_truncated(arrays, config.max_length, split)
+    with jax.set_mesh(mesh):
+        return _Trainer(config, task, mesh, workdir, splits).run()
+
+
+class _Trainer:
+    def __init__(self, config, task, mesh, workdir: Path, splits):
+        self.config, self.task, self.mesh, self.workdir, self.splits = (
+            config, task, mesh, workdir, splits)
+        self.graphdef, self.rng_state, self.state, shardings = create_state(config, task, mesh)
+        self.train_step = make_train_step(self.graphdef, shardings, config)
+        self.eval_step = make_eval_step(self.graphdef)
+        self.checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+        self.progress = Progress()
+        dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,
+                                     max_length=config.max_length, seed=config.seed)
+        self.batches = data.train_iterator(dataset)
+        restored = self.checkpoints.restore_latest(self.state)
+        if restored is not None:
+            self.state, data_state, self.progress = restored
+            self.batches.set_state(data_state)
+
+    def run(self) -> dict | None:
+        config, progress = self.config, self.progress
+        log = logs.RunLog(self.workdir, start_step=progress.step,
+                          num_steps=config.num_train_steps, enabled=jax.process_index() == 0)
+        preemption = _Preemption()
+        if progress.step:
+            log.message(f"resuming {self.workdir} from step {progress.step}")
+        try:
+            stopped = self._train(log, preemption)
+            if stopped:
+                log.message(f"stopped by SIGTERM at step {progress.step}; checkpoint saved, "
+                            "relaunch the same command to resume")
+                return None
+            if progress.val_step != progress.step:
+                self._evaluate(log)
+            if progress.test_step != progress.step:
+                self._record(log, "test", self._eval_split("test"))
+            results = self._results()
+        finally:
+            preemption.restore()
+            log.close()
+            self.checkpoints.close()
+        if jax.process_index() == 0:
+            (self.workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+    def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
+        """Runs the remaining steps; True if SIGTERM stopped it (after saving)."""
+        config, progress = self.config, self.progress
+        interval: list[dict] = []  # host copies of this log interval's metrics
+        pending = None  # the last step's device metrics, read one step late
+        started = time.perf_counter()
+        while progress.step < config.num_train_steps:
+            batch = data.to_global(next(self.batches), self.mesh)
+            self.state, metrics = self.train_step(self.state, self.rng_state, batch)
+            if pending is not None:
+                interval.append(self._read(*pending))
+            progress.step += 1
+            pending = (progress.step, metrics)
+            step = progress.step
+            due = {name: step % every == 0 for name, every in (
+                ("log", config.log_every), ("eval", config.eval_every),
+                ("checkpoint", config.checkpoint_every))}
+            last = step == config.num_train_steps
+            if not (any(due.values()) or last or preemption.requested):
+                continue
+            interval.append(self._read(*pending))
+            pending = None
+            summary = _mean(interval)
+            log.progress(step, summary)
+            if due["log"] or last:
+                log.write(step, "train", summary)
+                interval = []
+            progress.train_seconds += time.perf_counter() - started
+            if due["eval"]:
+                self._evaluate(log)
+            if due["checkpoint"] or last or preemption.requested:
+                self.checkpoints.save(step, self.state, self.batches.get_state(), progress)
+            if preemption.requested:
+                return True
+            started = time.perf_counter()
+        return False
+
+    def _read(self, step: int, metrics) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"loss is {values['loss']} at step {step}; the last checkpoint in "
+                f"{self.workdir / 'checkpoints'} is kept (lower config.learning_rate or set "
+                "config.grad_clip)"
+            )
+        return values
+
+    def _eval_split(self, split: str) -> dict[str, float]:
+        return evaluate(self.eval_step, self.state, self.rng_state, self.splits[split],
+                        config=self.config, mesh=self.mesh)
+
+    def _record(self, log: logs.RunLog, split: str, values: dict[str, float]) -> None:
+        log.write(self.progress.step, split, values)
+        setattr(self.progress, f"{split}_accuracy", values["accuracy"])
+        setattr(self.progress, f"{split}_step", self.progress.step)
+
+    def _evaluate(self, log: logs.RunLog) -> None:
+        """Validation; and test whenever validation improves on its best."""
+        progress = self.progress
+        self._record(log, "val", self._eval_split("val"))
+        if progress.val_accuracy > progress.best_val_accuracy:
+            progress.best_val_accuracy, progress.best_step = progress.val_accuracy, progress.step
+            self._record(log, "test", self._eval_split("test"))
+            progress.test_accuracy_at_best = progress.test_accuracy
+
+    def _results(self) -> dict:
+        config, progress = self.config, self.progress
+        model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        return {
+            "task": config.task,
+            "attention": config.attention,
+            "seed": config.seed,
+            "step": progress.step,
+            "val_accuracy": progress.val_accuracy,
+            "test_accuracy": progress.test_accuracy,
+            "best_val_accuracy": progress.best_val_accuracy,
+            "best_step": progress.best_step,
+            "test_accuracy_at_best": progress.test_accuracy_at_best,
+            "num_params": num_params,
+            "train_seconds": progress.train_seconds,
+            "steps_per_second": progress.step / max(progress.train_seconds, 1e-9),
+            "config_hash": config_hash(config),
+            "versions": _versions(),
+        }
+
+
+def _mean(records: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}

@@ -1,0 +1,186 @@
+"""The training loop end to end on tiny ListOps: devices, resume, interruption, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import listops as listops_config
+from lra import data, tasks, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Everything in a result that may differ between two runs of the same config.
+TIMING_KEYS = ("train_seconds", "steps_per_second")
+
+TINY = {
+    "prepare.num_train": 160, "prepare.num_val": 40, "prepare.num_test": 36,
+    "prepare.min_length": 10, "prepare.max_length": 60,
+    "max_length": 64, "batch_size": 16, "eval_batch_size": 16,
+    "num_train_steps": 12, "warmup_steps": 2, "learning_rate": 3e-3,
+    "log_every": 2, "eval_every": 6, "checkpoint_every": 4,
+    "model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32, "model.num_heads": 2,
+    "model.mlp_dim": 32,
+}
+
+
+def _config(data_dir, **overrides):
+    config = listops_config.get_config("runlocal")
+    for key, value in {**TINY, **overrides}.items():
+        *path, name = key.split(".")
+        parent = config
+        for part in path:
+            parent = parent[part]
+        parent[name] = value
+    config.data_dir = str(data_dir)
+    return config
+
+
+def _flags(config_overrides: dict, data_dir) -> list[str]:
+    pairs = {**TINY, **config_overrides, "data_dir": str(data_dir)}
+    return [f"--config.{key}={value}" for key, value in pairs.items()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("listops")
+    data.ensure_prepared(tasks.get("listops"), str(path), _config(path).prepare)
+    return path
+
+
+def _comparable(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in TIMING_KEYS}
+
+
+def _train_records(workdir) -> list[dict]:
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_one_and_four_devices_give_the_same_losses(data_dir):
+    config = _config(data_dir)
+    task = tasks.get("listops")
+    arrays = task.load("train", str(data_dir))
+    losses = {}
+    for num_devices in (1, 4):
+        mesh = train.make_mesh(num_devices)
+        with jax.set_mesh(mesh):
+            graphdef, rng_state, state, shardings = train.create_state(config, task, mesh)
+            step = train.make_train_step(graphdef, shardings, config)
+            dataset = data.train_dataset(arrays, batch_size=16, max_length=64, seed=0)
+            run = []
+            for index in range(3):
+                state, metrics = step(state, rng_state, data.to_global(dataset[index], mesh))
+                run.append(float(metrics["loss"]))
+        losses[num_devices] = run
+    np.testing.assert_allclose(losses[1], losses[4], rtol=1e-5)
+    assert losses[1][0] != losses[1][2]  # it trains
+
+
+def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir, tmp_path):
+    config = _config(data_dir)
+    results = train.train_and_evaluate(config, tmp_path)
+    expected_keys = {"task", "attention", "seed", "step", "val_accuracy", "test_accuracy",
+                     "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
+                     "train_seconds", "steps_per_second", "config_hash", "versions"}
+    assert set(results) == expected_keys
+    assert results["step"] == 12 and results["task"] == "listops"
+    assert 0 <= results["test_accuracy"] <= 1 and results["best_step"] in (6, 12)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 12
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert (tmp_path / "checkpoints" / "12").exists()
+    records = _train_records(tmp_path)
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert train.train_and_evaluate(config, tmp_path) == results
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
+    train.train_and_evaluate(_config(data_dir, num_train_steps=4, eval_every=2), tmp_path)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train.train_and_evaluate(
+            _config(data_dir, num_train_steps=8, learning_rate=1e-2), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"attention": "nonesuch"}, "known: .*softmax"),
+    ({"model.qkv_dim": 30, "model.num_heads": 4}, "qkv_dim=30 is not divisible"),
+    ({"learning_rate": -1.0}, "learning_rate must be > 0"),
+    ({"warmup_steps": 12}, "warmup_steps=12"),
+    ({"batch_size": 6}, "batch_size=6 is not divisible by 4 devices"),
+    ({"schedule": "linear"}, "schedule='linear'"),
+])
+def test_bad_config_values_are_rejected_naming_the_key(data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(_config(data_dir, **overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad_data"
+    bad.mkdir()
+    for split in ("train", "val", "test"):
+        (bad / f"basic_{split}.tsv").write_text("Source\tTarget\n( [MAX 4 3 ] )\t4\n[MIN 2 ]\t\n")
+    with pytest.raises(ValueError, match=r"basic_\w+\.tsv.*3"):
+        train.train_and_evaluate(_config(bad), tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------
+# Interruption: a real process, killed, then relaunched with the same command.
+
+LONG = {"num_train_steps": 240, "checkpoint_every": 20, "eval_every": 60, "log_every": 20}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    results = train.train_and_evaluate(_config(data_dir, **LONG), workdir)
+    return results, _train_records(workdir)
+
+
+def _launch(workdir, data_dir) -> subprocess.Popen:
+    command = [sys.executable, "launch.py", "--config", "configs/listops.py:runlocal",
+               "--workdir", str(workdir), *_flags(LONG, data_dir)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for_checkpoint(workdir, process, step: int, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not (Path(workdir) / "checkpoints" / str(step)).exists():
+        if process.poll() is not None:
+            pytest.fail(f"run ended before checkpoint {step}:\n{process.stdout.read()}")
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGKILL, -signal.SIGKILL),
+                                               (signal.SIGTERM, 143)])
+def test_interrupted_and_relaunched_run_matches_an_uninterrupted_one(
+        data_dir, tmp_path, uninterrupted, signum, exit_code):
+    process = _launch(tmp_path, data_dir)
+    _wait_for_checkpoint(tmp_path, process, 40)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == exit_code, output
+    assert not (tmp_path / "results.json").exists(), "the run finished before the signal"
+    relaunched = _launch(tmp_path, data_dir)
+    output, _ = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0, output
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected_results, expected_records = uninterrupted
+    assert _comparable(results) == _comparable(expected_results)
+    records = _train_records(tmp_path)
+    assert [r["step"] for r in records] == [r["step"] for r in expected_records]
+    for got, want in zip(records, expected_records):
+        for key in ("loss", "accuracy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got, want)
