@@ -6,8 +6,8 @@ generated on first use into `config.data_dir` (or `python -m lra.data prepare li
 Launch (from the repository root):
   python launch.py --config configs/listops.py:runlocal --workdir runs/listops-local
   python launch.py --config configs/listops.py:preset=lra,attention=softmax,seed=0 --workdir runs/listops
-Expected test accuracy: runlocal ~RUNLOCAL_ACC (majority class ~RUNLOCAL_MAJ);
-preset=lra softmax ~36-38% (LRA paper, Table 1: 36.37).
+Expected test accuracy: runlocal 34.4% measured on a 2-core CPU in 1 min 40 s (majority
+class 15.6%); preset=lra softmax: the LRA paper (Table 1) reports 36.37%.
 """
 
 import os

@@ -60,6 +60,9 @@ class Progress:
     best_val_accuracy: float = -math.inf
     best_step: int = -1
     test_accuracy_at_best: float = math.nan
+    # Train metrics of the steps since the last logged interval (non-empty only when a
+    # signal stopped the run mid-interval), so the resumed run logs the same averages.
+    unlogged: list = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,8 +234,9 @@ class Checkpoints:
     """Orbax checkpoints of (state, data iterator position, Progress), newest N kept."""
 
     def __init__(self, directory: Path, keep: int):
+        self.directory = directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, data_state: dict, progress: Progress) -> None:
         self._manager.save(step, force=True, args=ocp.args.Composite(
@@ -242,11 +246,15 @@ class Checkpoints:
         ))
 
     def restore_latest(self, abstract_state):
-        """The newest checkpoint that reads back; an unreadable one is skipped with a warning.
+        """The newest checkpoint that reads back.
+
+        An unreadable (truncated, corrupt) newer one is moved to `checkpoints_unreadable/`
+        with a warning, so the run continues from the one before and can save that step anew.
 
         Returns:
-          (state, data_state, Progress), or None when there is no checkpoint.
+          (state, data_state, Progress), or None when there is no readable checkpoint.
         """
+        restored, unreadable = None, []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -254,12 +262,20 @@ class Checkpoints:
                     data=ocp.args.JsonRestore(),
                     progress=ocp.args.JsonRestore(),
                 ))
-            except Exception as error:  # a truncated or corrupt checkpoint: try the previous
+                break
+            except Exception as error:  # noqa: BLE001 - any failure to read means unusable
                 logging.warning("checkpoint at step %d is unreadable (%s); trying an older one",
                                 step, error)
-                continue
-            return restored["state"], restored["data"], Progress(**restored["progress"])
-        return None
+                unreadable.append(step)
+        if unreadable:
+            aside = self.directory.parent / "checkpoints_unreadable"
+            aside.mkdir(exist_ok=True)
+            for step in unreadable:
+                (self.directory / str(step)).rename(aside / f"{step}-{time.time_ns()}")
+            self._manager.reload()
+        if restored is None:
+            return None
+        return restored["state"], restored["data"], Progress(**restored["progress"])
 
     def close(self) -> None:
         self._manager.wait_until_finished()
@@ -320,20 +336,27 @@ def read_finished_results(workdir: str | Path, config) -> dict | None:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step."""
+    """Turns SIGTERM (and a first Ctrl-C) into a flag the loop checks after every step.
+
+    The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -341,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     Returns:
       The results dict (also in workdir/results.json), or None when the run was stopped by
-      SIGTERM after saving a checkpoint (relaunching resumes it).
+      SIGTERM or Ctrl-C after saving a checkpoint (relaunching resumes it).
 
     Raises:
       ValueError: a bad config value, unknown task/attention, or a workdir of another config.
@@ -393,7 +416,7 @@ class _Trainer:
         try:
             stopped = self._train(log, preemption)
             if stopped:
-                log.message(f"stopped by SIGTERM at step {progress.step}; checkpoint saved, "
+                log.message(f"stopped at step {progress.step} by a signal; checkpoint saved, "
                             "relaunch the same command to resume")
                 return None
             if progress.val_step != progress.step:
@@ -412,7 +435,7 @@ class _Trainer:
     def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
         """Runs the remaining steps; True if SIGTERM stopped it (after saving)."""
         config, progress = self.config, self.progress
-        interval: list[dict] = []  # host copies of this log interval's metrics
+        interval = progress.unlogged  # host copies of this log interval's metrics
         pending = None  # the last step's device metrics, read one step late
         started = time.perf_counter()
         while progress.step < config.num_train_steps:
@@ -440,6 +463,7 @@ class _Trainer:
             if due["eval"]:
                 self._evaluate(log)
             if due["checkpoint"] or last or preemption.requested:
+                progress.unlogged = interval
                 self.checkpoints.save(step, self.state, self.batches.get_state(), progress)
             if preemption.requested:
                 return True

@@ -184,3 +184,15 @@ def test_interrupted_and_relaunched_run_matches_an_uninterrupted_one(
     for got, want in zip(records, expected_records):
         for key in ("loss", "accuracy"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got, want)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
+    config = _config(data_dir)
+    expected = train.train_and_evaluate(config, tmp_path)
+    (tmp_path / "results.json").unlink()
+    for path in (tmp_path / "checkpoints" / "12").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    results = train.train_and_evaluate(config, tmp_path)  # resumes at 8, replays 9..12
+    assert _comparable(results) == _comparable(expected)
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["12"]

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import random
 import shlex
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -422,7 +423,10 @@ def _generate(data_dir: Path, settings: dict, num_workers: int, progress: bool) 
     files, total = {}, sum(settings[f"num_{split}"] for split in SPLITS)
     candidates = _candidates(settings, num_workers)
     lines = _unique_lines(candidates)
-    with contextlib.closing(candidates), tqdm.tqdm(total=total, desc="ListOps", disable=not progress) as bar:
+    # On a terminal a live bar; in a log file a line every 30 s instead of a stream of updates.
+    bar = tqdm.tqdm(total=total, desc="ListOps", disable=not progress,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    with contextlib.closing(candidates), bar:
         for split in SPLITS:
             digest, size = hashlib.sha256(HEADER + b"\n"), len(HEADER) + 1
             with open(data_dir / f".{_file_name(split)}.tmp", "wb") as file:
