@@ -1,5 +1,10 @@
 """The data pipeline: order, resumable position, evaluation batches, masks, sharding."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -100,3 +105,24 @@ def test_missing_download_data_names_the_prepare_command(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="python -m lra.data prepare text --data_dir"):
         data.ensure_prepared(DownloadTask(), str(tmp_path / "nothing"), {})
+
+
+def _prepare_cli(*args):
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "lra.data", "prepare", *args]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_command_writes_the_data_and_refuses_other_settings(tmp_path):
+    sizes = ["--num_train", "30", "--num_val", "5", "--num_test", "5",
+             "--min_length", "5", "--max_length", "40"]
+    done = _prepare_cli("listops", "--data_dir", str(tmp_path), *sizes)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 30, "val": 5, "test": 5}
+    assert (tmp_path / "basic_train.tsv").exists()
+    again = _prepare_cli("listops", "--data_dir", str(tmp_path), *sizes[:-1], "50")
+    assert again.returncode == 2
+    assert "max_length=40 there, 50 requested" in again.stderr
+    unknown = _prepare_cli("nonesuch", "--data_dir", str(tmp_path))
+    assert unknown.returncode == 2 and "listops" in unknown.stderr
