@@ -119,9 +119,9 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup to `learning_rate`, then rsqrt decay, cosine decay to 0, or constant."""
     peak, warmup = config.learning_rate, config.warmup_steps
-    decay_steps = config.num_train_steps - warmup
-    after = {
-        "rsqrt": lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1))),
+    decay_steps, rsqrt_scale = config.num_train_steps - warmup, max(warmup, 1)
+    after = {  # each gets the steps since the end of warmup (negative before it)
+        "rsqrt": lambda count: peak * jnp.sqrt(rsqrt_scale / (jnp.maximum(count, 0) + rsqrt_scale)),
         "cosine": optax.cosine_decay_schedule(peak, decay_steps),
         "constant": optax.constant_schedule(peak),
     }[config.schedule]
@@ -411,8 +411,12 @@ class _Trainer:
         log = logs.RunLog(self.workdir, start_step=progress.step,
                           num_steps=config.num_train_steps, enabled=jax.process_index() == 0)
         preemption = _Preemption()
+        sizes = ", ".join(f"{split} {len(a['targets']):,}" for split, a in self.splits.items())
+        platform = self.mesh.devices.flat[0].platform
+        log.message(f"{config.task} / {config.attention}: {self._num_params():,} parameters; "
+                    f"examples: {sizes}; {self.mesh.size} {platform} device(s); {self.workdir}")
         if progress.step:
-            log.message(f"resuming {self.workdir} from step {progress.step}")
+            log.message(f"resuming from step {progress.step}")
         try:
             stopped = self._train(log, preemption)
             if stopped:
@@ -498,10 +502,12 @@ class _Trainer:
             self._record(log, "test", self._eval_split("test"))
             progress.test_accuracy_at_best = progress.test_accuracy
 
+    def _num_params(self) -> int:
+        model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
     def _results(self) -> dict:
         config, progress = self.config, self.progress
-        model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)
-        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         return {
             "task": config.task,
             "attention": config.attention,
@@ -512,7 +518,7 @@ class _Trainer:
             "best_val_accuracy": progress.best_val_accuracy,
             "best_step": progress.best_step,
             "test_accuracy_at_best": progress.test_accuracy_at_best,
-            "num_params": num_params,
+            "num_params": self._num_params(),
             "train_seconds": progress.train_seconds,
             "steps_per_second": progress.step / max(progress.train_seconds, 1e-9),
             "config_hash": config_hash(config),
