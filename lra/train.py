@@ -375,12 +375,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     task = tasks.get(config.task)
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_and_write_config(workdir, config)
     finished = read_finished_results(workdir, config)
     if finished is not None:
         logging.info("%s holds a finished run; nothing to do", workdir)
         return finished
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_and_write_config(workdir, config)
     data.ensure_prepared(task, config.data_dir, config.prepare)
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
     for split, arrays in splits.items():

@@ -106,9 +106,10 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
 
 def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(_config(data_dir, num_train_steps=4, eval_every=2), tmp_path)
-    with pytest.raises(ValueError, match="learning_rate"):
-        train.train_and_evaluate(
-            _config(data_dir, num_train_steps=8, learning_rate=1e-2), tmp_path)
+    for changed in ({"num_train_steps": 8, "learning_rate": 1e-2},  # finished: not reported
+                    {"num_train_steps": 4, "eval_every": 2, "learning_rate": 1e-2}):
+        with pytest.raises(ValueError, match="learning_rate"):
+            train.train_and_evaluate(_config(data_dir, **changed), tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [
