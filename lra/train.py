@@ -437,9 +437,9 @@ class _Trainer:
         return results
 
     def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
-        """Runs the remaining steps; True if SIGTERM stopped it (after saving)."""
+        """Runs the remaining steps; True if a signal stopped it (after saving)."""
         config, progress = self.config, self.progress
-        interval = progress.unlogged  # host copies of this log interval's metrics
+        interval = list(progress.unlogged)  # host copies of this log interval's metrics
         pending = None  # the last step's device metrics, read one step late
         started = time.perf_counter()
         while progress.step < config.num_train_steps:
