@@ -1,0 +1,7 @@
+"""lra: Long Range Arena tasks and attention variants in JAX/Flax NNX.
+
+Entry points: `launch.py` (training runs from config files), `python -m lra.data prepare`
+(data), `lra.train.train_and_evaluate`, the registries `lra.models.attention` and `lra.tasks`.
+"""
+
+__version__ = "0.1.0"

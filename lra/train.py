@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+import lra
 from lra import data, logs, models, tasks
 from lra.models import attention
 
@@ -313,8 +314,8 @@ def _check_and_write_config(workdir: Path, config: ml_collections.ConfigDict) ->
 
 
 def _versions() -> dict[str, str]:
-    names = ("lra", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
-    versions = {"python": sys.version.split()[0]}
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+    versions = {"python": sys.version.split()[0], "lra": lra.__version__}
     for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -522,6 +523,7 @@ class _Trainer:
             "train_seconds": progress.train_seconds,
             "steps_per_second": progress.step / max(progress.train_seconds, 1e-9),
             "config_hash": config_hash(config),
+            "device": f"{self.mesh.size} x {self.mesh.devices.flat[0].device_kind}",
             "versions": _versions(),
         }
 

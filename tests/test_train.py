@@ -88,7 +88,7 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
     results = train.train_and_evaluate(config, tmp_path)
     expected_keys = {"task", "attention", "seed", "step", "val_accuracy", "test_accuracy",
                      "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
-                     "train_seconds", "steps_per_second", "config_hash", "versions"}
+                     "train_seconds", "steps_per_second", "config_hash", "versions", "device"}
     assert set(results) == expected_keys
     assert results["step"] == 12 and results["task"] == "listops"
     assert 0 <= results["test_accuracy"] <= 1 and results["best_step"] in (6, 12)
