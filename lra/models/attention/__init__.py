@@ -38,7 +38,26 @@ from flax import nnx
 
 # name -> "module:Class", the module relative to this package; imported on first use.
 _FAMILIES: dict[str, str] = {
+    # exact
     "softmax": "softmax:SoftmaxAttention",
+    "memory_efficient": "memory_efficient:MemoryEfficientAttention",
+    # sparse patterns, computed on the blocks they attend to
+    "local": "local:LocalAttention",
+    "sparse": "sparse:SparseAttention",
+    "longformer": "longformer:LongformerAttention",
+    "bigbird": "bigbird:BigBirdAttention",
+    # low rank / learned patterns
+    "linformer": "linformer:LinformerAttention",
+    "nystromformer": "nystromformer:NystromformerAttention",
+    "synthesizer": "synthesizer:SynthesizerAttention",
+    # hashing and sorting
+    "reformer": "reformer:ReformerAttention",
+    "sinkhorn": "sinkhorn:SinkhornAttention",
+    # kernelized: a feature map plugged into the one linear-attention core (linear.py)
+    "linear": "linear:LinearAttention",
+    "performer": "performer:PerformerAttention",
+    "cosformer": "cosformer:CosformerAttention",
+    "taylor": "taylor:TaylorAttention",
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)
