@@ -1,0 +1,176 @@
+"""Memory-efficient exact softmax attention: an online softmax over key chunks.
+
+Rabe & Staats, 2021, "Self-attention Does Not Need O(n^2) Memory".
+Extra shape letters: C = key chunk length, Q = query chunk length, N = number of chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+class MemoryEfficientAttention(nnx.Module):
+    """Exactly softmax(q k^T / sqrt(D)) v, computed without any L x L array.
+
+    Queries are split into chunks of Q (`lax.map`); for each query chunk a
+    `lax.scan` over key chunks of C carries, in float32, the running max m, the
+    running sum s = sum exp(logit - m) and the running weighted values
+    a = sum exp(logit - m) v; each new chunk rescales them by exp(m_old - m_new).
+    The output is a / s. The max is a stop-gradient (the output does not depend
+    on it), and both the per-query-chunk function and the per-key-chunk step are
+    `jax.checkpoint`ed, so the backward pass recomputes chunk logits instead of
+    storing them. L is padded internally to multiples of the chunk lengths;
+    padded keys get weight exactly 0, padded query rows are dropped.
+
+    Masked (and, if causal, later) keys get a large negative logit, as in
+    `softmax`, so a query row with no allowed key (only ever a masked row) stays
+    finite: the plain average of all L values, exactly as `softmax`. Attention
+    dropout needs the explicit probabilities, which never exist here:
+    `dropout_rate` is accepted and ignored.
+
+    Cost: O(B H L^2 D) time like softmax; memory O(B H Q C) for one chunk's
+    logits plus O(B L H D) for inputs and outputs (the backward pass adds the
+    carries of one query chunk, O(B Q H D L / C)).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        causal: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+        chunk_size: int = 128,
+        query_chunk_size: int = 1024,
+    ):
+        """Stores the chunking.
+
+        Args:
+          num_heads: H (unused: no parameters).
+          head_dim: D (unused).
+          max_len: the longest length L.
+          causal: if True, position i attends only to positions <= i.
+          dropout_rate: ignored (no explicit probabilities).
+          rngs: unused (no parameters, no dropout).
+          chunk_size: C, keys per scan step (clipped to L).
+          query_chunk_size: Q, queries per chunk (clipped to L).
+
+        Raises:
+          ValueError: for a bad option value.
+        """
+        del num_heads, head_dim, dropout_rate, rngs
+        for name, size in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int; got {size!r}")
+        self.max_len = max_len
+        self.causal = causal
+        self.chunk_size = chunk_size
+        self.query_chunk_size = query_chunk_size
+
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D].
+
+        Raises:
+          ValueError: if L > max_len.
+        """
+        del deterministic
+        batch, length = q.shape[:2]
+        if length > self.max_len:
+            raise ValueError(f"memory_efficient: length {length} exceeds max_len {self.max_len}")
+        keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+        k_NxBxCxHxD, kpos_NxC = _chunks(k, min(self.chunk_size, length))
+        v_NxBxCxHxD, _ = _chunks(v, min(self.chunk_size, length))
+        keep_NxBxC, _ = _chunks(keep_BxL, min(self.chunk_size, length))
+        q_MxBxQxHxD, qpos_MxQ = _chunks(q, min(self.query_chunk_size, length))
+        attend = jax.checkpoint(
+            functools.partial(_attend_query_chunk, causal=self.causal, length=length),
+            prevent_cse=False,
+        )
+        out_MxBxQxHxD = jax.lax.map(
+            lambda xs: attend(*xs, k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC),
+            (q_MxBxQxHxD, qpos_MxQ),
+        )
+        out_BxLxHxD = jnp.moveaxis(out_MxBxQxHxD, 0, 1).reshape(
+            (batch, -1) + q.shape[2:]
+        )[:, :length]
+        return out_BxLxHxD.astype(q.dtype)
+
+
+def _chunks(x_BxLx: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """[B, L, ...] -> [N, B, size, ...] (zero/False padded) and positions [N, size]."""
+    batch, length = x_BxLx.shape[:2]
+    num = -(-length // size)
+    pad = [(0, 0), (0, num * size - length)] + [(0, 0)] * (x_BxLx.ndim - 2)
+    x_BxNCx = jnp.pad(x_BxLx, pad)
+    x_NxBxCx = jnp.moveaxis(x_BxNCx.reshape((batch, num, size) + x_BxLx.shape[2:]), 1, 0)
+    return x_NxBxCx, jnp.arange(num * size).reshape(num, size)
+
+
+def _attend_query_chunk(
+    q_BxQxHxD: jax.Array,
+    qpos_Q: jax.Array,
+    k_NxBxCxHxD: jax.Array,
+    v_NxBxCxHxD: jax.Array,
+    keep_NxBxC: jax.Array,
+    kpos_NxC: jax.Array,
+    *,
+    causal: bool,
+    length: int,
+) -> jax.Array:
+    """One query chunk against all key chunks (online softmax) -> float32 [B, Q, H, D]."""
+    batch, chunk, heads, dim = q_BxQxHxD.shape
+    scale = dim**-0.5
+
+    def step(carry, xs):
+        max_BxQxH, sum_BxQxH, acc_BxQxHxD = carry
+        k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = xs
+        logits_BxQxHxC = jnp.einsum(
+            "bqhd,bkhd->bqhk", q_BxQxHxD, k_BxCxHxD, preferred_element_type=jnp.float32
+        ) * scale
+        keep = keep_BxC[:, None, None, :]
+        if causal:
+            keep = keep & (kpos_C[None, :] <= qpos_Q[:, None])[None, :, None, :]
+        logits_BxQxHxC = jnp.where(keep, logits_BxQxHxC, _NEG)
+        new_max_BxQxH = jax.lax.stop_gradient(
+            jnp.maximum(max_BxQxH, logits_BxQxHxC.max(-1))
+        )
+        real_C = kpos_C < length  # padding: weight 0, even in rows with no allowed key
+        weights_BxQxHxC = jnp.where(
+            real_C, jnp.exp(logits_BxQxHxC - new_max_BxQxH[..., None]), 0.0
+        )
+        rescale_BxQxH = jnp.exp(max_BxQxH - new_max_BxQxH)
+        sum_BxQxH = sum_BxQxH * rescale_BxQxH + weights_BxQxHxC.sum(-1)
+        acc_BxQxHxD = acc_BxQxHxD * rescale_BxQxH[..., None] + jnp.einsum(
+            "bqhk,bkhd->bqhd",
+            weights_BxQxHxC.astype(v_BxCxHxD.dtype),
+            v_BxCxHxD,
+            preferred_element_type=jnp.float32,
+        )
+        return (new_max_BxQxH, sum_BxQxH, acc_BxQxHxD), None
+
+    init = (
+        jnp.full((batch, chunk, heads), _NEG),
+        jnp.zeros((batch, chunk, heads), jnp.float32),
+        jnp.zeros((batch, chunk, heads, dim), jnp.float32),
+    )
+    xs = (k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC)
+    (_, sum_BxQxH, acc_BxQxHxD), _ = jax.lax.scan(
+        jax.checkpoint(step, prevent_cse=False), init, xs
+    )
+    return acc_BxQxHxD / sum_BxQxH[..., None]
