@@ -88,8 +88,11 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.mlp_dim = 1024  # also the hidden width of the classifier head
     config.model.dropout = 0.1
     config.model.attention_dropout = 0.1  # on attention probabilities, where a family has them
-    config.model.pooling = "cls"  # cls | mean
+    config.model.pooling = "cls"  # cls | mean | last (last real token; required when causal)
     config.model.positions = "sinusoidal"  # sinusoidal | learned | none
+    # Causal attention in every block (needs pooling="last"): the model reads left to right;
+    # with a kernelized attention it is an RNN (lra.models.classify_stepwise decodes it).
+    config.model.causal = False
     # The attention family's options, starting from its defaults (see README).
     config.model.attention_options = attention.default_options(args["attention"])
     return config

@@ -25,6 +25,7 @@ def _config(**overrides):
             pooling="cls",
             positions="sinusoidal",
             attention_options={},
+            causal=False,
         )
     )
     config.update(overrides)
@@ -49,7 +50,7 @@ def _batch(seed=0):
     return tokens, mask
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned", "none"])
 def test_logits_shape_dtype(pooling, positions):
     model = _model(pooling=pooling, positions=positions)
@@ -62,7 +63,7 @@ def test_logits_shape_dtype(pooling, positions):
     assert model.encoder(tokens, mask).shape == (B, 8)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_tokens_at_masked_positions_do_not_change_logits(pooling, deterministic):
     model = _model(
@@ -116,6 +117,8 @@ def test_positions_make_order_matter(positions):
         (dict(pooling="max"), "pooling"),
         (dict(positions="rotary"), "positions"),
         (dict(attention_options={"bogus": 1}), "bogus"),
+        (dict(causal=True), "pooling='cls' with causal=True"),
+        (dict(causal=True, pooling="mean"), "pooling='mean' with causal=True"),
     ],
 )
 def test_invalid_settings_raise(overrides, setting):
@@ -163,3 +166,43 @@ def test_jit_matches_eager():
     tokens, mask = _batch()
     jitted = nnx.jit(lambda model, tokens, mask: model(tokens, mask))
     np.testing.assert_allclose(jitted(model, tokens, mask), model(tokens, mask), atol=1e-6)
+
+
+def test_last_pooling_takes_the_last_real_token():
+    encoder = _model(pooling="last").encoder
+    x_BxLxE = jnp.arange(B * L * 8, dtype=jnp.float32).reshape(B, L, 8)
+    mask = jnp.asarray([[True] * L, [False, True, True, False, True, False]])
+    pooled = encoder._pool(x_BxLxE, mask)
+    np.testing.assert_array_equal(pooled, x_BxLxE[jnp.arange(B), jnp.asarray([L - 1, 4])])
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear", "performer", "cosformer", "taylor"])
+def test_causal_reaches_every_block(attention):
+    model = _model(attention, causal=True, pooling="last", num_layers=2)
+    assert model.encoder.causal
+    assert all(block.attention.core.causal for block in model.encoder.blocks)
+    tokens, mask = _batch()
+    assert np.isfinite(np.asarray(model(tokens, mask))).all()
+
+
+def test_causal_flag_changes_the_computation():
+    """Same parameters: causal and bidirectional differ unless there is nothing to hide."""
+    causal = _model("linear", causal=True, pooling="last", num_layers=2)
+    bidirectional = _model("linear", causal=False, pooling="last", num_layers=2)
+    tokens, _ = _batch()
+    full = jnp.ones((B, L), bool)
+    assert not np.allclose(causal(tokens, full), bidirectional(tokens, full))
+    first_only = full.at[:, 1:].set(False)
+    np.testing.assert_allclose(causal(tokens, first_only), bidirectional(tokens, first_only),
+                               atol=1e-6)
+
+
+def test_config_default_reaches_the_model():
+    from configs import listops
+
+    config = listops.get_config("runlocal,attention=linear")
+    assert config.model.causal is False
+    config.model.causal, config.model.pooling = True, "last"
+    model = build_model(config.model, attention=config.attention, vocab_size=VOCAB,
+                        num_classes=CLASSES, max_len=L, rngs=nnx.Rngs(0))
+    assert model.encoder.blocks[0].attention.core.causal

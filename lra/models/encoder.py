@@ -3,6 +3,12 @@
 Every attention variant shares every line here except its core, which comes from
 the `lra.models.attention` registry by name. Shapes: B batch, L length (including
 the CLS position when pooling is "cls"), E emb_dim, H heads, D head_dim, K classes.
+
+Causal mode (`causal=True`, pooling "last"): every block attends only to earlier
+tokens and the last real token is pooled, so the encoder reads left to right. With a
+kernelized attention (one with `step`) it is then a recurrent network:
+`init_decode` / `decode_step` run it token by token in constant memory
+(`lra.models.decode.classify_stepwise`) and give the same numbers as the parallel pass.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class Pooling(Choice):
 
     CLS = "cls"  # a learned CLS vector prepended at position 0; take position 0
     MEAN = "mean"  # mean over real tokens only
+    LAST = "last"  # the last real token (required by causal attention)
 
 
 class Positions(Choice):
@@ -63,6 +70,7 @@ class MultiHeadAttention(nnx.Module):
         attention_dropout: float,
         attention: str,
         attention_options: dict[str, Any],
+        causal: bool = False,
         rngs: nnx.Rngs,
     ):
         if qkv_dim % num_heads:
@@ -78,6 +86,7 @@ class MultiHeadAttention(nnx.Module):
             num_heads=num_heads,
             head_dim=qkv_dim // num_heads,
             max_len=max_len,
+            causal=causal,
             dropout_rate=attention_dropout,
             rngs=rngs,
             **attention_options,
@@ -86,7 +95,7 @@ class MultiHeadAttention(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def _heads(self, x_BxLxHD: jax.Array) -> jax.Array:
-        return x_BxLxHD.reshape(*x_BxLxHD.shape[:2], self.num_heads, -1)
+        return x_BxLxHD.reshape(*x_BxLxHD.shape[:-1], self.num_heads, -1)
 
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
@@ -99,6 +108,14 @@ class MultiHeadAttention(nnx.Module):
         )
         y_BxLxE = self.out(y_BxLxHxD.reshape(*y_BxLxHxD.shape[:2], -1))
         return self.dropout(y_BxLxE, deterministic=deterministic)
+
+    def step(self, state, x_BxE, mask_B, position):
+        """One token through the core's `step` (decoding; no dropout)."""
+        q_BxHxD, k_BxHxD, v_BxHxD = (
+            self._heads(layer(x_BxE)) for layer in (self.query, self.key, self.value)
+        )
+        state, y_BxHxD = self.core.step(state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B)
+        return state, self.out(y_BxHxD.reshape(y_BxHxD.shape[0], -1))
 
 
 class Mlp(nnx.Module):
@@ -129,6 +146,7 @@ class Block(nnx.Module):
         attention_dropout: float,
         attention: str,
         attention_options: dict[str, Any],
+        causal: bool = False,
         rngs: nnx.Rngs,
     ):
         self.attention_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
@@ -141,6 +159,7 @@ class Block(nnx.Module):
             attention_dropout=attention_dropout,
             attention=attention,
             attention_options=attention_options,
+            causal=causal,
             rngs=rngs,
         )
         self.mlp_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
@@ -153,6 +172,12 @@ class Block(nnx.Module):
             self.attention_norm(x_BxLxE), mask_BxL, deterministic=deterministic
         )
         return x_BxLxE + self.mlp(self.mlp_norm(x_BxLxE), deterministic=deterministic)
+
+    def step(self, state, x_BxE, mask_B, position):
+        """`__call__` for one token, carrying the attention's decoding state."""
+        state, y_BxE = self.attention.step(state, self.attention_norm(x_BxE), mask_B, position)
+        x_BxE = x_BxE + y_BxE
+        return state, x_BxE + self.mlp(self.mlp_norm(x_BxE), deterministic=True)
 
 
 class Encoder(nnx.Module):
@@ -178,6 +203,7 @@ class Encoder(nnx.Module):
         positions: str,
         attention: str,
         attention_options: dict[str, Any],
+        causal: bool = False,
         rngs: nnx.Rngs,
     ):
         """Builds the encoder.
@@ -193,10 +219,11 @@ class Encoder(nnx.Module):
           dropout: dropout after embeddings, attention output and MLP layers.
           attention_dropout: dropout on attention probabilities (families that
             have them).
-          pooling: a `Pooling` value, "cls" or "mean".
+          pooling: a `Pooling` value, "cls", "mean" or "last"; "last" if causal.
           positions: a `Positions` value, "sinusoidal", "learned" or "none".
           attention: an attention name from `lra.models.attention.NAMES`.
           attention_options: options of that attention family.
+          causal: if True, every block's attention sees only earlier tokens.
           rngs: streams ``params`` and ``dropout``.
 
         Raises:
@@ -204,6 +231,13 @@ class Encoder(nnx.Module):
         """
         self.pooling = Pooling(pooling)
         self.positions = Positions(positions)
+        if causal and self.pooling is not Pooling.LAST:
+            raise ValueError(
+                f"pooling={self.pooling.value!r} with causal=True: a causal encoder must "
+                "use pooling='last' (only the last real token has seen the whole sequence)"
+            )
+        self.causal = causal
+        self.attention_name = attention
         self.max_len = max_len
         self.emb_dim = emb_dim
         use_cls = self.pooling is Pooling.CLS
@@ -227,6 +261,7 @@ class Encoder(nnx.Module):
                 attention_dropout=attention_dropout,
                 attention=attention,
                 attention_options=attention_options,
+                causal=causal,
                 rngs=rngs,
             )
             for _ in range(num_layers)
@@ -253,6 +288,10 @@ class Encoder(nnx.Module):
     def _pool(self, x_BxLxE: jax.Array, mask_BxL: jax.Array) -> jax.Array:
         if self.pooling is Pooling.CLS:
             return x_BxLxE[:, 0]
+        if self.pooling is Pooling.LAST:
+            length = mask_BxL.shape[1]
+            last_B = length - 1 - jnp.argmax(mask_BxL[:, ::-1], axis=1)
+            return jnp.take_along_axis(x_BxLxE, last_B[:, None, None], axis=1)[:, 0]
         weights_BxLx1 = mask_BxL[..., None].astype(x_BxLxE.dtype)
         count_Bx1 = jnp.maximum(weights_BxLx1.sum(1), 1)
         return (x_BxLxE * weights_BxLx1).sum(1) / count_Bx1
@@ -280,6 +319,46 @@ class Encoder(nnx.Module):
         for block in self.blocks:
             x_BxLxE = block(x_BxLxE, mask_BxL, deterministic=deterministic)
         return self._pool(self.final_norm(x_BxLxE), mask_BxL)
+
+    def init_decode(self, batch_size: int) -> tuple:
+        """The empty decoding state of every block (constant size in the length).
+
+        Raises:
+          ValueError: if the encoder is not causal or its attention has no `step`.
+        """
+        if not self.causal:
+            raise ValueError("decoding token by token needs a causal encoder (causal=True)")
+        core = self.blocks[0].attention.core
+        if not hasattr(core, "step"):
+            raise ValueError(
+                f"attention {self.attention_name!r} has no step, so it cannot decode token by "
+                "token; kernelized attentions (linear, performer, cosformer, taylor) can"
+            )
+        return tuple(block.attention.core.init_state(batch_size) for block in self.blocks)
+
+    def decode_step(self, state, token_B, mask_B, position):
+        """Encodes one token given the state of the tokens before it.
+
+        Args:
+          state: from `init_decode` or the previous step.
+          token_B: int token ids at `position`.
+          mask_B: bool, False where the token is padding (it leaves the state as it is).
+          position: int index of the token in the sequence (< max_len).
+
+        Returns:
+          (new state, final-norm output of this token [B, E]): at the last real token
+          it equals the pooled output of the parallel pass.
+        """
+        x_BxE = self.embed(token_B)
+        if self.positions is Positions.SINUSOIDAL:
+            x_BxE = x_BxE + jnp.asarray(_sinusoidal_LxE(self.max_len, self.emb_dim))[position]
+        elif self.positions is Positions.LEARNED:
+            x_BxE = x_BxE + self.positions_LxE[...][position]
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            block_state, x_BxE = block.step(block_state, x_BxE, mask_B, position)
+            new_state.append(block_state)
+        return tuple(new_state), self.final_norm(x_BxE)
 
 
 class Head(nnx.Module):
@@ -321,7 +400,7 @@ def build_model(
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options).
+        attention_options, causal).
       attention: an attention name from `lra.models.attention.NAMES`.
       vocab_size: number of token ids.
       num_classes: number of output classes.
@@ -348,6 +427,7 @@ def build_model(
         positions=model_config.positions,
         attention=attention,
         attention_options=dict(model_config.attention_options),
+        causal=model_config.causal,
         rngs=rngs,
     )
     return Classifier(
