@@ -308,7 +308,7 @@ def test_nystromformer_pseudo_inverse_converges():
 
 def test_nystromformer_conv_skip_matches_numpy():
     with_conv = _core("nystromformer")  # conv_kernel_size=3
-    without = _core("nystromformer", conv_kernel_size=None)
+    without = _core("nystromformer", conv_kernel_size=0)
     q, k, v = random_qkv((B, L, H, D), seed=10)
     mask = edge_mask(B, L, seed=10)
     skip = np.asarray(_Jitted(with_conv)(q, k, v, mask) - _Jitted(without)(q, k, v, mask))

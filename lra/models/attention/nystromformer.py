@@ -54,7 +54,7 @@ class NystromformerAttention(nnx.Module):
         rngs: nnx.Rngs,
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
-        conv_kernel_size: int | None = None,
+        conv_kernel_size: int = 0,
     ):
         """Builds the optional convolution.
 
@@ -67,7 +67,8 @@ class NystromformerAttention(nnx.Module):
           rngs: stream ``params`` (for the convolution).
           num_landmarks: M, the number of segment-mean landmarks.
           pinv_iterations: iterations of the pseudo-inverse.
-          conv_kernel_size: K (odd) of the depthwise skip convolution, or None.
+          conv_kernel_size: K (odd) of the depthwise skip convolution; 0 = no skip
+            (0 rather than None so the option can be set from the command line).
 
         Raises:
           ValueError: for causal=True or a bad option value.
@@ -83,19 +84,19 @@ class NystromformerAttention(nnx.Module):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-        if conv_kernel_size is not None and (
+        if conv_kernel_size != 0 and (
             isinstance(conv_kernel_size, bool)
             or not isinstance(conv_kernel_size, int)
             or conv_kernel_size < 1
             or conv_kernel_size % 2 == 0
         ):
             raise ValueError(
-                f"conv_kernel_size must be None or an odd positive int; got {conv_kernel_size!r}"
+                f"conv_kernel_size must be 0 (off) or an odd positive int; got {conv_kernel_size!r}"
             )
         self.max_len = max_len
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
-        self.conv_HxK = None if conv_kernel_size is None else nnx.Param(
+        self.conv_HxK = None if conv_kernel_size == 0 else nnx.Param(
             nnx.initializers.normal(conv_kernel_size**-0.5)(
                 rngs.params(), (num_heads, conv_kernel_size)
             )
