@@ -83,6 +83,12 @@ class Choice(str, enum.Enum):
         raise ValueError(f"{setting} must be one of {choices}; got {value!r}")
 
 
+def check_length(family: str, length: int, max_len: int) -> None:
+    """Raises ValueError when a sequence is longer than the `max_len` a core was built for."""
+    if length > max_len:
+        raise ValueError(f"{family}: sequence length {length} exceeds max_len={max_len}")
+
+
 def _family(name: str) -> type[nnx.Module]:
     if name not in _FAMILIES:
         raise ValueError(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import blocks
+from lra.models.attention import blocks, check_length
 
 
 class RandomBlocks(nnx.Variable):
@@ -81,8 +81,7 @@ class BigBirdAttention(nnx.Module):
     ) -> jax.Array:
         """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
         batch, length = q.shape[:2]
-        if length > self.max_len:
-            raise ValueError(f"bigbird: length {length} exceeds max_len={self.max_len}")
+        check_length("bigbird", length, self.max_len)
         size = self.block_size
         n = blocks.num_blocks(length, size)
         drop = functools.partial(self.dropout, deterministic=deterministic)

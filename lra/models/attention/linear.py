@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.models.attention import Choice, check_length
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
@@ -224,8 +224,8 @@ class KernelizedAttention(nnx.Module):
         """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
         del deterministic  # no dropout (see the class docstring)
         batch, length = q.shape[:2]
-        if self.positional and length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+        if self.positional:
+            check_length(type(self).__name__, length, self.max_len)
         keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         positions_1xL = jnp.arange(length)[None]
         qf, kf, v_, s = self._phi(q, k, v, keep_BxL, positions_1xL)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models.attention import check_length
+
 
 class LinformerAttention(nnx.Module):
     """softmax(q (E k)^T / sqrt(D)) (F v), with E, F learned [P, L] projections.
@@ -87,8 +89,7 @@ class LinformerAttention(nnx.Module):
           ValueError: if L > max_len.
         """
         length = q.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"linformer: length {length} exceeds max_len {self.max_len}")
+        check_length("linformer", length, self.max_len)
         e_LxP = self.e_NxP[...][:length]
         f_LxP = e_LxP if self.f_NxP is None else self.f_NxP[...][:length]
         k_BxPxHxD = _project(k, mask, e_LxP)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models.attention import check_length
+
 _NEG = jnp.finfo(jnp.float32).min
 
 
@@ -91,8 +93,7 @@ class MemoryEfficientAttention(nnx.Module):
         """
         del deterministic
         batch, length = q.shape[:2]
-        if length > self.max_len:
-            raise ValueError(f"memory_efficient: length {length} exceeds max_len {self.max_len}")
+        check_length("memory_efficient", length, self.max_len)
         keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         k_NxBxCxHxD, kpos_NxC = _chunks(k, min(self.chunk_size, length))
         v_NxBxCxHxD, _ = _chunks(v, min(self.chunk_size, length))

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.models.attention import check_length
+
 _NEG = jnp.finfo(jnp.float32).min
 
 
@@ -118,8 +120,7 @@ class NystromformerAttention(nnx.Module):
         """
         del deterministic
         batch, length, _, dim = q.shape
-        if length > self.max_len:
-            raise ValueError(f"nystromformer: length {length} exceeds max_len {self.max_len}")
+        check_length("nystromformer", length, self.max_len)
         keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         scale = dim**-0.5
         zeroed = jnp.where(keep_BxL[:, :, None, None], jnp.stack([k, v]), 0)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.models.attention import check_length
+
 # Logit of a masked or padding key (a masked query row with no real key averages these).
 _MASKED = -1e9
 # Logit of a key after the query (causal): below _MASKED, so never attended to at all.
@@ -103,8 +105,7 @@ class ReformerAttention(nnx.Module):
         """
         del k  # shared QK
         batch, length = q.shape[:2]
-        if length > self.max_len:
-            raise ValueError(f"reformer: length {length} exceeds max_len {self.max_len}")
+        check_length("reformer", length, self.max_len)
         padded = 2 * self.bucket_size * math.ceil(length / (2 * self.bucket_size))
         real_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         real_BxP = jnp.pad(real_BxL, ((0, 0), (0, padded - length)))

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.models.attention import check_length
+
 # Logit of a key that may not be attended to (masked or padding).
 _MASKED = -1e9
 
@@ -180,8 +182,7 @@ class SinkhornAttention(nnx.Module):
     def _blocks(self, x_BxLxHxD: jax.Array, mask: jax.Array | None):
         """Pads to whole blocks: ([B, H, N, C, D], real [B, N, C])."""
         batch, length, heads, dim = x_BxLxHxD.shape
-        if length > self.max_len:
-            raise ValueError(f"sinkhorn: length {length} exceeds max_len {self.max_len}")
+        check_length("sinkhorn", length, self.max_len)
         chunk = self.block_size
         pad = chunk * math.ceil(length / chunk) - length
         real_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)

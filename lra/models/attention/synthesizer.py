@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.models.attention import Choice, check_length
 
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -122,8 +122,7 @@ class SynthesizerAttention(nnx.Module):
           ValueError: if L > max_len.
         """
         length = q.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"synthesizer: length {length} exceeds max_len {self.max_len}")
+        check_length("synthesizer", length, self.max_len)
         batch, _, heads, _ = q.shape
         # Broadcast so that dropout draws independent masks per example.
         logits_BxHxLxL = jnp.broadcast_to(

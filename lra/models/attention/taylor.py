@@ -16,7 +16,6 @@ keys, as Based's feature projections); then d = feature_dim. Based uses 16.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
