@@ -19,7 +19,7 @@ Keys can carry a log-scale: a feature map may return phi(k_j) = f_j * exp(s_j) a
 exp() never overflows). The core keeps the state at the scale exp(c) of the largest
 s seen so far, as online softmax does, rescaling it when c grows; the causal pass
 and `step` use the running maximum over keys j <= i, the bidirectional pass the
-maximum over all real keys. Without log-scales s = 0 and every factor is 1.
+maximum over all real keys. A map without log-scales (None) skips the rescaling.
 
 Masking: q, k and v are zeroed at masked positions before the feature map and phi(k)
 is zeroed there after it, so masked keys contribute nothing (values and gradients)
@@ -66,6 +66,10 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _absorb(state: State, kf_BxCxHxF, v_BxCxHxD, s_BxCxH) -> State:
     """Adds C keys (and their values) to the state, rescaling it to the new maximum."""
+    if s_BxCxH is None:  # no log-scales: a plain sum
+        kv_BxHxFxD = _dot("bchf,bchd->bhfd", kf_BxCxHxF.astype(v_BxCxHxD.dtype), v_BxCxHxD)
+        z_BxHxF = state.z_BxHxF + kf_BxCxHxF.astype(_F32).sum(1)
+        return State(state.S_BxHxFxD + kv_BxHxFxD, z_BxHxF, state.c_BxH)
     c_BxH = jnp.maximum(state.c_BxH, s_BxCxH.max(1))
     decay_BxH = jnp.exp(state.c_BxH - c_BxH)
     kf_BxCxHxF = kf_BxCxHxF * jnp.exp(s_BxCxH - c_BxH[:, None])[..., None]
@@ -88,6 +92,11 @@ def _quadratic(qf_BxLxHxF, kf_BxLxHxF, v_BxLxHxD, s_BxLxH, c_BxLxH, causal):
     """Masked matrix form: query i weighs key j by phi(q_i).phi(k_j) exp(s_j - c_i)."""
     length = qf_BxLxHxF.shape[1]
     a_BxHxLxL = _dot("bihf,bjhf->bhij", qf_BxLxHxF, kf_BxLxHxF)
+    if s_BxLxH is None:  # no log-scales: only the causal mask
+        if causal:
+            a_BxHxLxL = jnp.where(jnp.tril(jnp.ones((length, length), bool)), a_BxHxLxL, 0.0)
+        num_BxLxHxD = _dot("bhij,bjhd->bihd", a_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
+        return num_BxLxHxD, a_BxHxLxL.sum(-1).transpose(0, 2, 1)
     log_BxHxLxL = s_BxLxH.transpose(0, 2, 1)[:, :, None, :] - c_BxLxH.transpose(0, 2, 1)[..., None]
     if causal:
         log_BxHxLxL = jnp.where(jnp.tril(jnp.ones((length, length), bool)), log_BxHxLxL, -jnp.inf)
@@ -98,7 +107,9 @@ def _quadratic(qf_BxLxHxF, kf_BxLxHxF, v_BxLxHxD, s_BxLxH, c_BxLxH, causal):
 
 def _parallel(qf, kf, v, s_BxLxH, causal, chunk_size):
     del chunk_size
-    if causal:
+    if s_BxLxH is None:
+        c_BxLxH = None
+    elif causal:
         c_BxLxH = jax.lax.cummax(s_BxLxH, axis=1)
     else:
         c_BxLxH = jnp.broadcast_to(s_BxLxH.max(1, keepdims=True), s_BxLxH.shape)
@@ -123,7 +134,7 @@ def _scan(body, qf, kf, v, s, chunk: int):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
 
-    xs = (chunks(qf), chunks(kf), chunks(v), chunks(s, _NEG))
+    xs = (chunks(qf), chunks(kf), chunks(v), None if s is None else chunks(s, _NEG))
     state, ys = jax.lax.scan(body, _empty_state(batch, heads, features, v.shape[-1]), xs)
     unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, n * chunk, *y.shape[3:])[:, :length]
     return state, jax.tree.map(unchunk, ys)
@@ -133,7 +144,11 @@ def _chunked(qf, kf, v, s, causal, chunk_size):
     def body(state, xs):
         qc, kc, vc, sc_BxCxH = xs
         out = None
-        if causal:
+        if causal and sc_BxCxH is None:
+            num, den = _quadratic(qc, kc, vc, None, None, causal=True)
+            old_num, old_den = _read(state, qc)
+            out = (num + old_num, den + old_den)
+        elif causal:
             c_BxCxH = jnp.maximum(state.c_BxH[:, None], jax.lax.cummax(sc_BxCxH, axis=1))
             num, den = _quadratic(qc, kc, vc, sc_BxCxH, c_BxCxH, causal=True)
             old_num, old_den = _read(state, qc)
@@ -216,9 +231,10 @@ class KernelizedAttention(nnx.Module):
         q, k, v = (jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
         qf, _ = self.features(q.astype(_F32), positions_BxL, query=True)
         kf, s = self.features(k.astype(_F32), positions_BxL, query=False)
-        s = jnp.zeros(kf.shape[:3], _F32) if s is None else jax.lax.stop_gradient(s)
         kf = jnp.where(keep, kf, 0.0).astype(q.dtype)
-        return qf.astype(q.dtype), kf, v, jnp.where(keep_BxL[..., None], s, _NEG)
+        if s is not None:  # masked keys get the "no key" scale; maps without scales skip it
+            s = jnp.where(keep_BxL[..., None], jax.lax.stop_gradient(s), _NEG)
+        return qf.astype(q.dtype), kf, v, s
 
     def __call__(self, q, k, v, mask=None, *, deterministic=True):
         """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
