@@ -22,7 +22,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from lra.models.attention.linear import KernelizedAttention
 
@@ -36,24 +35,6 @@ class CosformerAttention(KernelizedAttention):
     """
 
     positional = True
-
-    def __init__(
-        self,
-        *,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        causal: bool = False,
-        dropout_rate: float = 0.0,
-        rngs: nnx.Rngs,
-        form: str = "chunked",
-        chunk_size: int = 64,
-    ):
-        del dropout_rate, rngs  # no probabilities to drop, no parameters
-        super().__init__(
-            num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
-            form=form, chunk_size=chunk_size,
-        )
 
     @property
     def num_features(self) -> int:

@@ -186,7 +186,7 @@ class KernelizedAttention(nnx.Module):
 
     A subclass implements `num_features` (F) and `features`, sets `positional = True`
     if the map uses token positions, and has its own keyword-only constructor (the
-    registry reads the family's options from it) that calls this one. The core gives
+    registry reads the family's options from it) that calls this one, or inherits it. The core gives
     `__call__` (the registry contract, computed in the form `form`) and, for causal
     cores, `init_state` / `step` to decode token by token.
 
@@ -196,8 +196,24 @@ class KernelizedAttention(nnx.Module):
 
     positional = False  # True if `features` uses positions, which must stay < max_len
 
-    def __init__(self, *, num_heads, head_dim, max_len, causal, form, chunk_size):
-        """Common settings; see `LinearAttention` for their meaning."""
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        causal: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+        form: str = "chunked",
+        chunk_size: int = 64,
+    ):
+        """The registry constructor of every kernelized family (options: form, chunk_size).
+
+        A family with options of its own defines a constructor that adds them and calls
+        this one; a family without (linear, cosformer) inherits it as it is.
+        """
+        del dropout_rate, rngs  # no probabilities to drop; the core has no parameters
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
@@ -289,24 +305,6 @@ class LinearAttention(KernelizedAttention):
     chunk in the chunked form; any L, padded internally). `dropout_rate` is accepted
     and not applied (no attention probabilities).
     """
-
-    def __init__(
-        self,
-        *,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        causal: bool = False,
-        dropout_rate: float = 0.0,
-        rngs: nnx.Rngs,
-        form: str = "chunked",
-        chunk_size: int = 64,
-    ):
-        del dropout_rate, rngs  # no probabilities to drop, no parameters
-        super().__init__(
-            num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
-            form=form, chunk_size=chunk_size,
-        )
 
     @property
     def num_features(self) -> int:

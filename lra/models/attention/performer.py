@@ -91,10 +91,9 @@ class PerformerAttention(KernelizedAttention):
         form: str = "chunked",
         chunk_size: int = 64,
     ):
-        del dropout_rate  # no probabilities to drop
         super().__init__(
             num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
-            form=form, chunk_size=chunk_size,
+            dropout_rate=dropout_rate, rngs=rngs, form=form, chunk_size=chunk_size,
         )
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")

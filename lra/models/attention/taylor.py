@@ -44,10 +44,9 @@ class TaylorAttention(KernelizedAttention):
         form: str = "chunked",
         chunk_size: int = 64,
     ):
-        del dropout_rate  # no probabilities to drop
         super().__init__(
             num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
-            form=form, chunk_size=chunk_size,
+            dropout_rate=dropout_rate, rngs=rngs, form=form, chunk_size=chunk_size,
         )
         if not isinstance(feature_dim, int) or feature_dim < 0:
             raise ValueError(f"feature_dim must be an int >= 0 (0 = off); got {feature_dim!r}")
