@@ -144,6 +144,7 @@ def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Opt
     model = models.build_model(
         config.model, attention=config.attention, vocab_size=task.vocab_size,
         num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
+        paired=task.paired,
     )
     return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
 
@@ -172,8 +173,12 @@ def create_state(config, task, mesh):
 # Steps
 
 
+# What the model is called with, in order; a paired task (retrieval) adds the second document.
+MODEL_INPUTS = ("inputs", "mask", "inputs2", "mask2")
+
+
 def _logits(model, batch, *, deterministic: bool) -> jax.Array:
-    return model(batch["inputs"], batch["mask"], deterministic=deterministic)
+    return model(*(batch[key] for key in MODEL_INPUTS if key in batch), deterministic=deterministic)
 
 
 def make_train_step(graphdef, state_shardings, config):

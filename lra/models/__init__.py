@@ -2,6 +2,6 @@
 token-by-token classification with causal kernelized encoders (`decode.py`)."""
 
 from lra.models.decode import classify_stepwise
-from lra.models.encoder import Classifier, Encoder, build_model
+from lra.models.encoder import Classifier, DualEncoderClassifier, Encoder, build_model
 
-__all__ = ["Classifier", "Encoder", "build_model", "classify_stepwise"]
+__all__ = ["Classifier", "DualEncoderClassifier", "Encoder", "build_model", "classify_stepwise"]

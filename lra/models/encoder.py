@@ -386,6 +386,31 @@ class Classifier(nnx.Module):
         return self.head(self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic))
 
 
+class DualEncoderClassifier(nnx.Module):
+    """Retrieval: one shared encoder tower for both documents, head MLP([u, v, u*v, u-v]).
+
+    (tokens [B, L], mask [B, L], tokens2 [B, L], mask2 [B, L]) -> logits [B, K].
+    """
+
+    def __init__(self, encoder: Encoder, *, num_classes: int, mlp_dim: int, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.head = Head(4 * encoder.emb_dim, mlp_dim, num_classes, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        mask_BxL: jax.Array,
+        tokens2_BxL: jax.Array,
+        mask2_BxL: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Returns float32 logits [B, num_classes]; see `Encoder.__call__`."""
+        u_BxE = self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic)
+        v_BxE = self.encoder(tokens2_BxL, mask2_BxL, deterministic=deterministic)
+        return self.head(jnp.concatenate([u_BxE, v_BxE, u_BxE * v_BxE, u_BxE - v_BxE], -1))
+
+
 def build_model(
     model_config: Any,
     *,
@@ -394,7 +419,8 @@ def build_model(
     num_classes: int,
     max_len: int,
     rngs: nnx.Rngs,
-) -> Classifier:
+    paired: bool = False,
+) -> Classifier | DualEncoderClassifier:
     """Builds the classifier that a task's config describes.
 
     Args:
@@ -406,9 +432,10 @@ def build_model(
       num_classes: number of output classes.
       max_len: longest token sequence.
       rngs: streams ``params`` and ``dropout``.
+      paired: if True, a `DualEncoderClassifier` over two documents (retrieval).
 
     Returns:
-      A `Classifier`.
+      A `Classifier`, or a `DualEncoderClassifier` when `paired`.
 
     Raises:
       ValueError: for an invalid setting, naming it.
@@ -430,6 +457,7 @@ def build_model(
         causal=model_config.causal,
         rngs=rngs,
     )
-    return Classifier(
+    model_class = DualEncoderClassifier if paired else Classifier
+    return model_class(
         encoder, num_classes=num_classes, mlp_dim=model_config.mlp_dim, rngs=rngs
     )

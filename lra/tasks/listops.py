@@ -22,18 +22,19 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import random
 import shlex
 import sys
-import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Union
 
 import numpy as np
 import tqdm
+
+from lra.tasks import storage
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -288,42 +289,6 @@ def is_prepared(data_dir: str | os.PathLike) -> bool:
     return all(_find_split_file(Path(data_dir), split) for split in SPLITS)
 
 
-def _read_manifest(data_dir: Path) -> dict | None:
-    path = data_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _replace_atomically(path: Path, write: Callable) -> None:
-    """Writes `path` through a temporary file of its own, so no reader sees a partial file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of a file, memoised in `cache_dir` until its size or mtime changes."""
-    status = path.stat()
-    stamp = {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
-    memo = cache_dir / f"{path.name}.sha256.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        recorded = json.loads(memo.read_text())
-        if {key: recorded[key] for key in stamp} == stamp:
-            return recorded["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    with contextlib.suppress(OSError):  # read-only data_dir: no memo
-        cache_dir.mkdir(exist_ok=True)
-        record = json.dumps({**stamp, "sha256": digest.hexdigest()}).encode()
-        _replace_atomically(memo, lambda file: file.write(record))
-    return digest.hexdigest()
-
-
 def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads one split, tokenised; the arrays are cached in ``data_dir/cache/``.
 
@@ -349,7 +314,7 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
             f"ListOps: no {_file_name(split)} in {data_dir} or {data_dir / RELEASE_FOLDER}. Make it with: "
             f"python -m lra.data prepare listops --data_dir {shlex.quote(str(data_dir))}")
     cache_dir = data_dir / "cache"
-    sha256, manifest = _sha256(path, cache_dir), _read_manifest(data_dir)
+    sha256, manifest = storage.sha256(path, cache_dir), storage.read_manifest(data_dir)
     if manifest is not None:
         expected = manifest.get("files", {}).get(path.name, {}).get("sha256")
         if sha256 != expected:
@@ -366,7 +331,7 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         for stale in set(cache_dir.glob(f"basic_{split}.*.npy")) - set(paths.values()):
             stale.unlink()  # arrays of an earlier version of the file
         for name, cached in paths.items():
-            _replace_atomically(cached, lambda file: np.save(file, arrays[name]))
+            storage.replace_atomically(cached, lambda file: np.save(file, arrays[name]))
     return arrays
 
 
@@ -441,9 +406,7 @@ def _generate(data_dir: Path, settings: dict, num_workers: int, progress: bool) 
         os.replace(data_dir / f".{name}.tmp", data_dir / name)
     manifest = {"task": "listops", "format_version": FORMAT_VERSION, "settings": settings,
                 "counts": {split: settings[f"num_{split}"] for split in SPLITS}, "files": files}
-    text = json.dumps(manifest, indent=2).encode() + b"\n"
-    _replace_atomically(data_dir / "manifest.json", lambda file: file.write(text))
-    return manifest
+    return storage.write_manifest(data_dir, manifest)
 
 
 def _unique_lines(candidates: Iterator[tuple[str, int]]) -> Iterator[bytes]:
@@ -505,7 +468,7 @@ def prepare(data_dir: str | os.PathLike, *, num_train: int = 96_000, num_val: in
     settings = dict(num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, min_length=min_length,
                     max_length=max_length, max_depth=max_depth, max_args=max_args)
     _check_settings(settings)
-    manifest = _read_manifest(data_dir)
+    manifest = storage.read_manifest(data_dir)
     if manifest is not None:
         recorded = {**manifest.get("settings", {}), "format_version": manifest.get("format_version")}
         requested = {**settings, "format_version": FORMAT_VERSION}
@@ -537,6 +500,7 @@ class ListOps:
     num_classes: int = 10
     vocab_size: int = len(VOCAB)
     generated: bool = True  # prepare() needs no download
+    paired: bool = False  # one sequence per example (retrieval has two)
     splits: tuple[str, ...] = SPLITS
     prepare = staticmethod(prepare)
     load = staticmethod(load)
