@@ -7,6 +7,14 @@ r"""Train and evaluate one config: flags -> lra.train.train_and_evaluate(config,
 The same command on the same workdir resumes the run; on a finished run it prints the
 results. Errors in the config, the workdir or the data print one message (exit status 2);
 --debug shows the full traceback instead.
+
+With --sweep KEY=V1,V2 (repeatable) it runs the cartesian product, one subfolder of
+--workdir per run, skipping finished runs and resuming the others; --dry_run prints the
+commands and --emit slurm writes a SLURM job array instead (see lra/sweep.py).
+
+Several processes (hosts) run one training together: under SLURM (`srun`) or on a Cloud
+TPU pod they find each other by themselves; elsewhere give every process
+--coordinator_address HOST:PORT --num_processes N --process_id I (see lra/distributed.py).
 """
 
 import json
@@ -20,6 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: logs, checkpoints, results")
 _DEBUG = flags.DEFINE_bool("debug", False, "show full tracebacks for configuration errors")
+# Multi-host: all three, or none to auto-detect SLURM / a Cloud TPU pod (lra.distributed).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 to N-1")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # The errors a user can cause with flags, config values or data folders.
@@ -74,9 +86,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from lra import train  # after flag parsing, so --help is fast
+    from lra import distributed, train  # after flag parsing, so --help is fast
 
     try:
+        cluster = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if cluster is not None:
+            print(f"jax.distributed: {cluster}", file=sys.stderr, flush=True)
         results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as error:
         if _DEBUG.value:
@@ -98,5 +113,13 @@ def main(argv):
     return 0
 
 
+SWEEP_FLAGS = ("--sweep", "--dry_run", "--emit")
+
 if __name__ == "__main__":
+    if any(arg.split("=")[0] in SWEEP_FLAGS for arg in sys.argv[1:]):
+        from pathlib import Path
+
+        from lra import sweep
+
+        sys.exit(sweep.main(sys.argv[1:], launch_script=Path(__file__)))
     app.run(main, flags_parser=_parse_flags)

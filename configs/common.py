@@ -79,6 +79,13 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.checkpoint_every = 500  # also saved at the end and on SIGTERM
     config.keep_checkpoints = 3  # the newest N are kept, so a corrupt latest one has a fallback
     config.num_devices = 0  # 0 = every device; N = the first N (for checks and debugging)
+    # Memory and speed; only `dtype` changes results beyond float rounding (see lra/train.py).
+    # Devices form a (data, fsdp) mesh: mesh_fsdp devices share each parameter and optimizer
+    # array (sharded), the data axis gets the other factor; batches are split over both.
+    config.mesh_fsdp = 1  # must divide the number of devices; 1 = plain data parallelism
+    config.grad_accum_steps = 1  # micro-batches per step: same steps, 1/N activation memory
+    config.dtype = "float32"  # compute: float32 | bfloat16 (parameters, optimizer stay float32)
+    config.remat = False  # recompute each block in the backward pass: less memory, more FLOPs
 
     config.model = ml_collections.ConfigDict()
     config.model.num_layers = 4

@@ -15,7 +15,9 @@ from `lengths`, never from token values), `targets` [B] int32 and, for evaluatio
 
 Command line:
   python -m lra.data prepare <task> --data_dir DIR [--num_train N --num_val N --num_test N
-                                                    --seed S --min_length A --max_length B]
+                                                    --seed S --min_length A --max_length B
+                                                    --source_dir SRC --tfds_data_dir D
+                                                    --validation heldout|test]
 """
 
 from __future__ import annotations
@@ -128,8 +130,8 @@ def eval_batches(arrays: Arrays, *, batch_size: int, max_length: int) -> Iterato
 
 
 def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Process-local rows -> global arrays sharded along the batch over the `data` axis."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    """Process-local rows -> global arrays sharded along the batch over every mesh axis."""
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
     return {
         key: jax.make_array_from_process_local_data(sharding, value)
         for key, value in batch.items()
@@ -139,7 +141,11 @@ def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------
 # Command line: python -m lra.data prepare <task> --data_dir DIR [settings]
 
-SETTING_FLAGS = ("num_train", "num_val", "num_test", "seed", "min_length", "max_length")
+SETTING_FLAGS = ("num_train", "num_val", "num_test", "seed", "min_length", "max_length",
+                 "resolution", "num_workers")
+# Folders a task reads from: retrieval the downloaded TSVs; text and image tfds's data folder.
+PATH_FLAGS = ("source_dir", "tfds_data_dir")
+WORD_FLAGS = ("validation",)  # text, image: heldout | test (validate on test, as LRA)
 
 
 def _prepare_main(argv: list[str]) -> int:
@@ -152,16 +158,19 @@ def _prepare_main(argv: list[str]) -> int:
     prepare.add_argument("--data_dir", required=True, help="folder to write the prepared data to")
     for name in SETTING_FLAGS:
         prepare.add_argument(f"--{name}", type=int, default=None)
+    for name in PATH_FLAGS + WORD_FLAGS:
+        prepare.add_argument(f"--{name}", default=None)
     args = parser.parse_args(argv)
     task = tasks.get(args.task)
-    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS + PATH_FLAGS + WORD_FLAGS
+                if getattr(args, name) is not None}
     accepted = set(inspect.signature(task.prepare).parameters) - {"data_dir"}
     unknown = sorted(set(settings) - accepted)
     if unknown:
         parser.error(f"{args.task} does not take {', '.join('--' + u for u in unknown)}")
     try:
         manifest = task.prepare(args.data_dir, **settings)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: a missing extra
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = manifest.get("counts", {}) if isinstance(manifest, Mapping) else {}

@@ -1,10 +1,29 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-One jitted train step over a `data` mesh axis (batch sharded, parameters replicated), the
-same code on 1 or N devices. The model and optimizer live as one NNX state pytree split off
-their graph definition (`nnx.split`), so the step is a plain `jax.jit` function with buffer
-donation; dropout is reseeded every step from `fold_in(key, step)`, so a run is a pure
-function of the config and resuming from any checkpoint replays it exactly.
+One jitted train step over a (`data`, `fsdp`) device mesh, the same code on 1 or N devices.
+The model and optimizer live as one NNX state pytree split off their graph definition
+(`nnx.split`), so the step is a plain `jax.jit` function with buffer donation; dropout is
+reseeded every step from `fold_in(key, step)`, so a run is a pure function of the config
+and resuming from any checkpoint replays it exactly.
+
+Memory and speed options (each leaves the results unchanged up to float rounding, except
+`dtype`, and `grad_accum_steps` with dropout, whose masks are then drawn per micro-batch):
+  * `config.mesh_fsdp`: size of the `fsdp` mesh axis; the `data` axis gets the remaining
+    devices. Batches are split over both axes. Every parameter and optimizer-state array of
+    at least `FSDP_MIN_ELEMENTS` elements is sharded over `fsdp` along its largest dimension
+    that the axis size divides (the rest is replicated); XLA gathers a parameter where it is
+    used and reduce-scatters its gradient. The rule is computed from the abstract state's
+    shapes, so every attention family's parameters are covered without annotations.
+  * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
+    many micro-batches (`lax.scan`), whose gradients are averaged before one optimizer
+    update. This is used instead of `optax.MultiSteps` (which takes one micro-batch per
+    step): the step count, the schedule, the checkpoints and the data stream stay those of
+    the unaccumulated run, so A micro-batches of B/A rows give the gradient of the batch B
+    up to float rounding, and the setting can change when a run resumes on smaller devices.
+    Each micro-batch draws its own dropout masks (key `fold_in(step key, micro index)`).
+  * `config.dtype`: compute dtype (float32 or bfloat16); parameters, gradients, optimizer
+    state, logits and loss stay float32.
+  * `config.remat`: recompute each encoder block's activations in the backward pass.
 
 Workdir layout (see DESIGN.md): config.json, metrics.jsonl, results.json, checkpoints/
 (orbax: model + optimizer state, data iterator position, best-val bookkeeping), TensorBoard
@@ -14,7 +33,6 @@ stored results.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -32,38 +50,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lra
-from lra import data, logs, models, tasks
+from lra import data, distributed, logs, models, tasks
+from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
 from lra.models import attention
+from lra.sharding import batch_spec, fsdp_spec, make_mesh, state_shardings
+from lra.tasks import storage
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 # Keys that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
-                     "data_dir", "eval_batch_size")
+                     "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat")
 SCHEDULES = ("rsqrt", "cosine", "constant")
-
-
-@dataclasses.dataclass
-class Progress:
-    """What a checkpoint must carry besides the arrays to resume the bookkeeping exactly."""
-
-    step: int = 0
-    train_seconds: float = 0.0
-    val_accuracy: float = math.nan
-    val_step: int = -1
-    test_accuracy: float = math.nan
-    test_step: int = -1
-    best_val_accuracy: float = -math.inf
-    best_step: int = -1
-    test_accuracy_at_best: float = math.nan
-    # Train metrics of the steps since the last logged interval (non-empty only when a
-    # signal stopped the run mid-interval), so the resumed run logs the same averages.
-    unlogged: list = dataclasses.field(default_factory=list)
+DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,8 +76,9 @@ class Progress:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Rejects bad values before anything is compiled, naming the config key."""
     positive = ("batch_size", "eval_batch_size", "num_train_steps", "max_length", "eval_every",
-                "checkpoint_every", "log_every", "keep_checkpoints", "model.num_layers",
-                "model.emb_dim", "model.qkv_dim", "model.num_heads", "model.mlp_dim")
+                "checkpoint_every", "log_every", "keep_checkpoints", "mesh_fsdp",
+                "grad_accum_steps", "model.num_layers", "model.emb_dim", "model.qkv_dim",
+                "model.num_heads", "model.mlp_dim")
     for key in positive:
         value = functools.reduce(getattr, key.split("."), config)
         if not isinstance(value, int) or value <= 0:
@@ -104,17 +108,44 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % num_devices:
             raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
+    _validate_scaling(config, num_devices)
+    _validate_model(config)
 
 
-def make_mesh(num_devices: int) -> jax.sharding.Mesh:
-    """A 1-D `data` mesh over the first `num_devices` devices (0 = all)."""
-    devices = jax.devices()
-    if num_devices > len(devices):
-        raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} devices exist")
-    devices = devices[: num_devices or len(devices)]
-    return jax.make_mesh(
-        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
+def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    if num_devices % config.mesh_fsdp:
+        raise ValueError(f"config.mesh_fsdp={config.mesh_fsdp} must divide the {num_devices} devices")
+    accum = config.grad_accum_steps
+    if config.batch_size % (accum * num_devices):
+        raise ValueError(
+            f"config.grad_accum_steps={accum} must divide config.batch_size={config.batch_size} "
+            f"into micro-batches divisible by {num_devices} devices"
+        )
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
+    if config.remat not in (True, False):
+        raise ValueError(f"config.remat must be True or False, got {config.remat!r}")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    """Unknown attention options, and any setting the model constructors reject (traced only)."""
+    accepted = attention.family_options(config.attention)
+    unknown = sorted(set(config.model.attention_options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"config.model.attention_options has unknown option(s) {', '.join(unknown)} for "
+            f"attention {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'}"
+        )
+    try:
+        nnx.eval_shape(lambda: models.build_model(
+            config.model, attention=config.attention, vocab_size=2, num_classes=2,
+            max_len=config.max_length, rngs=nnx.Rngs(0), dtype=config.dtype, remat=config.remat,
+        ))
+    except ValueError as error:
+        raise ValueError(
+            f"config.model (attention {config.attention!r}, max_length {config.max_length}): "
+            f"{error}"
+        ) from None
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -144,13 +175,16 @@ def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Opt
     model = models.build_model(
         config.model, attention=config.attention, vocab_size=task.vocab_size,
         num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
-        paired=task.paired,
+        paired=task.paired, dtype=config.dtype, remat=config.remat,
     )
     return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
 
 
 def create_state(config, task, mesh):
-    """Initialises model + optimizer directly into replicated device buffers.
+    """Initialises model + optimizer directly into their device shardings.
+
+    Parameters and optimizer state follow the `fsdp` rule (`state_shardings`; replicated
+    when the mesh's `fsdp` axis has size 1); the rng streams are replicated.
 
     Returns:
       (graphdef, rng_state, state, state_shardings): `state` holds parameters and optimizer
@@ -159,7 +193,8 @@ def create_state(config, task, mesh):
     abstract = nnx.eval_shape(lambda: _build(config, task))
     graphdef, abstract_rngs, abstract_state = nnx.split(abstract, nnx.RngState, ...)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = jax.tree.map(lambda _: replicated, (abstract_rngs, abstract_state))
+    shardings = (jax.tree.map(lambda _: replicated, abstract_rngs),
+                 state_shardings(abstract_state, mesh))
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
@@ -181,31 +216,83 @@ def _logits(model, batch, *, deterministic: bool) -> jax.Array:
     return model(*(batch[key] for key in MODEL_INPUTS if key in batch), deterministic=deterministic)
 
 
+def _micro_batches(batch, accum: int, mesh: jax.sharding.Mesh):
+    """[B, ...] -> [accum, B / accum, ...], micro-batch i = rows i, i + accum, ...
+
+    Strided rows keep every micro-batch spread over all devices (each device holds a
+    contiguous block of the batch), so the split moves no data.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec(mesh)))
+
+    def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def _mean_grads(model, batch, key, *, accum: int, mesh: jax.sharding.Mesh):
+    """Gradients of the mean loss over `batch`, over `accum` micro-batches, + metrics."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fsdp = mesh.shape.get("fsdp", 1)
+
+    def loss_fn(params, micro, index):
+        # FSDP: gather each parameter whole where it is used, so activations keep the batch
+        # sharding (without this XLA may split them along a parameter's sharded axis).
+        params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
+        micro_model = nnx.merge(graphdef, params, rest, copy=True)
+        nnx.reseed(micro_model, dropout=jax.random.fold_in(key, index))  # distinct per micro-batch
+        logits = _logits(micro_model, micro, deterministic=False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"])
+        return losses.mean(), jnp.mean(jnp.argmax(logits, -1) == micro["targets"])
+
+    def micro_step(micro, index):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, index)
+        grads = jax.tree.map(  # reduce-scattered to the parameters' fsdp shards
+            lambda g: jax.lax.with_sharding_constraint(
+                g, NamedSharding(mesh, fsdp_spec(g.shape, fsdp))), grads)
+        return grads, loss, accuracy
+
+    if accum == 1:
+        grads, loss, accuracy = micro_step(batch, 0)
+    else:
+        def body(totals, inputs):
+            return jax.tree.map(jnp.add, totals, micro_step(*inputs)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        totals = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+        inputs = (_micro_batches(batch, accum, mesh), jnp.arange(accum))
+        totals, _ = jax.lax.scan(body, totals, inputs)
+        grads, loss, accuracy = jax.tree.map(lambda total: total / accum, totals)
+    return grads, {"loss": loss, "accuracy": accuracy}
+
+
 def make_train_step(graphdef, state_shardings, config):
+    """The jitted step (state, rng_state, batch) -> (new state, metrics); donates `state`.
+
+    Args:
+      graphdef: from `create_state`.
+      state_shardings: from `create_state`; the step takes and returns the state so sharded.
+      config: the run's config (schedule, seed, grad_accum_steps).
+    """
     schedule = make_schedule(config)
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    accum = config.grad_accum_steps
 
     def train_step(state, rng_state, batch):
         model, optimizer = nnx.merge(graphdef, rng_state, state)
         step = optimizer.step[...]
-        nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
-
-        def loss_fn(model):
-            logits = _logits(model, batch, deterministic=False)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-            return losses.mean(), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grads, metrics = _mean_grads(model, batch, jax.random.fold_in(dropout_key, step),
+                                     accum=accum, mesh=mesh)
         optimizer.update(model, grads)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(step),
-        }
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
         return nnx.state((model, optimizer), nnx.Not(nnx.RngState)), metrics
 
-    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
+    in_shardings = (state_shardings, NamedSharding(mesh, PartitionSpec()),
+                    NamedSharding(mesh, batch_spec(mesh)))
+    return jax.jit(train_step, donate_argnums=0, in_shardings=in_shardings,
+                   out_shardings=(state_shardings, None))
 
 
 def make_eval_step(graphdef):
@@ -230,62 +317,6 @@ def evaluate(eval_step, state, rng_state, arrays, *, config, mesh) -> dict[str, 
         sums = jax.device_get(eval_step(state, rng_state, data.to_global(batch, mesh)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class Checkpoints:
-    """Orbax checkpoints of (state, data iterator position, Progress), newest N kept."""
-
-    def __init__(self, directory: Path, keep: int):
-        self.directory = directory.absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def save(self, step: int, state, data_state: dict, progress: Progress) -> None:
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            progress=ocp.args.JsonSave(dataclasses.asdict(progress)),
-        ))
-
-    def restore_latest(self, abstract_state):
-        """The newest checkpoint that reads back.
-
-        An unreadable (truncated, corrupt) newer one is moved to `checkpoints_unreadable/`
-        with a warning, so the run continues from the one before and can save that step anew.
-
-        Returns:
-          (state, data_state, Progress), or None when there is no readable checkpoint.
-        """
-        restored, unreadable = None, []
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    progress=ocp.args.JsonRestore(),
-                ))
-                break
-            except Exception as error:  # noqa: BLE001 - any failure to read means unusable
-                logging.warning("checkpoint at step %d is unreadable (%s); trying an older one",
-                                step, error)
-                unreadable.append(step)
-        if unreadable:
-            aside = self.directory.parent / "checkpoints_unreadable"
-            aside.mkdir(exist_ok=True)
-            for step in unreadable:
-                (self.directory / str(step)).rename(aside / f"{step}-{time.time_ns()}")
-            self._manager.reload()
-        if restored is None:
-            return None
-        return restored["state"], restored["data"], Progress(**restored["progress"])
-
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +346,12 @@ def _check_and_write_config(workdir: Path, config: ml_collections.ConfigDict) ->
                 f"{workdir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use another --workdir to start a new run"
             )
-    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    if distributed.is_primary():
+        _write_atomically(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    storage.replace_atomically(path, lambda file: file.write(text.encode()))
 
 
 def _versions() -> dict[str, str]:
@@ -342,9 +378,12 @@ def read_finished_results(workdir: str | Path, config) -> dict | None:
 
 
 class _Preemption:
-    """Turns SIGTERM (and a first Ctrl-C) into a flag the loop checks after every step.
+    """Turns SIGTERM (and a first Ctrl-C) into a stop the loop checks after every step.
 
-    The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+    The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once. With
+    several processes, JAX's preemption service takes SIGTERM in any of them and picks one
+    step at which all stop together (their checkpoint is collective); this class then
+    installs no handlers, and Ctrl-C ends a process at once.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -352,8 +391,13 @@ class _Preemption:
     def __init__(self):
         self.requested = False
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def check(self, step: int) -> bool:
+        """True when the loop should save and stop after `step`; call it after every step."""
+        self.requested = self.requested or distributed.preemption_reached(step)
+        return self.requested
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -379,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     workdir = Path(workdir).expanduser()
     task = tasks.get(config.task)
-    mesh = make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices, config.mesh_fsdp)
     validate_config(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_and_write_config(workdir, config)
@@ -387,12 +431,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if finished is not None:
         logging.info("%s holds a finished run; nothing to do", workdir)
         return finished
-    data.ensure_prepared(task, config.data_dir, config.prepare)
+    _prepare_data(task, config)
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
     for split, arrays in splits.items():
         data.warn_if_truncated(arrays, config.max_length, split)
     with jax.set_mesh(mesh):
         return _Trainer(config, task, mesh, workdir, splits).run()
+
+
+def _prepare_data(task, config: ml_collections.ConfigDict) -> None:
+    """Process 0 prepares (generates) the data first; the others then find it ready."""
+    if distributed.is_primary():
+        data.ensure_prepared(task, config.data_dir, config.prepare)
+    distributed.barrier("lra:data-prepared")
+    if not distributed.is_primary():  # a no-op check on a shared file system
+        data.ensure_prepared(task, config.data_dir, config.prepare)
 
 
 class _Trainer:
@@ -438,8 +491,8 @@ class _Trainer:
             preemption.restore()
             log.close()
             self.checkpoints.close()
-        if jax.process_index() == 0:
-            (self.workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        if distributed.is_primary():
+            _write_atomically(self.workdir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         return results
 
     def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
@@ -456,11 +509,12 @@ class _Trainer:
             progress.step += 1
             pending = (progress.step, metrics)
             step = progress.step
+            stop = preemption.check(step)
             due = {name: step % every == 0 for name, every in (
                 ("log", config.log_every), ("eval", config.eval_every),
                 ("checkpoint", config.checkpoint_every))}
             last = step == config.num_train_steps
-            if not (any(due.values()) or last or preemption.requested):
+            if not (any(due.values()) or last or stop):
                 continue
             interval.append(self._read(*pending))
             pending = None
@@ -472,21 +526,27 @@ class _Trainer:
             progress.train_seconds += time.perf_counter() - started
             if due["eval"]:
                 self._evaluate(log)
-            if due["checkpoint"] or last or preemption.requested:
+            if due["checkpoint"] or last or stop:
                 progress.unlogged = interval
                 self.checkpoints.save(step, self.state, self.batches.get_state(), progress)
-            if preemption.requested:
+            if stop:
                 return True
             started = time.perf_counter()
         return False
 
     def _read(self, step: int, metrics) -> dict[str, float]:
+        """Host copies of a step's metrics; a non-finite loss or gradient stops the run.
+
+        Checked before the step's checkpoint is saved, so no checkpoint holds such a state.
+        """
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(values["loss"]):
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            last = self.checkpoints.latest_step()
+            kept = ("no checkpoint was saved yet" if last is None else
+                    f"the last good checkpoint, step {last}, is kept in {self.checkpoints.directory}")
             raise FloatingPointError(
-                f"loss is {values['loss']} at step {step}; the last checkpoint in "
-                f"{self.workdir / 'checkpoints'} is kept (lower config.learning_rate or set "
-                "config.grad_clip)"
+                f"loss is {values['loss']} (gradient norm {values['grad_norm']}) at step {step}; "
+                f"{kept} (lower config.learning_rate or set config.grad_clip)"
             )
         return values
 

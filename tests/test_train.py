@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import listops as listops_config
-from lra import data, tasks, train
+from lra import data, sharding, tasks, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Everything in a result that may differ between two runs of the same config.
@@ -69,7 +69,7 @@ def test_one_and_four_devices_give_the_same_losses(data_dir):
     arrays = task.load("train", str(data_dir))
     losses = {}
     for num_devices in (1, 4):
-        mesh = train.make_mesh(num_devices)
+        mesh = sharding.make_mesh(num_devices)
         with jax.set_mesh(mesh):
             graphdef, rng_state, state, shardings = train.create_state(config, task, mesh)
             step = train.make_train_step(graphdef, shardings, config)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from configs import listops as listops_config
-from lra import data, models, tasks, train
+from lra import data, models, sharding, tasks, train
 from lra.models import attention
 
 
@@ -23,7 +23,7 @@ def test_attention_trains_in_the_runlocal_encoder(name):
         "lengths": lengths,
         "targets": rng.integers(0, task.num_classes, config.batch_size),
     }
-    mesh = train.make_mesh(0)
+    mesh = sharding.make_mesh(0)
     with jax.set_mesh(mesh):
         graphdef, rng_state, state, shardings = train.create_state(config, task, mesh)
         step = train.make_train_step(graphdef, shardings, config)

@@ -9,6 +9,12 @@ tokens and the last real token is pooled, so the encoder reads left to right. Wi
 kernelized attention (one with `step`) it is then a recurrent network:
 `init_decode` / `decode_step` run it token by token in constant memory
 (`lra.models.decode.classify_stepwise`) and give the same numbers as the parallel pass.
+
+Memory and speed (`dtype`, `remat`): parameters are always float32; `dtype` is the compute
+dtype of the embeddings, projections, LayerNorms (statistics in float32) and MLPs, so with
+bfloat16 the attention cores get bfloat16 q/k/v. The pooled vector, the head and the logits
+are float32. `remat=True` recomputes each block's activations in the backward pass
+(`nnx.remat`): only a block's input is kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class MultiHeadAttention(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if qkv_dim % num_heads:
@@ -78,9 +85,9 @@ class MultiHeadAttention(nnx.Module):
                 f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}"
             )
         self.num_heads = num_heads
-        self.query = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
-        self.key = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
-        self.value = nnx.Linear(emb_dim, qkv_dim, rngs=rngs)
+        self.query = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
+        self.key = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
+        self.value = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
         self.core = attention_registry.make(
             attention,
             num_heads=num_heads,
@@ -91,7 +98,7 @@ class MultiHeadAttention(nnx.Module):
             rngs=rngs,
             **attention_options,
         )
-        self.out = nnx.Linear(qkv_dim, emb_dim, rngs=rngs)
+        self.out = nnx.Linear(qkv_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def _heads(self, x_BxLxHD: jax.Array) -> jax.Array:
@@ -121,9 +128,11 @@ class MultiHeadAttention(nnx.Module):
 class Mlp(nnx.Module):
     """E -> mlp_dim -> gelu -> dropout -> E -> dropout."""
 
-    def __init__(self, *, emb_dim: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
-        self.up = nnx.Linear(emb_dim, mlp_dim, rngs=rngs)
-        self.down = nnx.Linear(mlp_dim, emb_dim, rngs=rngs)
+    def __init__(
+        self, *, emb_dim: int, mlp_dim: int, dropout: float, dtype: Any, rngs: nnx.Rngs
+    ):
+        self.up = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+        self.down = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x_BxLxE: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -147,9 +156,10 @@ class Block(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.attention_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
+        self.attention_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
         self.attention = MultiHeadAttention(
             emb_dim=emb_dim,
             qkv_dim=qkv_dim,
@@ -160,10 +170,11 @@ class Block(nnx.Module):
             attention=attention,
             attention_options=attention_options,
             causal=causal,
+            dtype=dtype,
             rngs=rngs,
         )
-        self.mlp_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
-        self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, dtype=dtype, rngs=rngs)
 
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
@@ -204,6 +215,8 @@ class Encoder(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         """Builds the encoder.
@@ -224,6 +237,8 @@ class Encoder(nnx.Module):
           attention: an attention name from `lra.models.attention.NAMES`.
           attention_options: options of that attention family.
           causal: if True, every block's attention sees only earlier tokens.
+          dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+          remat: if True, each block is rematerialised (recomputed in the backward pass).
           rngs: streams ``params`` and ``dropout``.
 
         Raises:
@@ -240,10 +255,14 @@ class Encoder(nnx.Module):
         self.attention_name = attention
         self.max_len = max_len
         self.emb_dim = emb_dim
+        self.dtype = jnp.dtype(dtype)
+        if self.dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
+        self.remat = remat
         use_cls = self.pooling is Pooling.CLS
         length = max_len + 1 if use_cls else max_len  # attention sees the CLS position
         init = nnx.initializers.normal(_INIT_STDDEV)
-        self.embed = nnx.Embed(vocab_size, emb_dim, rngs=rngs)
+        self.embed = nnx.Embed(vocab_size, emb_dim, dtype=self.dtype, rngs=rngs)
         self.cls_E = nnx.Param(init(rngs.params(), (emb_dim,))) if use_cls else None
         learned = self.positions is Positions.LEARNED
         self.positions_LxE = (
@@ -262,11 +281,12 @@ class Encoder(nnx.Module):
                 attention=attention,
                 attention_options=attention_options,
                 causal=causal,
+                dtype=self.dtype,
                 rngs=rngs,
             )
             for _ in range(num_layers)
         )
-        self.final_norm = nnx.LayerNorm(emb_dim, rngs=rngs)
+        self.final_norm = nnx.LayerNorm(emb_dim, dtype=self.dtype, rngs=rngs)
 
     def _embed(
         self, tokens_BxL: jax.Array, mask_BxL: jax.Array
@@ -280,9 +300,9 @@ class Encoder(nnx.Module):
             mask_BxL = jnp.concatenate([jnp.ones((batch, 1), bool), mask_BxL], 1)
         length = x_BxLxE.shape[1]
         if self.positions is Positions.SINUSOIDAL:
-            x_BxLxE = x_BxLxE + _sinusoidal_LxE(length, self.emb_dim)
+            x_BxLxE = x_BxLxE + _sinusoidal_LxE(length, self.emb_dim).astype(self.dtype)
         elif self.positions is Positions.LEARNED:
-            x_BxLxE = x_BxLxE + self.positions_LxE[:length]
+            x_BxLxE = x_BxLxE + self.positions_LxE[:length].astype(self.dtype)
         return x_BxLxE, mask_BxL
 
     def _pool(self, x_BxLxE: jax.Array, mask_BxL: jax.Array) -> jax.Array:
@@ -308,7 +328,7 @@ class Encoder(nnx.Module):
           deterministic: if False, applies dropout from the ``dropout`` rng stream.
 
         Returns:
-          Pooled vectors [B, emb_dim].
+          Pooled vectors [B, emb_dim], float32 whatever the compute dtype.
         """
         if tokens_BxL.shape[1] > self.max_len:
             raise ValueError(
@@ -316,9 +336,15 @@ class Encoder(nnx.Module):
             )
         x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
         x_BxLxE = self.dropout(x_BxLxE, deterministic=deterministic)
+
+        def run_block(block: Block, x_BxLxE: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+            return block(x_BxLxE, mask_BxL, deterministic=deterministic)
+
+        if self.remat:
+            run_block = nnx.remat(run_block)
         for block in self.blocks:
-            x_BxLxE = block(x_BxLxE, mask_BxL, deterministic=deterministic)
-        return self._pool(self.final_norm(x_BxLxE), mask_BxL)
+            x_BxLxE = run_block(block, x_BxLxE, mask_BxL)
+        return self._pool(self.final_norm(x_BxLxE), mask_BxL).astype(jnp.float32)
 
     def init_decode(self, batch_size: int) -> tuple:
         """The empty decoding state of every block (constant size in the length).
@@ -351,14 +377,15 @@ class Encoder(nnx.Module):
         """
         x_BxE = self.embed(token_B)
         if self.positions is Positions.SINUSOIDAL:
-            x_BxE = x_BxE + jnp.asarray(_sinusoidal_LxE(self.max_len, self.emb_dim))[position]
+            table_LxE = _sinusoidal_LxE(self.max_len, self.emb_dim).astype(self.dtype)
+            x_BxE = x_BxE + jnp.asarray(table_LxE)[position]
         elif self.positions is Positions.LEARNED:
-            x_BxE = x_BxE + self.positions_LxE[...][position]
+            x_BxE = x_BxE + self.positions_LxE[...][position].astype(self.dtype)
         new_state = []
         for block, block_state in zip(self.blocks, state):
             block_state, x_BxE = block.step(block_state, x_BxE, mask_B, position)
             new_state.append(block_state)
-        return tuple(new_state), self.final_norm(x_BxE)
+        return tuple(new_state), self.final_norm(x_BxE).astype(jnp.float32)
 
 
 class Head(nnx.Module):
@@ -420,6 +447,8 @@ def build_model(
     max_len: int,
     rngs: nnx.Rngs,
     paired: bool = False,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
 ) -> Classifier | DualEncoderClassifier:
     """Builds the classifier that a task's config describes.
 
@@ -433,6 +462,9 @@ def build_model(
       max_len: longest token sequence.
       rngs: streams ``params`` and ``dropout``.
       paired: if True, a `DualEncoderClassifier` over two documents (retrieval).
+      dtype: compute dtype of the encoder, float32 or bfloat16 (parameters and logits
+        stay float32).
+      remat: if True, recompute each block's activations in the backward pass.
 
     Returns:
       A `Classifier`, or a `DualEncoderClassifier` when `paired`.
@@ -455,6 +487,8 @@ def build_model(
         attention=attention,
         attention_options=dict(model_config.attention_options),
         causal=model_config.causal,
+        dtype=dtype,
+        remat=remat,
         rngs=rngs,
     )
     model_class = DualEncoderClassifier if paired else Classifier

@@ -1,0 +1,170 @@
+"""Multi-host runs: start `jax.distributed` when a run spans several processes.
+
+`initialize()` runs once per process, before anything touches a JAX device (launch.py
+calls it first thing). It picks one of:
+
+- explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`):
+  `jax.distributed.initialize` with exactly these, cluster auto-detection off, every
+  local device visible to the process;
+- SLURM (an `srun` step of more than one task): JAX's own SLURM detection gives the
+  coordinator (first node of the step), the process count and id. JAX then drives one
+  GPU per task, the `SLURM_LOCALID`-th; with one task per node, or a task that SLURM
+  bound to a subset of the node's GPUs (`--gpus-per-task`), the task drives every GPU it
+  sees instead (`slurm_local_device_ids`);
+- a Cloud TPU VM (libtpu installed, TPU chips present): `jax.distributed.initialize()`,
+  which reads the pod slice's workers from the TPU metadata (one process per host);
+- otherwise a single process: nothing to start.
+
+After it, `jax.process_count()` processes each feed their share of every batch
+(`lra.data`), process 0 alone writes logs and results, and orbax writes checkpoints
+collectively. The helpers below (`is_primary`, `barrier`, `preemption_reached`) are what
+the training loop needs to stay in lockstep; on one process they cost nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+from jax.experimental import multihost_utils
+
+_LOG = logging.getLogger(__name__)
+
+# The variables JAX's SLURM detection reads; all are set inside an `srun` step.
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                   "SLURM_LOCALID")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> str | None:
+    """Starts `jax.distributed` for a multi-process run; does nothing for a single process.
+
+    Must run before any JAX computation in this process.
+
+    Args:
+      coordinator_address: HOST:PORT of process 0's coordinator service.
+      num_processes: how many processes take part; 1 alone forces a single-process run
+        (no auto-detection).
+      process_id: this process's index in [0, num_processes).
+
+    Returns:
+      One line saying what was started, e.g. "SLURM job 42: process 3 of 8 (one GPU per
+      task)"; None for a single process.
+
+    Raises:
+      ValueError: only some of the three explicit settings are given, or they disagree.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if num_processes == 1 and coordinator_address is None and process_id in (None, 0):
+        _LOG.info("single process (--num_processes=1)")
+        return None
+    if any(value is not None for value in explicit):
+        _check_explicit(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   cluster_detection_method="deactivate")
+        return _log(f"explicit flags: process {process_id} of {num_processes}, coordinator "
+                    f"{coordinator_address}")
+    if in_slurm_step(os.environ):
+        local_device_ids = slurm_local_device_ids(os.environ)
+        jax.distributed.initialize(local_device_ids=local_device_ids)
+        devices = ("devices: JAX's SLURM default" if local_device_ids is None
+                   else f"GPUs {local_device_ids}")
+        return _log(f"SLURM job {os.environ['SLURM_JOB_ID']}: process {jax.process_index()} of "
+                    f"{jax.process_count()} ({devices})")
+    if on_cloud_tpu_vm():
+        jax.distributed.initialize()
+        return _log(f"Cloud TPU: process {jax.process_index()} of {jax.process_count()}")
+    _LOG.info("single process")
+    return None
+
+
+def _check_explicit(coordinator_address, num_processes, process_id) -> None:
+    if None in (coordinator_address, num_processes, process_id):
+        raise ValueError(
+            "give all three of --coordinator_address HOST:PORT, --num_processes N and "
+            f"--process_id I (got {coordinator_address!r}, {num_processes!r}, {process_id!r}), "
+            "or none of them to auto-detect SLURM or a TPU pod"
+        )
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                         f"{num_processes})")
+
+
+def _log(started: str) -> str:
+    _LOG.info("%s", started)
+    return started
+
+
+def in_slurm_step(environ: Mapping[str, str]) -> bool:
+    """True inside an `srun` step of more than one task (what JAX's SLURM detection reads)."""
+    return all(name in environ for name in SLURM_VARIABLES) and int(environ["SLURM_NTASKS"]) > 1
+
+
+def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
+    """Which of the visible GPUs this SLURM task drives; None = JAX's one GPU per task.
+
+    JAX gives task `SLURM_LOCALID` the GPU of that index, which is right for one task per
+    GPU where every task sees all of the node's GPUs. A task alone on its node, or one that
+    SLURM bound to a subset of the node's GPUs (it sees fewer than the node has), drives
+    all the GPUs it sees. `JAX_LOCAL_DEVICE_IDS`, when set, wins (JAX reads it itself).
+    """
+    if "JAX_LOCAL_DEVICE_IDS" in environ:
+        return None
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    node_gpus = int(environ.get("SLURM_GPUS_ON_NODE", 0) or 0) or len(visible)
+    num_visible = len(visible) or node_gpus
+    if not num_visible:
+        return None  # no GPUs (CPU nodes) or nothing to go by: JAX's default
+    if _tasks_on_this_node(environ) == 1 or num_visible < node_gpus:
+        return list(range(num_visible))
+    return None
+
+
+def _tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """Parses SLURM's per-node task counts, e.g. "2(x3),1", at this node's index."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts = []
+    for item in spec.split(","):
+        count, _, repeat = item.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = int(environ.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else None
+
+
+def on_cloud_tpu_vm() -> bool:
+    """True on a Cloud TPU VM: libtpu is installed and the host has TPU chips."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def is_primary() -> bool:
+    """True in the process that writes logs, results and the workdir's other files."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name`; nothing on one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def preemption_reached(step: int) -> bool:
+    """True at the step where every process should save and stop after a SIGTERM.
+
+    With several processes, JAX's preemption service receives SIGTERM in any of them and
+    agrees on one step for all; every process must call this after every step. With one
+    process (no service) it is always False: the training loop's own handler covers it.
+    """
+    if not jax.distributed.is_initialized():
+        return False
+    return multihost_utils.reached_preemption_sync_point(step)

@@ -1,0 +1,204 @@
+"""Multi-host: two launch.py processes with a real coordinator on localhost (2 CPU devices
+each) against one process with 4 devices; preemption of one process; cluster detection."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lra import data, distributed, tasks, train
+from tests.test_train import TINY, _comparable, _config, _flags, _train_records
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+# Longer than TINY, so that a signal lands mid-run; evaluations and checkpoints on the way.
+MID = {"num_train_steps": 60, "checkpoint_every": 10, "eval_every": 30, "log_every": 10}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("listops")
+    data.ensure_prepared(tasks.get("listops"), str(path), _config(path).prepare)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_processes(workdir, data_dir, overrides: dict, *,
+                      fake_slurm: bool = False) -> list[subprocess.Popen]:
+    """NUM_PROCESSES launch.py processes of one run, each with 2 fake CPU devices.
+
+    They meet through explicit flags, or (`fake_slurm`) find each other as the tasks of an
+    `srun` step on this one node would, from SLURM's environment variables alone.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           # The relaunch reuses the first launch's compiled steps.
+           "JAX_COMPILATION_CACHE_DIR": str(Path(workdir).parent / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    port = _free_port()
+    processes = []
+    for index in range(NUM_PROCESSES):
+        if fake_slurm:
+            flags = []
+            env = {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+                   "SLURM_NTASKS": str(NUM_PROCESSES), "SLURM_PROCID": str(index),
+                   "SLURM_LOCALID": str(index), "SLURM_NODEID": "0",
+                   "SLURM_STEP_TASKS_PER_NODE": str(NUM_PROCESSES),
+                   "JAX_COORDINATOR_PORT": str(port)}  # SLURM's would derive from the job id
+        else:
+            flags = ["--coordinator_address", f"localhost:{port}",
+                     "--num_processes", str(NUM_PROCESSES), "--process_id", str(index)]
+        processes.append(subprocess.Popen(
+            [sys.executable, "launch.py", "--config", "configs/listops.py:runlocal",
+             "--workdir", str(workdir), *flags, *_flags(overrides, data_dir)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return processes
+
+
+def _finish(processes, timeout=240.0) -> list[str]:
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return outputs
+
+
+def _assert_same_records(got: list[dict], want: list[dict]) -> None:
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for record, expected in zip(got, want):
+        for key in ("loss", "accuracy", "grad_norm"):
+            if key in expected:
+                assert record[key] == pytest.approx(expected[key], rel=1e-5), (record, expected)
+
+
+def test_two_processes_match_one_process_and_resume_together_after_a_sigterm(
+        data_dir, tmp_path):
+    """Two processes x 2 devices vs one process x 4 devices, same global batch: a SIGTERM
+    to one process stops both at one step; the relaunch (as the tasks of a SLURM step this
+    time) finishes like the 1-process run."""
+    expected = train.train_and_evaluate(_config(data_dir, **MID), tmp_path / "one")
+    workdir = tmp_path / "two"
+    processes = _launch_processes(workdir, data_dir, MID)
+    deadline = time.monotonic() + 180
+    while not (workdir / "checkpoints" / "10").exists():
+        assert all(p.poll() is None for p in processes), _finish(processes)
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)  # a preemption notice reaches one host only
+    outputs = _finish(processes)
+    assert [p.returncode for p in processes] == [143, 143], outputs
+    assert "jax.distributed: explicit flags: process 1 of 2" in outputs[1]
+    stopped = [int(line.split()[3]) for line in outputs[0].splitlines()
+               if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and 10 <= stopped[0] < MID["num_train_steps"], outputs[0]
+    assert (workdir / "checkpoints" / str(stopped[0])).exists()
+    assert not (workdir / "results.json").exists()
+
+    relaunched = _launch_processes(workdir, data_dir, MID, fake_slurm=True)
+    outputs = _finish(relaunched)
+    assert [p.returncode for p in relaunched] == [0, 0], outputs
+    assert "jax.distributed: SLURM job 4242: process 1 of 2" in outputs[1]
+    assert f"resuming from step {stopped[0]}" in outputs[0]
+    _assert_same_records(_train_records(workdir), _train_records(tmp_path / "one"))
+    results = json.loads((workdir / "results.json").read_text())
+    assert _comparable(results) == _comparable(expected)
+    assert results["device"] == "4 x cpu"
+    # Only process 0 writes: one TensorBoard file per launch, every record once, its log lines.
+    assert len(list(workdir.glob("events.out.tfevents*"))) == 2
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+    last = MID["num_train_steps"]
+    assert f"step {last}: val" in outputs[0] and f"step {last}: val" not in outputs[1]
+
+
+def test_each_process_reads_only_its_share_of_every_batch(data_dir, monkeypatch):
+    arrays = tasks.get("listops").load("train", str(data_dir))
+    batch_size, max_length = TINY["batch_size"], TINY["max_length"]
+    whole = data.train_dataset(arrays, batch_size=batch_size, max_length=max_length, seed=3)
+    monkeypatch.setattr(jax, "process_count", lambda: NUM_PROCESSES)
+    shares = []
+    for index in range(NUM_PROCESSES):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        shares.append(data.train_dataset(arrays, batch_size=batch_size, max_length=max_length,
+                                         seed=3))
+    for step in (0, 1, 25):  # 25: a later epoch, reshuffled
+        for key, rows in whole[step].items():
+            parts = [share[step][key] for share in shares]
+            assert all(len(part) == batch_size // NUM_PROCESSES for part in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Cluster detection (environment -> what jax.distributed gets), no cluster needed.
+
+SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]",
+              "SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+              "SLURM_NODEID": "1"}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    # One task per GPU, each seeing all 8: JAX's default (the SLURM_LOCALID-th GPU).
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_ON_NODE": "8",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),
+    # One task per node: it drives every GPU of the node.
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "4"}, [0, 1, 2, 3]),
+    ({"SLURM_STEP_TASKS_PER_NODE": "3,1", "CUDA_VISIBLE_DEVICES": "2,3"}, [0, 1]),
+    # --gpus-per-task=2: SLURM shows each task its own 2 of the node's 8.
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_GPUS_ON_NODE": "8",
+      "CUDA_VISIBLE_DEVICES": "4,5"}, [0, 1]),
+    # An explicit choice wins; CPU nodes have nothing to choose.
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_ON_NODE": "4",
+      "JAX_LOCAL_DEVICE_IDS": "0"}, None),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, None),
+])
+def test_slurm_tasks_get_their_gpus(extra, expected):
+    environ = {**SLURM_STEP, **extra}
+    assert distributed.in_slurm_step(environ)
+    assert distributed.slurm_local_device_ids(environ) == expected
+
+
+def test_slurm_detection_needs_an_srun_step_of_several_tasks():
+    assert not distributed.in_slurm_step({**SLURM_STEP, "SLURM_NTASKS": "1"})
+    without_step = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_NODELIST"}
+    assert not distributed.in_slurm_step(without_step)  # sbatch script itself, no srun
+    assert not distributed.in_slurm_step({})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"coordinator_address": "localhost:1234"}, "give all three"),
+    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "HOST:PORT"),
+    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 2},
+     r"--process_id=2 must be in \[0, --num_processes=2\)"),
+])
+def test_bad_explicit_flags_are_rejected_before_any_connection(flags, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(**flags)
+    assert not jax.distributed.is_initialized()
+
+
+def test_single_process_starts_nothing(monkeypatch):
+    for name in SLURM_STEP:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: False)
+    assert distributed.initialize() is None
+    monkeypatch.setattr(os, "environ", {**os.environ, **SLURM_STEP})  # inside srun, but
+    assert distributed.initialize(num_processes=1) is None  # --num_processes=1 wins
+    assert not jax.distributed.is_initialized()
+    assert distributed.is_primary() and not distributed.preemption_reached(1)
