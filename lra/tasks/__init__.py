@@ -27,6 +27,11 @@ from typing import Any
 # name -> "module:attribute" of the task object, imported lazily by `get`.
 _TASKS: dict[str, str] = {
     "listops": "lra.tasks.listops:TASK",
+    "text": "lra.tasks.text:TASK",
+    "retrieval": "lra.tasks.retrieval:TASK",
+    "image": "lra.tasks.image:TASK",
+    "pathfinder": "lra.tasks.pathfinder:PATHFINDER",
+    "pathx": "lra.tasks.pathfinder:PATHX",
 }
 
 NAMES: tuple[str, ...] = tuple(_TASKS)
