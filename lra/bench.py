@@ -1,32 +1,76 @@
-"""Speed and memory of attention layers vs sequence length: `python -m lra.bench`.
+"""Speed, memory and FLOPs of every attention vs sequence length: `python -m lra.bench`.
 
-  python -m lra.bench --attention softmax,linear,local --lengths 1024,4096,16384 \
-      [--batch 1 --heads 8 --head_dim 64 --dtype float32 --causal] [--out DIR]
+  python -m lra.bench --attention softmax,linear,performer (or all) \
+      --lengths 1024,2048,4096,8192,16384 [--scopes layer,step] [--batch 1 --heads 8 \
+      --head_dim 64 --dtype float32|bfloat16 --causal] [--out DIR]
+
+Two scopes, each measured in this one process with compilation excluded (every
+program is compiled first, run once untimed, then timed as the median of --repeats
+runs that each wait for the result):
+
+  layer  forward + backward of the attention core alone (the gradient of the sum of
+         its output with respect to q, k and v), q, k, v [batch, L, heads, head_dim].
+  step   one whole encoder training step, `lra.train.make_train_step` on the state of
+         `lra.train.create_state` (forward, backward, AdamW update, state donated and
+         fed back), a synthetic batch of random tokens with a full mask. The model
+         defaults to the setup of the LRA paper's speed table (Tay et al. 2021, Table 2,
+         byte-level text: 4 layers, width 256, 4 heads, qkv 256, MLP 1024, dropout 0.1);
+         the paper's batch was 32, here --step_batch (default --batch) so that the
+         quadratic baselines fit a workstation. Mean pooling, so the attention sees
+         exactly L tokens (causal: last-token pooling).
 
 An entry of --attention is a registry name, optionally with options after colons:
-`linear:form=recurrent:chunk_size=128`. Each entry is measured in this one process:
-forward + backward of the attention core alone (a sum of its output differentiated with
-respect to q, k and v), compiled first (compilation is not timed), then the median of
---repeats runs. Peak memory is XLA's compiled memory analysis (arguments + outputs +
-temporaries), which is also how an out-of-memory case is recognised before it runs: an
-entry whose analysis exceeds --memory_budget_gb is recorded with `oom: true` instead of
-being executed. Results go to stdout as a Markdown table and, with --out, to
-DIR/bench.json (a list of records).
+`linear:form=recurrent:chunk_size=128`. The exact baselines softmax and
+memory_efficient (--baselines) are measured too unless --no_baseline.
+
+Each record (bench.json is the list of them) holds time_ms, tokens_per_s, the speed-up
+vs softmax and vs the fastest exact attention at the same scope and length, peak memory
+(`memory_source` "device": the device's own peak statistics, on backends that keep them
+and when this program raised the process's peak; "compiled": XLA's compiled memory
+analysis, arguments + outputs + temporaries - aliased), `flops` (XLA's cost analysis,
+which counts a loop body once), `dot_flops` (every matrix product the program performs,
+counted from its jaxpr with scan bodies times their length) and `matmul_fraction`
+(dot_flops / time over the FLOP/s of a large matmul measured on the same device).
+Out-of-memory is a record with `oom: true`: a program whose compiled analysis exceeds
+--memory_budget_gb is not run, and RESOURCE_EXHAUSTED at compile or run time is caught.
+With --out: DIR/bench.json, DIR/bench.md (tables in the layout of the LRA paper's
+speed/memory table) and DIR/bench_<scope>.png (log-log time and memory vs length).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.extend import core as jax_core
+from jax.sharding import NamedSharding
 
+from lra import bench_output, sharding, train
 from lra.models import attention
+
+SCOPES = ("layer", "step")
+EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
+DEFAULT_BUDGET_GB = 8.0  # where the device keeps no memory statistics (CPU)
+# The synthetic step task: byte-level text classification shapes (LRA's speed table task).
+STEP_VOCAB_SIZE = 257
+STEP_NUM_CLASSES = 2
+
+
+# ---------------------------------------------------------------------------------------
+# Entries and settings
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
@@ -50,100 +94,496 @@ def _literal(text: str):
     return text
 
 
-def _grad_fn(core):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every measurement of one benchmark run shares (from the command line)."""
+
+    batch: int = 1
+    heads: int = 8  # layer scope
+    head_dim: int = 64  # layer scope
+    dtype: str = "float32"
+    causal: bool = False
+    repeats: int = 5
+    memory_budget_bytes: float = DEFAULT_BUDGET_GB * 2**30
+    step_batch: int = 1
+    step_layers: int = 4
+    step_emb_dim: int = 256
+    step_qkv_dim: int = 256
+    step_heads: int = 4
+    step_mlp_dim: int = 1024
+    step_dropout: float = 0.1
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted function, how to make fresh arguments for it, and what it models."""
+
+    fn: Callable
+    make_args: Callable[[], tuple]
+    feeds_back: bool  # a train step: its first output (the donated state) is the next input
+    shape: dict  # batch, heads, head_dim, num_layers, emb_dim, mlp_dim of the record
+
+
+# ---------------------------------------------------------------------------------------
+# The two scopes
+
+
+def _layer_program(entry: str, length: int, settings: Settings) -> Program:
+    name, options = parse_entry(entry)
+    core = attention.make(name, num_heads=settings.heads, head_dim=settings.head_dim,
+                          max_len=length, causal=settings.causal, rngs=nnx.Rngs(0), **options)
     graphdef, state = nnx.split(core)
 
     def loss(q, k, v):
         out = nnx.merge(graphdef, state)(q, k, v, None, deterministic=True)
         return jnp.sum(out.astype(jnp.float32))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    shape = (settings.batch, length, settings.heads, settings.head_dim)
+
+    def make_args():
+        keys = jax.random.split(jax.random.key(0), 3)
+        return tuple(jax.random.normal(key, shape, settings.dtype) for key in keys)
+
+    return Program(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), make_args, feeds_back=False,
+                   shape={"batch": settings.batch, "heads": settings.heads,
+                          "head_dim": settings.head_dim, "num_layers": 1, "emb_dim": None,
+                          "mlp_dim": None})
 
 
-def measure(entry: str, *, length: int, batch: int, heads: int, head_dim: int, dtype: str,
-            causal: bool, repeats: int, memory_budget_bytes: float) -> dict:
-    """One record: fwd+bwd median time and compiled peak memory of one attention at one length."""
+@dataclasses.dataclass(frozen=True)
+class _StepTask:
+    """The task interface `lra.train.create_state` reads, for synthetic batches."""
+
+    vocab_size: int = STEP_VOCAB_SIZE
+    num_classes: int = STEP_NUM_CLASSES
+    paired: bool = False
+
+
+def step_config(entry: str, length: int, settings: Settings):
+    """The training config of the step scope: `configs.common.base_config`, sizes overridden.
+
+    Raises:
+      ValueError: for sizes `lra.train.validate_config` rejects, or bfloat16 with a
+        training loop that has no `config.dtype`.
+    """
+    try:
+        from configs import common
+    except ImportError as error:
+        raise ImportError("the step scope builds its config with configs/common.py: run "
+                          "`python -m lra.bench` from the repository root") from error
     name, options = parse_entry(entry)
-    core = attention.make(name, num_heads=heads, head_dim=head_dim, max_len=length,
-                          causal=causal, rngs=nnx.Rngs(0), **options)
-    shape = (batch, length, heads, head_dim)
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
-    grad = _grad_fn(core)
-    compiled = grad.lower(q, k, v).compile()
-    analysis = compiled.memory_analysis()
-    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-            + analysis.temp_size_in_bytes) if analysis is not None else None
-    record = {"attention": entry, "scope": "layer", "length": length, "batch": batch,
-              "heads": heads, "head_dim": head_dim, "dtype": dtype, "causal": causal,
-              "peak_bytes": peak, "oom": False, "time_ms": None, "tokens_per_s": None,
-              "device": jax.devices()[0].device_kind}
-    if peak is not None and peak > memory_budget_bytes:
-        record["oom"] = True
-        return record
-    jax.block_until_ready(compiled(q, k, v))
+    config = common.base_config("bench", common.parse_arg(f"attention={name}", ("bench",)))
+    config.max_length = length
+    config.batch_size = config.eval_batch_size = settings.step_batch
+    config.num_devices = 1
+    model = config.model
+    model.num_layers, model.emb_dim = settings.step_layers, settings.step_emb_dim
+    model.qkv_dim, model.num_heads = settings.step_qkv_dim, settings.step_heads
+    model.mlp_dim = settings.step_mlp_dim
+    model.dropout = model.attention_dropout = settings.step_dropout
+    model.causal = settings.causal
+    model.pooling = "last" if settings.causal else "mean"  # the attention sees exactly L tokens
+    model.attention_options.update(options)
+    if "dtype" in config:
+        config.dtype = settings.dtype
+    elif settings.dtype != "float32":
+        raise ValueError(f"--dtype {settings.dtype}: this lra.train has no config.dtype, so the "
+                         "step scope runs only in float32 (use --scopes layer)")
+    train.validate_config(config, 1)
+    return config
+
+
+def _step_program(entry: str, length: int, settings: Settings) -> Program:
+    config = step_config(entry, length, settings)
+    mesh = sharding.make_mesh(1)
+    task = _StepTask()
+    first = [train.create_state(config, task, mesh)]  # the first make_args uses it
+    graphdef, _, _, shardings = first[0]
+    step = train.make_train_step(graphdef, shardings, config)
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+
+    def make_args():
+        _, rng_state, state, _ = first.pop() if first else train.create_state(config, task, mesh)
+        rng = np.random.default_rng(0)
+        shape = (settings.step_batch, length)
+        batch = {"inputs": rng.integers(1, task.vocab_size, shape, dtype=np.int32),
+                 "mask": np.ones(shape, bool),
+                 "targets": rng.integers(0, task.num_classes, shape[:1], dtype=np.int32)}
+        return state, rng_state, jax.device_put(batch, batch_sharding)
+
+    return Program(step, make_args, feeds_back=True, shape={
+        "batch": settings.step_batch, "heads": settings.step_heads,
+        "head_dim": settings.step_qkv_dim // settings.step_heads,
+        "num_layers": settings.step_layers, "emb_dim": settings.step_emb_dim,
+        "mlp_dim": settings.step_mlp_dim})
+
+
+PROGRAMS: dict[str, Callable[[str, int, Settings], Program]] = {
+    "layer": _layer_program, "step": _step_program}
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs and the device's matmul rate
+
+
+def dot_flops(fn: Callable, *args) -> int:
+    """FLOPs of the matrix products `fn(*args)` performs (2 per multiply-add), from its jaxpr.
+
+    A scan body counts `length` times, a cond its most expensive branch, a while-loop body
+    once (its trip count is unknown before running). XLA's cost analysis, by contrast,
+    counts every loop body once, which undercounts chunked and recurrent forms.
+
+    Args:
+      fn: a function of arrays (jitted or not).
+      *args: arrays or `jax.ShapeDtypeStruct`s to trace it with.
+    """
+    return _jaxpr_dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_dot_flops(jaxpr: jax_core.Jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            depth = math.prod(lhs_shape[axis] for axis in contract)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * depth
+            continue
+        inner = [_jaxpr_dot_flops(sub) for sub in _subjaxprs(eqn.params)]
+        if not inner:
+            continue
+        if eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        elif eqn.primitive.name == "cond":
+            total += max(inner)
+        else:
+            total += sum(inner)
+    return total
+
+
+def _subjaxprs(params: dict):
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax_core.Jaxpr):
+                yield item
+
+
+def matmul_flops_per_s(size: int, dtype: str, repeats: int) -> float:
+    """FLOP/s of a [size, size] @ [size, size] matmul on the default device (median)."""
+    keys = jax.random.split(jax.random.key(1), 2)
+    a, b = (jax.random.normal(key, (size, size), dtype) for key in keys)
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(compiled(a, b))
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
+        jax.block_until_ready(compiled(a, b))
         times.append(time.perf_counter() - start)
-    record["time_ms"] = 1e3 * statistics.median(times)
-    record["tokens_per_s"] = batch * length / statistics.median(times)
+    return 2 * size**3 / statistics.median(times)
+
+
+def _cost_flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def _compiled_peak(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+def device_name(device=None) -> str:
+    """The device's kind, with the processor model and core count on a CPU."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        return device.device_kind
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({model}, {os.cpu_count()} cores)"
+
+
+def _oom_record(record: dict, error: jax.errors.JaxRuntimeError) -> dict:
+    """Marks `record` out of memory for a RESOURCE_EXHAUSTED error; re-raises any other."""
+    if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+        raise error
+    record.update(oom=True, error=str(error).splitlines()[0])
     return record
 
 
-def markdown(records: list[dict]) -> str:
-    """Rows: attention; columns: time (ms) and peak memory (MiB) per length."""
-    lengths = sorted({r["length"] for r in records})
-    names = list(dict.fromkeys(r["attention"] for r in records))
-    cells = {(r["attention"], r["length"]): r for r in records}
-    header = "| attention | " + " | ".join(f"{n} ms / MiB" for n in lengths) + " |"
-    lines = [header, "|---" * (len(lengths) + 1) + "|"]
-    for name in names:
-        row = []
-        for length in lengths:
-            r = cells.get((name, length))
-            if r is None:
-                row.append("")
-            elif r["oom"]:
-                row.append(f"OOM (needs {r['peak_bytes'] / 2**20:,.0f} MiB)")
-            else:
-                row.append(f"{r['time_ms']:,.1f} / {r['peak_bytes'] / 2**20:,.0f}")
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+@dataclasses.dataclass
+class Prepared:
+    """A compiled program and its record so far (memory analysis, FLOPs), not yet timed."""
+
+    record: dict
+    program: Program | None = None
+    compiled: object = None
+    args: tuple | None = None  # arguments made for compiling; None = make fresh ones to run
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lra.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--attention", default="all",
-                        help="comma-separated entries (name[:opt=value...]) or 'all'")
-    parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head_dim", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory_budget_gb", type=float, default=8.0)
-    parser.add_argument("--out", default=None, help="folder for bench.json")
-    args = parser.parse_args(argv)
-    entries = attention.NAMES if args.attention == "all" else args.attention.split(",")
+def prepare(entry: str, scope: str, length: int, settings: Settings,
+            device_info: dict) -> Prepared:
+    """Builds and compiles one measurement; an over-budget or failed compile is an OOM record."""
+    program = PROGRAMS[scope](entry, length, settings)
+    record = {"attention": entry, "scope": scope, "length": length, **program.shape,
+              "dtype": settings.dtype, "causal": settings.causal, "time_ms": None,
+              "steps_per_s": None, "tokens_per_s": None, "speedup_vs_softmax": None,
+              "speedup_vs_exact": None, "exact_baseline": None, "peak_bytes": None,
+              "compiled_peak_bytes": None, "memory_source": "compiled", "flops": None,
+              "dot_flops": None, "matmul_fraction": None, "oom": False, "error": None,
+              **device_info}
+    try:
+        args = program.make_args()
+        compiled = program.fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        return Prepared(_oom_record(record, error))
+    peak = _compiled_peak(compiled)
+    record.update(peak_bytes=peak, compiled_peak_bytes=peak, flops=_cost_flops(compiled),
+                  dot_flops=dot_flops(program.fn, *args))
+    if peak is not None and peak > settings.memory_budget_bytes:
+        record.update(oom=True, error=f"compiled peak {peak:,} bytes exceeds the budget of "
+                      f"{settings.memory_budget_bytes:,.0f} bytes")
+        return Prepared(record)
+    return Prepared(record, program, compiled, args)
+
+
+def _timed_runs(compiled, args: tuple, feeds_back: bool, repeats: int) -> list[float]:
+    def call(args):
+        out = jax.block_until_ready(compiled(*args))
+        return (out[0], *args[1:]) if feeds_back else args
+
+    args = call(args)  # untimed: first-run allocations and caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        args = call(args)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _memory_stats() -> dict | None:
+    """The default device's memory statistics (GPU/TPU); None where it keeps none (CPU)."""
+    return jax.devices()[0].memory_stats()
+
+
+def peak_raised(stats: Callable[[], dict | None], work: Callable[[], object]) -> int | None:
+    """Runs `work`; returns the device's peak bytes if `work` raised it, else None.
+
+    Device peak statistics cannot be reset, so the peak measures one program only when
+    that program set a new high; otherwise the caller falls back to the compiled analysis.
+    """
+    before = stats()
+    work()
+    after = stats()
+    if not before or not after or "peak_bytes_in_use" not in after:
+        return None
+    return after["peak_bytes_in_use"] if after["peak_bytes_in_use"] > before[
+        "peak_bytes_in_use"] else None
+
+
+def execute(prepared: Prepared, settings: Settings, matmul_peak: float) -> dict:
+    """Times a prepared measurement (median of repeats) and completes its record."""
+    record = prepared.record
+    if record["oom"]:
+        return record
+    program, args = prepared.program, prepared.args
+    prepared.args = None  # donated or consumed from here on
+    times: list[float] = []
+
+    def work():
+        run_args = args if args is not None else program.make_args()
+        times.extend(_timed_runs(prepared.compiled, run_args, program.feeds_back,
+                                 settings.repeats))
+
+    try:
+        device_peak = peak_raised(_memory_stats, work)
+    except jax.errors.JaxRuntimeError as error:
+        return _oom_record(record, error)
+    seconds = statistics.median(times)
+    record.update(time_ms=1e3 * seconds, steps_per_s=1 / seconds,
+                  tokens_per_s=record["batch"] * record["length"] / seconds)
+    if record["dot_flops"] is not None and matmul_peak:
+        record["matmul_fraction"] = record["dot_flops"] / seconds / matmul_peak
+    if device_peak is not None:
+        record.update(peak_bytes=device_peak, memory_source="device")
+    return record
+
+
+def add_speedups(records: list[dict]) -> list[dict]:
+    """Fills speedup_vs_softmax and speedup_vs_exact (+ exact_baseline) in place.
+
+    Baselines are the records of the same scope, length, batch, dtype and causality: the
+    entry `softmax`, and the fastest exact attention (softmax or memory_efficient, any
+    options). A baseline that is out of memory or absent leaves the speed-up None.
+    """
+    def group(r):
+        return r["scope"], r["length"], r["batch"], r["dtype"], r["causal"]
+
+    timed = [r for r in records if r["time_ms"] is not None]
+    softmax = {group(r): r for r in timed if r["attention"] == "softmax"}
+    fastest: dict = {}
+    for r in timed:
+        if parse_entry(r["attention"])[0] in EXACT:
+            best = fastest.get(group(r))
+            if best is None or r["time_ms"] < best["time_ms"]:
+                fastest[group(r)] = r
+    for r in timed:
+        if group(r) in softmax:
+            r["speedup_vs_softmax"] = softmax[group(r)]["time_ms"] / r["time_ms"]
+        if group(r) in fastest:
+            r["speedup_vs_exact"] = fastest[group(r)]["time_ms"] / r["time_ms"]
+            r["exact_baseline"] = fastest[group(r)]["attention"]
+    return records
+
+
+def _progress(index: int, total: int, record: dict) -> None:
+    head = f"[{index}/{total}] {record['scope']} {record['attention']} L={record['length']}"
+    if record["oom"]:
+        print(f"{head}: OOM ({record['error']})", file=sys.stderr, flush=True)
+        return
+    print(f"{head}: {record['time_ms']:,.1f} ms, {record['tokens_per_s']:,.0f} tokens/s, "
+          f"{bench_output.mib(record['peak_bytes'])} MiB ({record['memory_source']})",
+          file=sys.stderr, flush=True)
+
+
+def run(entries: list[str], scopes: list[str], lengths: list[int], settings: Settings,
+        matmul_peak: float) -> list[dict]:
+    """Measures every (scope, length, entry); records in that order, speed-ups filled.
+
+    Where the device keeps memory statistics, everything is compiled first and run in
+    increasing order of compiled peak, so that each program is likely to raise the
+    device's (non-resettable) peak and get a device-measured figure.
+    """
+    device = jax.devices()[0]
+    info = {"device": device_name(device), "platform": device.platform,
+            "matmul_flops_per_s": matmul_peak}
+    plan = [(scope, length, entry) for scope in scopes for length in lengths for entry in entries]
+    records: list[dict | None] = [None] * len(plan)
+    if _memory_stats():
+        prepared = []
+        for scope, length, entry in plan:
+            prepared.append(prepare(entry, scope, length, settings, info))
+            prepared[-1].args = None  # no other program's arguments stay on the device
+        order = sorted(range(len(plan)), key=lambda i: prepared[i].record["peak_bytes"] or 0)
+        for done, i in enumerate(order, 1):
+            records[i] = execute(prepared[i], settings, matmul_peak)
+            _progress(done, len(plan), records[i])
+    else:
+        for i, (scope, length, entry) in enumerate(plan):
+            records[i] = execute(prepare(entry, scope, length, settings, info), settings,
+                                 matmul_peak)
+            _progress(i + 1, len(plan), records[i])
+    return add_speedups(records)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lra.bench",
+                                     description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--attention", default="all", help="comma-separated entries (name[:opt=value...]) or 'all'")
+    add("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
+    add("--scopes", default="layer,step", help="comma-separated: layer, step")
+    add("--batch", type=int, default=1, help="batch of the layer scope (and default step batch)")
+    add("--heads", type=int, default=8, help="heads of the layer scope")
+    add("--head_dim", type=int, default=64, help="per-head width of the layer scope")
+    add("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add("--causal", action="store_true")
+    add("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    add("--memory_budget_gb", type=float, default=None,
+        help="compiled peak above this is recorded as OOM without running (default: the "
+             f"device's memory limit where it reports one, else {DEFAULT_BUDGET_GB:g})")
+    add("--baselines", default=",".join(EXACT), help="exact attentions always measured")
+    add("--no_baseline", action="store_true", help="measure only the --attention entries")
+    add("--step_batch", type=int, default=None, help="batch of the step scope (default --batch)")
+    add("--step_layers", type=int, default=4)
+    add("--step_emb_dim", type=int, default=256)
+    add("--step_qkv_dim", type=int, default=256)
+    add("--step_heads", type=int, default=4)
+    add("--step_mlp_dim", type=int, default=1024)
+    add("--step_dropout", type=float, default=0.1, help="dropout and attention dropout")
+    add("--matmul_size", type=int, default=2048, help="side of the reference matmul")
+    add("--out", default=None, help="folder for bench.json, bench.md and the plots")
+    return parser
+
+
+def _entries(args) -> list[str]:
+    entries = list(attention.NAMES) if args.attention == "all" else args.attention.split(",")
+    if not args.no_baseline:
+        missing = [b for b in args.baselines.split(",") if b and b not in entries]
+        entries = missing + entries
     for entry in entries:  # fail before measuring anything
         name, options = parse_entry(entry)
         attention.make(name, num_heads=1, head_dim=1, max_len=1, rngs=nnx.Rngs(0), **options)
-    records = []
-    for length in (int(n) for n in args.lengths.split(",")):
-        for entry in entries:
-            record = measure(entry, length=length, batch=args.batch, heads=args.heads,
-                             head_dim=args.head_dim, dtype=args.dtype, causal=args.causal,
-                             repeats=args.repeats,
-                             memory_budget_bytes=args.memory_budget_gb * 2**30)
-            records.append(record)
-            print(json.dumps(record), flush=True)
-    print(markdown(records))
+    return entries
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ValueError(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _budget_bytes(gigabytes: float | None) -> float:
+    if gigabytes is not None:
+        return gigabytes * 2**30
+    stats = _memory_stats() or {}
+    return stats.get("bytes_limit") or DEFAULT_BUDGET_GB * 2**30
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the benchmark; prints the tables, writes files to --out; returns the records."""
+    args = _parser().parse_args(argv)
+    scopes = args.scopes.split(",")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+    lengths = _positive_ints(args.lengths, "--lengths")
+    entries = _entries(args)
+    settings = Settings(
+        batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+        causal=args.causal, repeats=args.repeats,
+        memory_budget_bytes=_budget_bytes(args.memory_budget_gb),
+        step_batch=args.step_batch or args.batch, step_layers=args.step_layers,
+        step_emb_dim=args.step_emb_dim, step_qkv_dim=args.step_qkv_dim,
+        step_heads=args.step_heads, step_mlp_dim=args.step_mlp_dim,
+        step_dropout=args.step_dropout)
+    matmul_peak = matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
+    print(f"{device_name()}: {args.matmul_size}^2 matmul at {matmul_peak / 1e9:,.1f} GFLOP/s "
+          f"({args.dtype})", file=sys.stderr, flush=True)
+    records = run(entries, scopes, lengths, settings, matmul_peak)
+    text = bench_output.markdown(records)
+    print(text)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench.json").write_text(json.dumps(records, indent=2) + "\n")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(records, indent=2) + "\n")
+        (out / "bench.md").write_text(text + "\n")
+        bench_output.plot(records, out)
+    return records
 
 
 if __name__ == "__main__":

@@ -1,0 +1,588 @@
+"""Compare runs: `python -m lra.report ROOT... [--out DIR]`.
+
+Reads every run folder below the given roots (a folder holding results.json, metrics.jsonl,
+config.json or failed.json; see DESIGN.md for the workdir layout) and writes to --out
+(default ROOT/report for the first root):
+
+- report.md and results.csv: task x attention test accuracy (%), mean +- sample std over
+  seeds with the number of seeds, the average over the tasks present, and under each row
+  the published LRA Table 1 row of the same attention; an ours-cell within seed noise of
+  the published value is marked;
+- accuracy.png (bars with error bars per task, published values as markers) and
+  val_accuracy.png (validation accuracy vs step, mean over seeds +- std);
+- runs.csv and a Runs section: one line per run with parameters, steps/s and wall time.
+
+Runs that failed or have not finished (running, or stopped and resumable) are listed with
+the reason, never dropped silently. The Markdown table also goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_FILE, CONFIG_FILE, METRICS_FILE, FAILED_FILE = (
+    "results.json", "config.json", "metrics.jsonl", "failed.json")
+RUN_FILES = (RESULTS_FILE, CONFIG_FILE, METRICS_FILE, FAILED_FILE)
+SKIPPED_FOLDERS = ("checkpoints", "checkpoints_unreadable")
+# A run without results whose files changed this recently counts as running.
+RUNNING_SECONDS = 15 * 60
+NOISE_MARK = "≈"
+METRICS = ("test_accuracy_at_best", "test_accuracy")
+# Config keys that never make two runs different variants: seeds are pooled, task and
+# attention are the table's axes (and lra.train.RESUMABLE_CHANGES cannot change results).
+POOLED_KEYS = ("seed", "task", "attention")
+
+# Task registry name -> column title, in LRA's order.
+TASKS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
+         "pathfinder": "Pathfinder", "pathx": "Path-X"}
+
+LRA_SOURCE = ('Tay et al., "Long Range Arena: A Benchmark for Efficient Transformers", '
+              "ICLR 2021, Table 1 (test accuracy, %)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """One row of LRA Table 1: test accuracy (%) per task; None = FAIL (Path-X, all models)."""
+
+    model: str
+    accuracy: dict
+    paper_average: float  # the paper's Avg column: the five tasks, Path-X left out
+
+
+def _published(model: str, values: Sequence[float], paper_average: float) -> Published:
+    listops, text, retrieval, image, pathfinder = values
+    return Published(model, {"listops": listops, "text": text, "retrieval": retrieval,
+                             "image": image, "pathfinder": pathfinder, "pathx": None},
+                     paper_average)
+
+
+# LRA Table 1 (Tay et al. 2021). The paper prints Sinkhorn's average as 51.39 although its
+# five numbers average 51.48; the table here recomputes averages over the tasks present.
+LRA_TABLE1 = {row.model: row for row in (
+    _published("Transformer", (36.37, 64.27, 57.46, 42.44, 71.40), 54.39),
+    _published("Local Attention", (15.82, 52.98, 53.39, 41.46, 66.63), 46.06),
+    _published("Sparse Trans.", (17.07, 63.58, 59.59, 44.24, 71.71), 51.24),
+    _published("Longformer", (35.63, 62.85, 56.89, 42.22, 69.71), 53.46),
+    _published("Linformer", (35.70, 53.94, 52.27, 38.56, 76.34), 51.36),
+    _published("Reformer", (37.27, 56.10, 53.40, 38.07, 68.50), 50.67),
+    _published("Sinkhorn Trans.", (33.67, 61.20, 53.83, 41.23, 67.45), 51.39),
+    _published("Synthesizer", (36.99, 61.68, 54.67, 41.61, 69.45), 52.88),
+    _published("BigBird", (36.05, 64.02, 59.29, 40.83, 74.87), 55.01),
+    _published("Linear Trans.", (16.13, 65.90, 53.09, 42.34, 75.30), 50.55),
+    _published("Performer", (18.01, 65.40, 53.82, 42.77, 77.05), 51.41),
+)}
+
+# Our attention name -> its LRA Table 1 row. memory_efficient computes exact softmax
+# attention, so the Transformer row is its published reference too.
+PUBLISHED_ROW = {
+    "softmax": "Transformer", "memory_efficient": "Transformer", "local": "Local Attention",
+    "sparse": "Sparse Trans.", "longformer": "Longformer", "linformer": "Linformer",
+    "reformer": "Reformer", "sinkhorn": "Sinkhorn Trans.", "synthesizer": "Synthesizer",
+    "bigbird": "BigBird", "linear": "Linear Trans.", "performer": "Performer",
+}
+
+
+def published_for(attention: str) -> Published | None:
+    """The LRA Table 1 row of an attention (None for those the LRA paper did not run)."""
+    model = PUBLISHED_ROW.get(attention)
+    return LRA_TABLE1[model] if model else None
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclasses.dataclass
+class Run:
+    """One run folder and what it holds."""
+
+    path: Path
+    name: str  # relative to its root
+    status: str  # finished | running | unfinished | failed
+    reason: str  # why it is not finished ("" when it is)
+    config: dict
+    results: dict | None
+    metrics: list
+    label: str = ""  # the table row: attention [+ the settings that tell variants apart]
+
+    def get(self, key: str, default=None):
+        """A value from results.json, else config.json."""
+        if self.results and key in self.results:
+            return self.results[key]
+        return self.config.get(key, default)
+
+
+def find_runs(roots: Sequence[str | Path]) -> list[Run]:
+    """Every run folder below the roots (a root may itself be a run), sorted by path.
+
+    Raises:
+      FileNotFoundError: a root does not exist.
+    """
+    runs = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder; give sweep roots or run folders")
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in SKIPPED_FOLDERS)
+            if any(name in files for name in RUN_FILES):
+                path = Path(folder)
+                runs.append(load_run(path, str(path.relative_to(root)) if path != root
+                                     else root.name))
+    return runs
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], str]:
+    records, problem = [], ""
+    if not path.exists():
+        return records, problem
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            problem = f"{path.name} line {number} is not JSON"
+    return records, problem
+
+
+def load_run(path: Path, name: str) -> Run:
+    """Reads one run folder and decides its status."""
+    try:
+        config = _read_json(path / CONFIG_FILE) or {}
+        results = _read_json(path / RESULTS_FILE)
+        failed = _read_json(path / FAILED_FILE)
+    except (json.JSONDecodeError, OSError) as error:
+        return Run(path, name, "failed", f"unreadable file: {error}", {}, None, [])
+    metrics, problem = _read_metrics(path / METRICS_FILE)
+    run = Run(path, name, "finished", "", config, results, metrics)
+    steps = config.get("num_train_steps")
+    if results is not None and (steps is None or results.get("step") == steps):
+        return run
+    last_step = max((r.get("step", 0) for r in metrics), default=0)
+    not_finite = next((r for r in metrics if any(
+        isinstance(v, float) and not math.isfinite(v) for v in r.values())), None)
+    if failed is not None:
+        tail = [line for line in failed.get("stderr_tail", []) if line.strip()]
+        run.status, run.reason = "failed", (f"exit status {failed.get('returncode')}: "
+                                            f"{tail[-1] if tail else 'no stderr'}")
+    elif not_finite is not None:
+        run.status = "failed"
+        run.reason = f"non-finite {not_finite.get('split')} metrics at step {not_finite['step']}"
+    elif problem:
+        run.status, run.reason = "failed", problem
+    else:
+        age = time.time() - max(p.stat().st_mtime for p in path.iterdir())
+        of = f" of {steps}" if steps else ""
+        run.status = "running" if age < RUNNING_SECONDS else "unfinished"
+        run.reason = (f"at step {last_step}{of}, last written {_duration(age)} ago"
+                      + ("" if run.status == "running" else "; relaunch its command to resume"))
+    return run
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def assign_labels(runs: Sequence[Run]) -> None:
+    """Labels each run with its attention plus the config settings that tell apart runs of
+    the same task and attention (e.g. "softmax [model.num_layers=2]"); seeds are pooled."""
+    flat = [_flatten(run.config) for run in runs]
+    groups: dict[tuple, list[dict]] = {}
+    for run, config in zip(runs, flat):
+        groups.setdefault((run.get("task"), run.get("attention")), []).append(config)
+    varying = set()
+    for configs in groups.values():
+        keys = set().union(*configs)
+        varying |= {k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1}
+    from lra import train
+
+    varying = sorted(varying - set(POOLED_KEYS) - set(train.RESUMABLE_CHANGES))
+    for run, config in zip(runs, flat):
+        settings = [f"{k}={config[k]}" for k in varying if k in config]
+        run.label = str(run.get("attention", "?")) + (f" [{', '.join(settings)}]"
+                                                      if settings else "")
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+
+
+@dataclasses.dataclass
+class Cell:
+    """Our test accuracies (%) of one label and task, one per seed."""
+
+    values: list
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over seeds (ddof=1); NaN for one seed."""
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+    def within_noise(self, published: float | None) -> bool:
+        """|ours - published| <= 2 std over seeds (needs at least two seeds)."""
+        return published is not None and self.n > 1 and abs(self.mean - published) <= 2 * self.std
+
+
+@dataclasses.dataclass
+class Table:
+    tasks: list  # registry names, in column order
+    rows: dict  # label -> {"attention": str, "cells": {task: Cell}}
+    metric: str
+
+
+def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
+    """Groups the finished runs by label and task."""
+    rows: dict[str, dict] = {}
+    for run in runs:
+        if run.status != "finished":
+            continue
+        value = run.results.get(metric)
+        if value is None or not math.isfinite(value):
+            continue
+        row = rows.setdefault(run.label, {"attention": run.get("attention"), "cells": {}})
+        row["cells"].setdefault(run.get("task"), Cell([])).values.append(100.0 * value)
+    present = {task for row in rows.values() for task in row["cells"]}
+    tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))
+    order = {name: index for index, name in enumerate(PUBLISHED_ROW)}  # LRA's row order first
+    labels = sorted(rows, key=lambda label: (order.get(rows[label]["attention"], len(order)),
+                                             label))
+    return Table(tasks, {label: rows[label] for label in labels}, metric)
+
+
+def _published_average(published: Published, tasks: Sequence[str]) -> float | None:
+    values = [published.accuracy.get(t) for t in tasks]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def table_rows(table: Table) -> list[dict]:
+    """The table as records (what results.csv holds): our cells, averages and published."""
+    records = []
+    for label, row in table.rows.items():
+        cells, published = row["cells"], published_for(row["attention"])
+        tasks = [t for t in table.tasks if t in cells]
+        for task in tasks:
+            reference = published.accuracy.get(task) if published else None
+            cell = cells[task]
+            records.append({"label": label, "attention": row["attention"], "source": "ours",
+                            "task": task, "mean": cell.mean, "std": cell.std, "n_seeds": cell.n,
+                            "published": reference, "within_seed_noise": cell.within_noise(
+                                reference)})
+        records.append({"label": label, "attention": row["attention"], "source": "ours",
+                        "task": "average", "mean": float(np.mean([cells[t].mean for t in tasks])),
+                        "std": math.nan, "n_seeds": min(cells[t].n for t in tasks),
+                        "published": published and _published_average(published, tasks),
+                        "within_seed_noise": False})
+        if published:
+            for task in tasks:
+                records.append({"label": label, "attention": row["attention"],
+                                "source": f"published: {published.model}", "task": task,
+                                "mean": published.accuracy.get(task), "std": math.nan,
+                                "n_seeds": None, "published": None, "within_seed_noise": False})
+    return records
+
+
+def _ours_cell(cell: Cell | None, reference: float | None) -> str:
+    if cell is None:
+        return "-"
+    spread = f" ± {cell.std:.2f}" if cell.n > 1 else ""
+    mark = f" {NOISE_MARK}" if cell.within_noise(reference) else ""
+    return f"{cell.mean:.2f}{spread} (n={cell.n}){mark}"
+
+
+def markdown_table(table: Table) -> str:
+    """Task x attention: our rows, each followed by its published row, and a footer."""
+    if not table.rows:
+        return "No finished runs yet.\n"
+    titles = [TASKS.get(t, t) for t in table.tasks]
+    lines = ["| Attention | " + " | ".join(titles) + " | Avg |",
+             "|---|" + "---|" * (len(titles) + 1)]
+    unpublished = []
+    for label, row in table.rows.items():
+        cells, published = row["cells"], published_for(row["attention"])
+        tasks = [t for t in table.tasks if t in cells]
+        ours = [_ours_cell(cells.get(t), published and published.accuracy.get(t))
+                for t in table.tasks]
+        average = np.mean([cells[t].mean for t in tasks])
+        lines.append(f"| {label} | " + " | ".join(ours) + f" | {average:.2f} |")
+        if published is None:
+            unpublished.append(row["attention"])
+            continue
+        values = [_published_cell(published, t) for t in table.tasks]
+        published_average = _published_average(published, tasks)
+        shown = "-" if published_average is None else f"{published_average:.2f}"
+        lines.append(f"| ↳ published: {published.model} | " + " | ".join(values)
+                     + f" | {shown} |")
+    return "\n".join(lines) + "\n\n" + _footer(table, sorted(set(unpublished)))
+
+
+def _published_cell(published: Published, task: str) -> str:
+    if task not in published.accuracy:
+        return "-"
+    value = published.accuracy[task]
+    return "FAIL" if value is None else f"{value:.2f}"
+
+
+def _footer(table: Table, unpublished: Sequence[str]) -> str:
+    which = ("test accuracy at the best validation step" if table.metric == METRICS[0]
+             else "test accuracy at the last step")
+    notes = [
+        (f"Test accuracy (%): {which} (results.json `{table.metric}`), mean ± sample std "
+         "(ddof=1) over seeds; n = number of seeds."),
+        (f"{NOISE_MARK}: within seed noise of the published value, |ours - published| ≤ "
+         "2 × std over seeds (needs n ≥ 2)."),
+        ("Avg: mean of the task means over the tasks present in that row; the published Avg "
+         "is over the same tasks (the paper's Avg is over all five tasks but Path-X)."),
+        (f"Published: {LRA_SOURCE}; one run per model at the LRA sizes (preset=lra), so "
+         "runlocal or shorter runs are not expected to match. FAIL: no model beat chance."),
+    ]
+    if "memory_efficient" in {row["attention"] for row in table.rows.values()}:
+        notes.append("memory_efficient computes exact softmax attention: its published row "
+                     "is the Transformer's.")
+    if unpublished:
+        notes.append(f"No LRA Table 1 row (not run in the LRA paper): {', '.join(unpublished)}.")
+    return "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Runs listing, CSV, plots
+
+
+RUN_COLUMNS = ("run", "status", "task", "attention", "seed", "step", "num_params",
+               "steps_per_second", "train_seconds", "best_val_accuracy", "test_accuracy",
+               "test_accuracy_at_best", "reason")
+
+
+def run_record(run: Run) -> dict:
+    """One line per run (what runs.csv holds)."""
+    results = run.results or {}
+    step = results.get("step", max((r.get("step", 0) for r in run.metrics), default=None))
+    record = {"run": run.name, "status": run.status, "task": run.get("task"),
+              "attention": run.get("attention"), "seed": run.get("seed"), "step": step,
+              "reason": run.reason}
+    for key in RUN_COLUMNS[6:-1]:
+        record[key] = results.get(key) if run.status == "finished" else None
+    return record
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _percent(fraction) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f}"
+
+
+def runs_markdown(runs: Sequence[Run]) -> str:
+    lines = [("| Run | Status | Task | Attention | Seed | Step | Params | Steps/s | Wall time "
+              "| Best val % | Test % |"), "|" + "---|" * 11]
+    for run in runs:
+        r = run_record(run)
+        lines.append(
+            f"| {r['run']} | {r['status']} | {r['task']} | {r['attention']} | {r['seed']} | "
+            f"{_number(r['step'], 'd')} | {_number(r['num_params'], ',d')} | "
+            f"{_number(r['steps_per_second'], '.2f')} | {_duration(r['train_seconds'])} | "
+            f"{_percent(r['best_val_accuracy'])} | {_percent(r['test_accuracy_at_best'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def not_finished_markdown(runs: Sequence[Run]) -> str:
+    others = [run for run in runs if run.status != "finished"]
+    if not others:
+        return "All runs finished.\n"
+    return "\n".join(f"- {run.status}: {run.name} ({run.reason})" for run in others) + "\n"
+
+
+def write_csv(path: Path, records: Sequence[dict], columns: Sequence[str]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(columns))
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: "" if _missing(record.get(k)) else record.get(k) for k in columns})
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_colors(runs: Sequence[Run]) -> dict[str, str]:
+    """One color per label, the same in every plot."""
+    labels = sorted({run.label for run in runs})
+    return {label: f"C{index % 10}" for index, label in enumerate(labels)}
+
+
+def plot_accuracy(table: Table, path: Path, colors: dict[str, str]) -> None:
+    """Bars of our mean test accuracy per task and label, std as error bars, published
+    values as black markers."""
+    plt = _pyplot()
+    labels = list(table.rows)
+    width = 0.8 / max(len(labels), 1)
+    figure, axes = plt.subplots(figsize=(max(6.0, 2.0 + 0.6 * len(table.tasks) * len(labels)),
+                                         4.5))
+    marked = False
+    for index, label in enumerate(labels):
+        row = table.rows[label]
+        published = published_for(row["attention"])
+        xs = [i + (index - (len(labels) - 1) / 2) * width for i in range(len(table.tasks))]
+        cells = [row["cells"].get(t) for t in table.tasks]
+        means = [c.mean if c else math.nan for c in cells]
+        errors = [c.std if c and c.n > 1 else 0.0 for c in cells]
+        axes.bar(xs, means, width, yerr=errors, capsize=3, label=label, color=colors[label])
+        if published:
+            values = [published.accuracy.get(t) if c else None for t, c in zip(table.tasks, cells)]
+            points = [(x, v) for x, v in zip(xs, values) if v is not None]
+            if points:
+                axes.scatter(*zip(*points), marker="_", s=300, color="black", zorder=3,
+                             label=None if marked else "published (LRA Table 1)")
+                marked = True
+    axes.set_xticks(range(len(table.tasks)), [TASKS.get(t, t) for t in table.tasks])
+    axes.set_ylabel(f"test accuracy (%), {table.metric}")
+    axes.set_title("Test accuracy: mean ± std over seeds")
+    axes.legend(fontsize="small", loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_validation(runs: Sequence[Run], path: Path, colors: dict[str, str]) -> None:
+    """Validation accuracy vs step per task: mean over seeds of each label, ± std shaded."""
+    plt = _pyplot()
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for run in runs:
+        points = {r["step"]: 100.0 * r["accuracy"] for r in run.metrics
+                  if r.get("split") == "val" and "accuracy" in r}
+        if points:
+            task = str(run.get("task") or "?")
+            curves.setdefault(task, {}).setdefault(run.label, []).append(points)
+    tasks = [t for t in TASKS if t in curves] + sorted(set(curves) - set(TASKS))
+    columns = min(3, max(len(tasks), 1))
+    rows = max(1, math.ceil(len(tasks) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        for label, seeds in sorted(curves[task].items()):
+            steps = sorted(set().union(*seeds))
+            values = [[s[step] for s in seeds if step in s] for step in steps]
+            mean = np.array([np.mean(v) for v in values])
+            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+            axis.plot(steps, mean, marker="o", markersize=3, label=label, color=colors[label])
+            axis.fill_between(steps, mean - std, mean + std, alpha=0.2, color=colors[label])
+        axis.set_title(TASKS.get(task, task))
+        axis.set_xlabel("step")
+        axis.set_ylabel("validation accuracy (%)")
+        axis.legend(fontsize="small")
+    for axis in list(axes.flat)[len(tasks):]:
+        axis.axis("off")
+    if not tasks:
+        axes.flat[0].text(0.5, 0.5, "no validation records yet", ha="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def write_report(roots: Sequence[str | Path], out: str | Path,
+                 metric: str = METRICS[0]) -> tuple[str, list[Path]]:
+    """Writes report.md, results.csv, runs.csv, accuracy.png and val_accuracy.png to `out`.
+
+    Returns:
+      (the Markdown text printed to stdout, the paths written).
+
+    Raises:
+      FileNotFoundError: a root is missing.
+      ValueError: no run folder below the roots, or an unknown metric.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"--metric {metric!r}; known: {', '.join(METRICS)}")
+    runs = find_runs(roots)
+    if not runs:
+        raise ValueError(f"no run folders (with {', '.join(RUN_FILES)}) below "
+                         f"{', '.join(map(str, roots))}")
+    assign_labels(runs)
+    table = summarize(runs, metric)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in ("report.md", "results.csv", "runs.csv", "accuracy.png",
+                                     "val_accuracy.png")]
+    summary = (f"## Test accuracy by task and attention\n\n{markdown_table(table)}\n"
+               f"## Not finished\n\n{not_finished_markdown(runs)}")
+    paths[0].write_text(f"# LRA report: {', '.join(map(str, roots))}\n\n{summary}\n"
+                        f"![test accuracy](accuracy.png)\n\n![validation accuracy]"
+                        f"(val_accuracy.png)\n\n## Runs\n\n{runs_markdown(runs)}")
+    write_csv(paths[1], table_rows(table), ("label", "attention", "source", "task", "mean",
+                                            "std", "n_seeds", "published", "within_seed_noise"))
+    write_csv(paths[2], [run_record(run) for run in runs], RUN_COLUMNS)
+    colors = label_colors(runs)
+    plot_accuracy(table, paths[3], colors)
+    plot_validation(runs, paths[4], colors)
+    return summary, paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lra.report", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("roots", nargs="+", help="sweep roots or run folders")
+    parser.add_argument("--out", help="output folder (default: ROOT/report of the first root)")
+    parser.add_argument("--metric", default=METRICS[0], choices=METRICS,
+                        help="which test accuracy of results.json to tabulate")
+    args = parser.parse_args(argv)
+    out = args.out or str(Path(args.roots[0]) / "report")
+    try:
+        summary, paths = write_report(args.roots, out, args.metric)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
