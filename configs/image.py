@@ -35,8 +35,8 @@ TRAIN_EXAMPLES = 45_000  # images in the train split (the rest of tfds train is 
 def get_config(arg=None):
     args = common.parse_arg(arg, PRESETS)
     config = common.base_config("image", args)
-    # Nothing is generated at launch: `config.prepare` stays empty and the data comes from
-    # the prepare commands above (see lra/tasks/image.py).
+    # Nothing is generated at launch: the data comes from the prepare commands above (see
+    # lra/tasks/image.py); `config.prepare` holds the flags that the missing-data message adds.
 
     # preset=lra: 1 layer, width 128, 8 heads of 8 (qkv 64), MLP 128, dropout 0.3, batch 256,
     # 35K steps (200 epochs of 175 steps), peak 5e-4 after a one-epoch warmup, cosine decay,
@@ -66,6 +66,10 @@ def get_config(arg=None):
         # A CPU run of a few minutes on the small subset prepared above: whole images, a
         # small model with one head (1,024 x 1,024 attention per head dominates on CPU).
         config.data_dir = os.path.join(common.DATA_ROOT, "image-runlocal")
+        # The subset the prepare command above makes (named in the missing-data message).
+        config.prepare.num_train = 5_000
+        config.prepare.num_val = 500
+        config.prepare.num_test = 1_000
         config.batch_size = 32
         config.eval_batch_size = 100
         config.num_train_steps = 300

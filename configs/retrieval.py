@@ -32,8 +32,8 @@ PRESETS = ("lra",)  # lra = the released LRA matching (AAN) hyperparameters, war
 def get_config(arg=None):
     args = common.parse_arg(arg, PRESETS)
     config = common.base_config("retrieval", args)
-    # Nothing is generated at launch: `config.prepare` stays empty and the data comes from
-    # the prepare commands above (see lra/tasks/retrieval.py).
+    # Nothing is generated at launch: the data comes from the prepare commands above (see
+    # lra/tasks/retrieval.py); `config.prepare` holds the flags that the missing-data message adds.
 
     # preset=lra: 4 layers, width 128, 4 heads, MLP 512, batch 32, 5K steps, AdamW b2 0.98,
     # weight decay 0.1, CLS pooling, 4,000 bytes per document. The released config warms up
@@ -60,6 +60,12 @@ def get_config(arg=None):
     if args["runlocal"]:
         # A CPU run of a few minutes on the small subset prepared above, a small model.
         config.data_dir = os.path.join(common.DATA_ROOT, "retrieval-runlocal")
+        # The subset the prepare command above makes (named in the missing-data message).
+        config.prepare.source_dir = os.path.join(common.DATA_ROOT, "retrieval")
+        config.prepare.max_length = 256
+        config.prepare.num_train = 2_000
+        config.prepare.num_val = 500
+        config.prepare.num_test = 500
         config.max_length = 256
         config.batch_size = 32
         config.num_train_steps = 500

@@ -38,8 +38,8 @@ PRESETS = ("lra",)  # lra = the released LRA text-classification hyperparameters
 def get_config(arg=None):
     args = common.parse_arg(arg, PRESETS)
     config = common.base_config("text", args)
-    # Nothing is generated at launch: `config.prepare` stays empty and the data comes from
-    # the prepare commands above (see lra/tasks/text.py).
+    # Nothing is generated at launch: the data comes from the prepare commands above (see
+    # lra/tasks/text.py); `config.prepare` holds the flags that the missing-data message adds.
 
     # preset=lra: 4 layers, width 256, 4 heads, MLP 1024, batch 32, 20K steps, AdamW b2 0.98,
     # weight decay 0.1, CLS pooling; "constant * linear_warmup * rsqrt_decay" with constant
@@ -65,6 +65,11 @@ def get_config(arg=None):
         # A CPU run of a few minutes on the small subset prepared above, a small model (2
         # heads: on CPU each head costs more than its share of the width).
         config.data_dir = os.path.join(common.DATA_ROOT, "text-runlocal")
+        # The subset the prepare command above makes (named in the missing-data message).
+        config.prepare.max_length = 256
+        config.prepare.num_train = 4_000
+        config.prepare.num_val = 500
+        config.prepare.num_test = 1_000
         config.max_length = 256
         config.batch_size = 32
         config.eval_batch_size = 100

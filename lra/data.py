@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lra import tasks
+from lra.tasks import storage
 
 Arrays = dict[str, np.ndarray]
 
@@ -41,21 +42,18 @@ Arrays = dict[str, np.ndarray]
 SEQUENCE_FIELDS = (("inputs", "lengths", "mask"), ("inputs2", "lengths2", "mask2"))
 
 
-def prepare_command(task_name: str, data_dir: str) -> str:
-    return f"python -m lra.data prepare {task_name} --data_dir {data_dir}"
-
-
 def ensure_prepared(task, data_dir: str, settings: Mapping) -> None:
     """Makes sure `data_dir` holds the task's data, generating it if the task can.
 
-    Tasks that need a download raise a FileNotFoundError saying which command prepares them.
+    Tasks that need a download raise a FileNotFoundError giving the command, with the
+    config's `settings` (e.g. the subset sizes of a runlocal config) as its flags.
     """
-    if getattr(task, "generated", False):
+    if task.generated:
         task.prepare(data_dir, **dict(settings))
     elif not task.is_prepared(data_dir):
         raise FileNotFoundError(
             f"no prepared {task.name} data in {data_dir}; prepare it with:\n  "
-            f"{prepare_command(task.name, data_dir)}"
+            f"{storage.prepare_command(task.name, data_dir, settings)}"
         )
 
 

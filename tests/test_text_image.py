@@ -2,6 +2,7 @@
 splits, manifests, error messages, configs, and a runlocal run of each task end to end."""
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -317,11 +318,12 @@ def test_lra_presets():
     assert model.dropout == 0.3
     for module in (text_config, image_config):
         for arg in ("preset=lra", "runlocal"):
-            config = module.get_config(arg)
-            assert not config.prepare  # nothing is generated at launch
-            train.validate_config(config, num_devices=4)
+            train.validate_config(module.get_config(arg), num_devices=4)
+        assert not module.get_config("preset=lra").prepare  # the full data: no flags
         runlocal = module.get_config("runlocal")
         assert runlocal.num_train_steps <= 1000 and runlocal.data_dir.endswith("-runlocal")
+        prepare_keywords = inspect.signature(tasks.get(runlocal.task).prepare).parameters
+        assert set(runlocal.prepare) <= set(prepare_keywords)  # the message's flags exist
 
 
 # --- end to end: launch.py with runlocal on mock-prepared data, TensorFlow blocked ----------------

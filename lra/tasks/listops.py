@@ -25,7 +25,6 @@ import itertools
 import multiprocessing
 import os
 import random
-import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -312,7 +311,7 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     if path is None:
         raise FileNotFoundError(
             f"ListOps: no {_file_name(split)} in {data_dir} or {data_dir / RELEASE_FOLDER}. Make it with: "
-            f"python -m lra.data prepare listops --data_dir {shlex.quote(str(data_dir))}")
+            + storage.prepare_command("listops", data_dir))
     cache_dir = data_dir / "cache"
     sha256, manifest = storage.sha256(path, cache_dir), storage.read_manifest(data_dir)
     if manifest is not None:
@@ -470,14 +469,7 @@ def prepare(data_dir: str | os.PathLike, *, num_train: int = 96_000, num_val: in
     _check_settings(settings)
     manifest = storage.read_manifest(data_dir)
     if manifest is not None:
-        recorded = {**manifest.get("settings", {}), "format_version": manifest.get("format_version")}
-        requested = {**settings, "format_version": FORMAT_VERSION}
-        differences = [f"{key}={recorded.get(key)!r} there, {value!r} requested"
-                       for key, value in requested.items() if recorded.get(key) != value]
-        if differences:
-            raise ValueError(f"{data_dir} holds ListOps prepared with other settings "
-                             f"({'; '.join(differences)}). Use another data_dir, or delete {data_dir} to "
-                             "regenerate it.")
+        storage.check_settings(data_dir, manifest, "listops", settings, FORMAT_VERSION)
         if all((data_dir / _file_name(split)).is_file() for split in SPLITS):
             return manifest
     elif is_prepared(data_dir):

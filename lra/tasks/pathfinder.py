@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import multiprocessing
 import os
-import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -251,9 +250,6 @@ class Pathfinder:
     paired: bool = False
     splits: tuple[str, ...] = SPLITS
 
-    def _command(self, data_dir) -> str:
-        return f"python -m lra.data prepare {self.name} --data_dir {shlex.quote(str(data_dir))}"
-
     def is_prepared(self, data_dir: str | os.PathLike) -> bool:
         """True when the split arrays are in `data_dir`."""
         return all(storage.split_path(Path(data_dir), split, name).is_file()
@@ -316,17 +312,10 @@ class Pathfinder:
                 raise ValueError(f"{data_dir} holds the {manifest['settings']['resolution']}px release, "
                                  f"not {settings['resolution']}px; use another data_dir.")
             return manifest
-        recorded = {**manifest.get("settings", {}), "format_version": manifest.get("format_version")}
-        requested = {**settings, "format_version": FORMAT_VERSION}
-        differences = [f"{key}={recorded.get(key)!r} there, {value!r} requested"
-                       for key, value in requested.items() if recorded.get(key) != value]
-        if differences:
-            raise ValueError(f"{data_dir} holds {self.name} prepared with other settings "
-                             f"({'; '.join(differences)}). Use another data_dir, or delete {data_dir} to "
-                             "regenerate it.")
+        storage.check_settings(data_dir, manifest, self.name, settings, FORMAT_VERSION)
         if not self.is_prepared(data_dir):
             raise ValueError(f"{data_dir} has a manifest but misses split files; delete {data_dir} and "
-                             f"prepare it again: {self._command(data_dir)}")
+                             f"prepare it again: {storage.prepare_command(self.name, data_dir)}")
         return manifest
 
     def load(self, split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -340,14 +329,14 @@ class Pathfinder:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
         data_dir = Path(data_dir)
-        arrays = storage.load_split(data_dir, split, ARRAYS, prepare_command=self._command(data_dir))
+        arrays = storage.load_split(data_dir, split, ARRAYS, prepare_command=storage.prepare_command(self.name, data_dir))
         manifest = storage.read_manifest(data_dir) or {}
         for name in ARRAYS:
             path = storage.split_path(data_dir, split, name)
             expected = manifest.get("files", {}).get(path.name, {}).get("sha256")
             if expected is not None and storage.sha256(path, data_dir / "cache") != expected:
                 raise ValueError(f"{path} differs from {data_dir / storage.MANIFEST}: it was modified. "
-                                 f"Delete {data_dir} and prepare it again: {self._command(data_dir)}")
+                                 f"Delete {data_dir} and prepare it again: {storage.prepare_command(self.name, data_dir)}")
         if not len(arrays["inputs"]) == len(arrays["lengths"]) == len(arrays["targets"]):
             raise ValueError(f"{data_dir}: the {split} arrays have different lengths")
         return arrays

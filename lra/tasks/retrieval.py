@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,9 +96,8 @@ def read_pairs(path: str | os.PathLike) -> Iterator[tuple[int, int, bytes, bytes
 # --- locating the sources -----------------------------------------------------------
 
 def _download_help(source_dir: Path, data_dir: Path) -> str:
-    command = f"python -m lra.data prepare retrieval --data_dir {shlex.quote(str(data_dir))}"
-    if source_dir != data_dir:
-        command += f" --source_dir {shlex.quote(str(source_dir))}"
+    extra = {"source_dir": source_dir} if source_dir != data_dir else {}
+    command = storage.prepare_command("retrieval", data_dir, extra)
     return (f"Retrieval uses the AAN pairs of the LRA release, which must be downloaded: fetch "
             f"{RELEASE_URL}, unpack it (tar xzf lra_release.gz) and copy "
             f"{', '.join('lra_release/tsv_data/' + name for name in SOURCE_FILES.values())} into "
@@ -213,20 +211,6 @@ def is_prepared(data_dir: str | os.PathLike) -> bool:
             and all(path.is_file() for path in _output_paths(Path(data_dir))))
 
 
-def _check_manifest(data_dir: Path, manifest: dict, settings: dict) -> None:
-    if manifest.get("task") != NAME:
-        raise ValueError(f"{data_dir} holds data of task {manifest.get('task')!r}; use another data_dir "
-                         "for retrieval")
-    recorded = {**(manifest.get("settings") or {}), "format_version": manifest.get("format_version")}
-    requested = {**settings, "format_version": FORMAT_VERSION}
-    differences = [f"{key}={recorded.get(key)!r} there, {value!r} requested"
-                   for key, value in requested.items() if recorded.get(key) != value]
-    if differences:
-        raise ValueError(f"{data_dir} holds retrieval data prepared with other settings "
-                         f"({'; '.join(differences)}). Use another data_dir, or delete {data_dir}'s "
-                         "manifest.json and *.npy files to prepare it again.")
-
-
 def prepare(data_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
             max_length: int = MAX_LENGTH, num_train: int | None = None, num_val: int | None = None,
             num_test: int | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -263,7 +247,7 @@ def prepare(data_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None
         raise ValueError(f"Retrieval needs max_length >= 1 and pair counts >= 0, got {settings}")
     manifest = storage.read_manifest(data_dir)
     if manifest is not None:
-        _check_manifest(data_dir, manifest, settings)
+        storage.check_settings(data_dir, manifest, NAME, settings, FORMAT_VERSION)
         if is_prepared(data_dir):
             return manifest
     sources = find_sources(data_dir if source_dir is None else source_dir, data_dir)
@@ -306,14 +290,8 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     if manifest is None or manifest.get("task") != NAME:
         raise FileNotFoundError(f"no prepared retrieval data in {data_dir} (no retrieval manifest.json). "
                                 + _download_help(data_dir, data_dir))
-    command = f"python -m lra.data prepare retrieval --data_dir {shlex.quote(str(data_dir))}"
-    arrays = storage.load_split(data_dir, split, ARRAYS, prepare_command=command)
-    for name in ARRAYS:
-        path = storage.split_path(data_dir, split, name)
-        expected = manifest["files"].get(path.name, {}).get("sha256")
-        if storage.sha256(path, data_dir / "cache") != expected:
-            raise ValueError(f"{path} differs from {data_dir / storage.MANIFEST}: it was modified. Delete "
-                             f"{data_dir}'s manifest.json and *.npy files and run: {command}")
+    command = storage.prepare_command("retrieval", data_dir)
+    arrays = storage.load_verified_split(data_dir, split, ARRAYS, manifest, prepare_command=command)
     return arrays
 
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,6 +20,17 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
+
+
+def prepare_command(task_name: str, data_dir: str | os.PathLike, settings: Mapping | None = None) -> str:
+    """The command that prepares `task_name` into `data_dir`, with `settings` as flags.
+
+    Example: ``python -m lra.data prepare text --data_dir DIR --max_length 256``.
+    """
+    words = ["python -m lra.data prepare", task_name, "--data_dir", shlex.quote(str(data_dir))]
+    for name, value in (settings or {}).items():
+        words += [f"--{name}", shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def replace_atomically(path: Path, write: Callable) -> None:
@@ -99,4 +111,42 @@ def load_split(data_dir: Path, split: str, names: Iterable[str], *,
         if not path.is_file():
             raise FileNotFoundError(f"no {path.name} in {data_dir}. Prepare the data with:\n  {prepare_command}")
         arrays[name] = np.load(path, mmap_mode="r")
+    return arrays
+
+
+def check_settings(data_dir: Path, manifest: Mapping, task_name: str, settings: Mapping,
+                   format_version: int) -> None:
+    """Refuses a prepared folder of another task or made with other settings.
+
+    Raises:
+        ValueError: naming each differing setting and what to do.
+    """
+    if manifest.get("task") not in (None, task_name):
+        raise ValueError(f"{data_dir} holds data of the task {manifest.get('task')!r}, not "
+                         f"{task_name!r}; use another data_dir")
+    recorded = {**(manifest.get("settings") or {}), "format_version": manifest.get("format_version")}
+    requested = {**settings, "format_version": format_version}
+    differences = [f"{key}={recorded.get(key)!r} there, {value!r} requested"
+                   for key, value in requested.items() if recorded.get(key) != value]
+    if differences:
+        raise ValueError(f"{data_dir} holds {task_name} prepared with other settings "
+                         f"({'; '.join(differences)}). Use another data_dir, or delete {data_dir} "
+                         "to prepare it again.")
+
+
+def load_verified_split(data_dir: Path, split: str, names: Iterable[str], manifest: Mapping, *,
+                        prepare_command: str) -> dict[str, np.ndarray]:
+    """`load_split`, with every file checked against the sha256 the manifest recorded.
+
+    Raises:
+        FileNotFoundError: an array is missing.
+        ValueError: a file differs from the manifest (it was modified).
+    """
+    arrays = load_split(data_dir, split, names, prepare_command=prepare_command)
+    for name in names:
+        path = split_path(data_dir, split, name)
+        expected = manifest.get("files", {}).get(path.name, {}).get("sha256")
+        if sha256(path, Path(data_dir) / "cache") != expected:
+            raise ValueError(f"{path} differs from {Path(data_dir) / MANIFEST}: it was modified. "
+                             f"Delete {data_dir} and prepare it again with:\n  {prepare_command}")
     return arrays

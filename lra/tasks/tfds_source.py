@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -54,11 +53,6 @@ _LOG = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 # A task's conversion of one batch of tfds features (as_supervised) into its arrays.
 Convert = Callable[[np.ndarray], Arrays]
-
-
-def prepare_command(task_name: str, data_dir: str | os.PathLike) -> str:
-    """The command that prepares `task_name` into `data_dir`."""
-    return f"python -m lra.data prepare {task_name} --data_dir {shlex.quote(str(data_dir))}"
 
 
 # --- tfds -----------------------------------------------------------------------------
@@ -216,17 +210,7 @@ def _existing(task_name: str, data_dir: Path, settings: Mapping) -> dict | None:
     manifest = storage.read_manifest(data_dir)
     if manifest is None:
         return None
-    if manifest.get("task") != task_name:
-        raise ValueError(f"{data_dir} holds data of the task {manifest.get('task')!r}, not {task_name!r}; "
-                         f"use another data_dir")
-    recorded = {**manifest.get("settings", {}), "format_version": manifest.get("format_version")}
-    requested = {**settings, "format_version": FORMAT_VERSION}
-    differences = [f"{key}={recorded.get(key)!r} there, {value!r} requested"
-                   for key, value in requested.items() if recorded.get(key) != value]
-    if differences:
-        raise ValueError(f"{data_dir} holds {task_name} prepared with other settings "
-                         f"({'; '.join(differences)}). Use another data_dir, or delete {data_dir} "
-                         f"to prepare it again.")
+    storage.check_settings(data_dir, manifest, task_name, settings, FORMAT_VERSION)
     if all((data_dir / name).is_file() for name in manifest.get("files", {})):
         return manifest
     return None  # files are missing: prepare again
@@ -312,18 +296,12 @@ def load_task(task_name: str, split: str, data_dir: str | os.PathLike,
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
-    command = prepare_command(task_name, data_dir)
+    command = storage.prepare_command(task_name, data_dir)
     manifest = storage.read_manifest(data_dir)
     if manifest is None or manifest.get("task") != task_name:
         raise FileNotFoundError(f"no prepared {task_name} data in {data_dir}. Prepare it with:\n  {command}")
     stored = manifest["split_files"][split]
-    arrays = storage.load_split(data_dir, stored, names, prepare_command=command)
-    for name in names:
-        path = storage.split_path(data_dir, stored, name)
-        expected = manifest["files"].get(path.name, {}).get("sha256")
-        if storage.sha256(path, data_dir / "cache") != expected:
-            raise ValueError(f"{path} differs from {data_dir / storage.MANIFEST}: it was modified. "
-                             f"Delete {data_dir} and prepare it again with:\n  {command}")
+    arrays = storage.load_verified_split(data_dir, stored, names, manifest, prepare_command=command)
     return arrays, manifest
 
 
