@@ -2,9 +2,11 @@
 
 A task is an object with
 
-- ``name`` (str), ``num_classes`` (int), ``vocab_size`` (int, token id 0 is padding),
-  ``generated`` (bool: True when ``prepare`` needs no download) and ``splits``
-  (``("train", "val", "test")``);
+- ``name`` (str), ``num_classes`` (int), ``vocab_size`` (int), ``generated`` (bool: True
+  when ``prepare`` needs no download), ``paired`` (bool: True when an example is two
+  sequences, as in retrieval; the model is then the dual encoder) and ``splits``
+  (``("train", "val", "test")``). Padding is marked by ``lengths``, never by a token value:
+  in the pixel tasks 0 is a black pixel;
 - ``prepare(data_dir, **settings) -> dict``: writes the task's files into ``data_dir``
   (or accepts files already there) and returns a manifest describing them; preparing
   again with the same settings does nothing, with different settings it raises
