@@ -103,3 +103,19 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # The attention family's options, starting from its defaults (see README).
     config.model.attention_options = attention.default_options(args["attention"])
     return config
+
+
+def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb_dim: int,
+                       qkv_dim: int, num_heads: int, mlp_dim: int) -> None:
+    """The small model of a `runlocal` config: these sizes and no dropout.
+
+    A run of a few CPU minutes has nothing to regularise yet, so dropout and attention
+    dropout are 0.
+    """
+    model.num_layers = num_layers
+    model.emb_dim = emb_dim
+    model.qkv_dim = qkv_dim
+    model.num_heads = num_heads
+    model.mlp_dim = mlp_dim
+    model.dropout = 0.0
+    model.attention_dropout = 0.0

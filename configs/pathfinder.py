@@ -78,11 +78,6 @@ def get_config(arg=None):
         config.eval_every = 60
         config.checkpoint_every = 60
         config.log_every = 20
-        config.model.num_layers = 1
-        config.model.emb_dim = 32
-        config.model.qkv_dim = 32
-        config.model.num_heads = 2
-        config.model.mlp_dim = 64
-        config.model.dropout = 0.0  # a few minutes of training: nothing to regularise yet
-        config.model.attention_dropout = 0.0
+        common.set_runlocal_model(config.model, num_layers=1, emb_dim=32, qkv_dim=32,
+                                  num_heads=2, mlp_dim=64)
     return config

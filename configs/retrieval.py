@@ -74,11 +74,6 @@ def get_config(arg=None):
         config.eval_every = 250
         config.checkpoint_every = 250
         config.log_every = 25
-        config.model.num_layers = 2
-        config.model.emb_dim = 64
-        config.model.qkv_dim = 64
-        config.model.num_heads = 4
-        config.model.mlp_dim = 128
-        config.model.dropout = 0.0  # a few minutes of training: nothing to regularise yet
-        config.model.attention_dropout = 0.0
+        common.set_runlocal_model(config.model, num_layers=2, emb_dim=64, qkv_dim=64,
+                                  num_heads=4, mlp_dim=128)
     return config
