@@ -14,19 +14,13 @@ from pathlib import Path
 import pytest
 
 from lra import data, sweep, tasks, train
+from tests import test_train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch.py"
 CONFIG = "configs/listops.py:runlocal"
-# A run of a few seconds (as in test_train.py); checkpoints every 4 steps.
-TINY = {
-    "prepare.num_train": 160, "prepare.num_val": 40, "prepare.num_test": 36,
-    "prepare.min_length": 10, "prepare.max_length": 60,
-    "max_length": 64, "batch_size": 16, "eval_batch_size": 16,
-    "num_train_steps": 12, "warmup_steps": 2, "learning_rate": 3e-3,
-    "log_every": 2, "eval_every": 6, "checkpoint_every": 4,
-    "model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32, "model.mlp_dim": 32,
-}
+# The few-second run of test_train.py (checkpoints every 4 steps); the tests sweep num_heads.
+TINY = {key: value for key, value in test_train.TINY.items() if key != "model.num_heads"}
 
 
 @pytest.fixture(autouse=True)
