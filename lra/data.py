@@ -1,8 +1,11 @@
 """Data: prepare a task's files, then source -> shuffle -> batch -> global device arrays.
 
-The training stream is a grain `MapDataset` of example *indices*: shuffled per epoch from
-`config.seed` (grain folds the epoch number into the seed), repeated forever and batched
-without dropping anything (a batch may straddle two epochs). Rows are gathered from the
+The training stream is a grain `MapDataset` of example *indices*: every epoch is a fresh
+permutation drawn from the pair (`config.seed`, epoch) through NumPy's `SeedSequence`
+(`epoch_order`), so no two (seed, epoch) pairs share an order: seed s's epoch e+1 is not
+seed s+1's epoch e, as it would be with grain's own `shuffle` (which seeds epoch e with
+seed + e). The stream repeats forever and is batched without dropping anything (a batch
+may straddle two epochs). Rows are gathered from the
 task's (memory-mapped) NumPy arrays only after each process has picked its own slice of the
 global batch, so on several hosts every process reads just its share. The position in the
 stream is grain's iterator state, saved in every checkpoint, so a resumed run sees exactly
@@ -23,6 +26,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import logging
 import sys
@@ -92,6 +96,38 @@ def _process_slice(global_batch: int) -> slice:
     return slice(process * local, (process + 1) * local)
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the examples in one epoch: a permutation of range(num_examples).
+
+    Drawn from a generator seeded by the pair (seed, epoch), so different pairs give
+    independent orders (unlike seeding with seed + epoch).
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0; got seed={seed}, epoch={epoch}")
+    generator = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    order = generator.permutation(num_examples)
+    order.setflags(write=False)  # shared by the cache
+    return order
+
+
+class _ShuffledEpochs:
+    """Example indices of the endless training stream: item i is epoch i // N's order[i % N]."""
+
+    def __init__(self, num_examples: int, seed: int):
+        if num_examples <= 0:
+            raise ValueError("the training split is empty")
+        self.num_examples = num_examples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> int:
+        epoch, position = divmod(index, self.num_examples)
+        return int(epoch_order(self.seed, epoch, self.num_examples)[position])
+
+
 def train_dataset(
     arrays: Arrays, *, batch_size: int, max_length: int, seed: int
 ) -> grain.MapDataset:
@@ -99,11 +135,9 @@ def train_dataset(
     num_examples = len(arrays["targets"])
     own = _process_slice(batch_size)
     return (
-        grain.MapDataset.range(num_examples)
-        .shuffle(seed=seed)
-        .repeat(None)
+        grain.MapDataset.source(_ShuffledEpochs(num_examples, seed))
         .batch(batch_size, drop_remainder=True)
-        .map(lambda index: gather(arrays, index[own], max_length))
+        .map(lambda index: gather(arrays, np.asarray(index)[own], max_length))
     )
 
 

@@ -109,7 +109,27 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         if config[key] % num_devices:
             raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
     _validate_scaling(config, num_devices)
+    _validate_cudnn(config)
     _validate_model(config)
+
+
+def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
+    """cuDNN attention has no dropout and needs 16-bit compute: say so before training."""
+    options = config.model.attention_options
+    if config.attention != "softmax" or options.implementation != "cudnn":
+        return
+    problems = []
+    if config.model.attention_dropout > 0:
+        problems.append(f"config.model.attention_dropout={config.model.attention_dropout} "
+                        "(cuDNN has no dropout on the probabilities: set it to 0)")
+    if config.dtype != "bfloat16":
+        problems.append(f"config.dtype={config.dtype!r} (cuDNN runs in 16-bit: set "
+                        "config.dtype=bfloat16)")
+    if problems:
+        raise ValueError(
+            "config.model.attention_options.implementation='cudnn' cannot run with "
+            + "; ".join(problems) + ", or use implementation='xla'"
+        )
 
 
 def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -88,6 +88,30 @@ def test_bad_enum_value_lists_choices():
         _make(implementation="flash")
 
 
+def test_cudnn_lengths_give_the_masked_attention_on_real_rows():
+    """The cuDNN path's per-example lengths equal the dense mask for right padding.
+
+    cuDNN itself needs a GPU; XLA takes the same length arguments, so the lengths that
+    `seq_lengths_of` builds are checked against the dense mask here.
+    """
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 16, 2, 8)), jnp.float32) for _ in range(3))
+    lengths = np.array([16, 9, 1])
+    mask_BxL = jnp.asarray(np.arange(16)[None] < lengths[:, None])
+    with_lengths = jax.nn.dot_product_attention(
+        q, k, v, implementation="xla", **softmax.seq_lengths_of(mask_BxL))
+    with_mask = jax.nn.dot_product_attention(q, k, v, mask=mask_BxL[:, None, None, :])
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(with_lengths[row, :length], with_mask[row, :length], atol=1e-6)
+    assert softmax.seq_lengths_of(None) == {}
+
+
+def test_cudnn_rejects_attention_dropout():
+    with pytest.raises(ValueError, match="cudnn.*no attention dropout"):
+        softmax.SoftmaxAttention(num_heads=2, head_dim=8, max_len=16, dropout_rate=0.1,
+                                 rngs=nnx.Rngs(0), implementation="cudnn")
+
+
 def test_enum_accepts_value_and_member():
     assert _make(implementation="xla").implementation is softmax.Implementation.XLA
     assert (

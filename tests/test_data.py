@@ -126,3 +126,22 @@ def test_prepare_command_writes_the_data_and_refuses_other_settings(tmp_path):
     assert "max_length=40 there, 50 requested" in again.stderr
     unknown = _prepare_cli("nonesuch", "--data_dir", str(tmp_path))
     assert unknown.returncode == 2 and "listops" in unknown.stderr
+
+
+def test_seeds_and_epochs_give_independent_orders():
+    """No two (seed, epoch) pairs over seeds 0..4 and epochs 0..4 share an epoch's order.
+
+    With per-epoch seeds of seed + epoch, seed s's epoch e+1 would be seed s+1's epoch e.
+    """
+    num_examples = 64
+    arrays = {"inputs": np.zeros((num_examples, 2), np.int32),
+              "lengths": np.ones(num_examples, np.int32),
+              "targets": np.arange(num_examples, dtype=np.int32)}
+    orders = {}
+    for seed in range(5):
+        dataset = data.train_dataset(arrays, batch_size=16, max_length=2, seed=seed)
+        for epoch in range(5):
+            order = np.concatenate([dataset[epoch * 4 + i]["targets"] for i in range(4)])
+            assert sorted(order) == list(range(num_examples))
+            orders[seed, epoch] = tuple(order)
+    assert len(set(orders.values())) == len(orders) == 25

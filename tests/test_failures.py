@@ -155,6 +155,11 @@ BAD_CONFIGS = [
     ({"attention": "nonesuch"}, {}, r"config\.attention='nonesuch' is unknown; known: softmax"),
     ({}, {"implementation": "xla", "nonesuch": 1},
      r"config\.model\.attention_options has unknown option\(s\) nonesuch"),
+    # cuDNN attention: no dropout on probabilities, 16-bit only; caught on CPU, before a GPU run.
+    ({"model.attention_dropout": 0.1, "dtype": "bfloat16"}, _options("softmax", implementation="cudnn"),
+     r"implementation='cudnn' cannot run with config\.model\.attention_dropout=0\.1 .*set it to 0"),
+    ({"model.attention_dropout": 0.0}, _options("softmax", implementation="cudnn"),
+     r"implementation='cudnn' cannot run with config\.dtype='float32' .*config\.dtype=bfloat16"),
     # Longformer's global tokens must lie inside the sequence (max_len = max_length + CLS).
     ({"attention": "longformer"}, _options("longformer", global_positions=(0, 80)),
      r"config\.model .*max_length 64.*global_positions must be distinct and < max_len=65"),

@@ -28,6 +28,14 @@ class SoftmaxAttention(nnx.Module):
     Both paths replace disallowed logits by a large finite negative number, so a
     query row with no allowed key (only ever a masked row: a real query always
     sees itself) gets the uniform average of all L values: finite.
+
+    With ``implementation="cudnn"`` the mask goes to cuDNN as per-example lengths
+    (``query_seq_lengths`` / ``key_value_seq_lengths`` = the number of real tokens), not as
+    a dense [B, 1, L, L] mask: cuDNN's fused kernel skips the padded keys instead of reading
+    an L x L bias. This reads the mask as right padding (real tokens first), which is what
+    every lra task and the encoder (CLS first) produce. cuDNN has no dropout on the
+    probabilities and runs in float16/bfloat16 only, so `lra.train` rejects
+    ``implementation="cudnn"`` with attention dropout > 0 or float32 compute before training.
     """
 
     def __init__(
@@ -44,6 +52,10 @@ class SoftmaxAttention(nnx.Module):
         del num_heads, head_dim, max_len  # no parameters, no length-dependent state
         self.causal = causal
         self.implementation = Implementation(implementation)
+        if self.implementation is Implementation.CUDNN and dropout_rate > 0:
+            raise ValueError(
+                f"implementation='cudnn' has no attention dropout; got dropout_rate={dropout_rate}"
+            )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(
@@ -60,19 +72,22 @@ class SoftmaxAttention(nnx.Module):
         if self.dropout.rate > 0 and not deterministic:
             drop = functools.partial(self.dropout, deterministic=False)
             return _explicit_attention(q, k, v, keep_Bx1x1xL, self.causal, drop)
-        keep = keep_Bx1x1xL
-        if keep is not None and self.implementation is Implementation.CUDNN:
-            # cuDNN turns the mask into a bias whose query length must be explicit.
-            batch, length = q.shape[:2]
-            keep = jnp.broadcast_to(keep, (batch, 1, length, length))
+        if self.implementation is Implementation.CUDNN:
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=self.causal, implementation="cudnn",
+                **seq_lengths_of(mask),
+            )
         return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=keep,
-            is_causal=self.causal,
-            implementation=self.implementation.value,
+            q, k, v, mask=keep_Bx1x1xL, is_causal=self.causal, implementation="xla"
         )
+
+
+def seq_lengths_of(mask_BxL: jax.Array | None) -> dict[str, jax.Array]:
+    """`dot_product_attention`'s length arguments for a right-padded mask (none without one)."""
+    if mask_BxL is None:
+        return {}
+    lengths_B = jnp.sum(mask_BxL.astype(jnp.int32), axis=-1)
+    return {"query_seq_lengths": lengths_B, "key_value_seq_lengths": lengths_B}
 
 
 def _explicit_attention(
