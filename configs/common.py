@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from lra import released
 from lra.models import attention
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
@@ -119,3 +120,17 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
     model.mlp_dim = mlp_dim
     model.dropout = 0.0
     model.attention_dropout = 0.0
+
+
+def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
+    """preset=lra: the settings LRA's released code ran for this task and attention.
+
+    These are the attention options (e.g. Performer's kernel, Linformer's proj_len) and,
+    where LRA's per-attention config files changed them (Image, Pathfinder), the model
+    sizes; see lra/released.py for each value's released file and key. Attentions without
+    a published LRA row keep their defaults, and so does `runlocal` (a smoke test of the
+    pipeline, not the LRA comparison). Called last in get_config; command-line
+    `--config.model.attention_options.<option>=...` flags still override.
+    """
+    if args["preset"] == "lra" and not args["runlocal"]:
+        released.apply(config)

@@ -40,7 +40,10 @@ def get_config(arg=None):
 
     # preset=lra: 1 layer, width 128, 8 heads of 8 (qkv 64), MLP 128, dropout 0.3, batch 256,
     # 35K steps (200 epochs of 175 steps), peak 5e-4 after a one-epoch warmup, cosine decay,
-    # no weight decay, learned positions, CLS pooling (LRA's base CIFAR-10 config).
+    # no weight decay, learned positions, CLS pooling: LRA's image/configs/cifar10/
+    # transformer_base.py (the model sizes) over base_cifar10_config.py (the rest; its own
+    # model is width 32, 1 head, MLP 64). Other attentions get the sizes of their own
+    # released files (lra/released.py, applied at the end).
     steps_per_epoch = TRAIN_EXAMPLES // 256
     config.max_length = 1024  # 32 x 32 pixels
     config.batch_size = 256
@@ -80,4 +83,5 @@ def get_config(arg=None):
         config.log_every = 25
         common.set_runlocal_model(config.model, num_layers=1, emb_dim=32, qkv_dim=32,
                                   num_heads=1, mlp_dim=64)
+    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
     return config

@@ -65,4 +65,5 @@ def get_config(arg=None):
         config.log_every = 50
         common.set_runlocal_model(config.model, num_layers=2, emb_dim=64, qkv_dim=64,
                                   num_heads=4, mlp_dim=128)
+    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
     return config

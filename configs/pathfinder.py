@@ -41,8 +41,12 @@ def get_config(arg=None):
 
     # preset=lra: 4 layers, width 32, qkv 16, 4 heads, MLP 32, dropout 0.2, mean pooling,
     # batch 512, 62,400 steps (200 epochs of 312), cosine decay from 1e-3 after a one-epoch
-    # warmup, no weight decay, sinusoidal positions (LRA's base Pathfinder config; its
-    # released transformer_base.py uses 1 layer of width 128 instead).
+    # warmup, no weight decay, sinusoidal positions. LRA's released
+    # image/configs/pathfinder32/transformer_base.py sets that model (4 layers, 4 heads,
+    # width 32, qkv 16, MLP 32, dropout 0.2) over base_pathfinder32_config.py, which holds
+    # the training settings, attention dropout 0.1, MEAN pooling and learn_pos_emb=False
+    # (its own model: 1 layer, 2 heads, dropout 0.1). Other attentions get the sizes of
+    # their own released files (lra/released.py, applied at the end).
     steps_per_epoch = TRAIN_EXAMPLES // 512
     config.max_length = 1024  # 32 x 32 pixels
     config.batch_size = 512
@@ -83,4 +87,5 @@ def get_config(arg=None):
         config.log_every = 20
         common.set_runlocal_model(config.model, num_layers=1, emb_dim=32, qkv_dim=32,
                                   num_heads=2, mlp_dim=64)
+    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
     return config

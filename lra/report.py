@@ -6,8 +6,10 @@ config.json or failed.json; see DESIGN.md for the workdir layout) and writes to 
 
 - report.md and results.csv: task x attention test accuracy (%), mean +- sample std over
   seeds with the number of seeds, the average over the tasks present, and under each row
-  the published LRA Table 1 row of the same attention; an ours-cell within seed noise of
-  the published value is marked;
+  the published LRA Table 1 row of the same attention, and whether the run used the
+  settings of LRA's released config for that task and attention (lra/released.py: the
+  published number is comparable), else which config keys differ; an ours-cell within
+  seed noise of the published value is marked;
 - accuracy.png (bars with error bars per task, published values as markers) and
   val_accuracy.png (validation accuracy vs step, mean over seeds +- std);
 - runs.csv and a Runs section: one line per run with parameters, steps/s and wall time.
@@ -31,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from lra import released
 
 RESULTS_FILE, CONFIG_FILE, METRICS_FILE, FAILED_FILE = (
     "results.json", "config.json", "metrics.jsonl", "failed.json")
@@ -262,8 +266,22 @@ class Cell:
 @dataclasses.dataclass
 class Table:
     tasks: list  # registry names, in column order
-    rows: dict  # label -> {"attention": str, "cells": {task: Cell}}
+    rows: dict  # label -> {"attention": str, "cells": {task: Cell}, "configs": {task: dict}}
     metric: str
+
+
+def released_differences(row: dict, task: str) -> list[str] | None:
+    """Keys in which a row's runs on `task` differ from LRA's released settings: None if
+    LRA released none for it (or no run), [] if the published number is comparable."""
+    config = row.get("configs", {}).get(task)
+    return None if config is None else released.differences(config)
+
+
+def _released_cell(row: dict, task: str) -> str:
+    differ = released_differences(row, task)
+    if differ is None:
+        return "-"
+    return "comparable" if not differ else "settings differ: " + ", ".join(differ)
 
 
 def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
@@ -275,8 +293,10 @@ def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
         value = run.results.get(metric)
         if value is None or not math.isfinite(value):
             continue
-        row = rows.setdefault(run.label, {"attention": run.get("attention"), "cells": {}})
+        row = rows.setdefault(run.label, {"attention": run.get("attention"), "cells": {},
+                                          "configs": {}})
         row["cells"].setdefault(run.get("task"), Cell([])).values.append(100.0 * value)
+        row["configs"].setdefault(run.get("task"), run.config)  # seeds differ in seed only
     present = {task for row in rows.values() for task in row["cells"]}
     tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))
     order = {name: index for index, name in enumerate(PUBLISHED_ROW)}  # LRA's row order first
@@ -311,10 +331,13 @@ def table_rows(table: Table) -> list[dict]:
                         "within_seed_noise": False})
         if published:
             for task in tasks:
+                differ = released_differences(row, task)
                 records.append({"label": label, "attention": row["attention"],
                                 "source": f"published: {published.model}", "task": task,
                                 "mean": published.accuracy.get(task), "std": math.nan,
-                                "n_seeds": None, "published": None, "within_seed_noise": False})
+                                "n_seeds": None, "published": None, "within_seed_noise": False,
+                                "comparable": None if differ is None else not differ,
+                                "settings_differ": "; ".join(differ or ())})
     return records
 
 
@@ -349,6 +372,8 @@ def markdown_table(table: Table) -> str:
         shown = "-" if published_average is None else f"{published_average:.2f}"
         lines.append(f"| ↳ published: {published.model} | " + " | ".join(values)
                      + f" | {shown} |")
+        lines.append("| ↳ LRA's released settings? | " + " | ".join(
+            _released_cell(row, t) if t in cells else "-" for t in table.tasks) + " | |")
     return "\n".join(lines) + "\n\n" + _footer(table, sorted(set(unpublished)))
 
 
@@ -371,6 +396,10 @@ def _footer(table: Table, unpublished: Sequence[str]) -> str:
          "is over the same tasks (the paper's Avg is over all five tasks but Path-X)."),
         (f"Published: {LRA_SOURCE}; one run per model at the LRA sizes (preset=lra), so "
          "runlocal or shorter runs are not expected to match. FAIL: no model beat chance."),
+        ("LRA's released settings?: \"comparable\" when the runs used the settings of LRA's "
+         "released config for that task and attention (lra/released.py: attention options, "
+         "model sizes), else the config keys that differ; \"(released only)\": a released "
+         "setting that no option here reproduces."),
     ]
     if "memory_efficient" in {row["attention"] for row in table.rows.values()}:
         notes.append("memory_efficient computes exact softmax attention: its published row "
@@ -557,7 +586,8 @@ def write_report(roots: Sequence[str | Path], out: str | Path,
                         f"![test accuracy](accuracy.png)\n\n![validation accuracy]"
                         f"(val_accuracy.png)\n\n## Runs\n\n{runs_markdown(runs)}")
     write_csv(paths[1], table_rows(table), ("label", "attention", "source", "task", "mean",
-                                            "std", "n_seeds", "published", "within_seed_noise"))
+                                            "std", "n_seeds", "published", "within_seed_noise",
+                                            "comparable", "settings_differ"))
     write_csv(paths[2], [run_record(run) for run in runs], RUN_COLUMNS)
     colors = label_colors(runs)
     plot_accuracy(table, paths[3], colors)

@@ -109,8 +109,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         if config[key] % num_devices:
             raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
     _validate_scaling(config, num_devices)
-    _validate_cudnn(config)
     _validate_model(config)
+    _validate_cudnn(config)
 
 
 def _validate_cudnn(config: ml_collections.ConfigDict) -> None:

@@ -40,9 +40,12 @@ FAMILIES = {  # test name -> (attention name, options)
     "cosformer": ("cosformer", {}),
     "taylor": ("taylor", {"feature_dim": 2}),
     "performer_relu": ("performer", {"num_features": 14, "kernel": "relu"}),
+    # LRA's released Performer: relu(x) + 1e-3, no projection (F = D; num_features unused).
+    "performer_generalized": ("performer", {"num_features": 14, "kernel": "generalized_relu"}),
     "taylor_full": ("taylor", {}),  # no projection: F = 1 + 7 + 49
 }
 MAIN = ("linear", "performer", "cosformer", "taylor")  # one entry per family
+VARIANTS = ("performer_relu", "performer_generalized")  # other Performer kernels
 
 
 def _core(family, *, causal, form="chunked", length=L, **overrides):
@@ -72,7 +75,7 @@ def _out_and_grads(core, q, k, v, mask):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("family", [*MAIN, "performer_relu"])
+@pytest.mark.parametrize("family", [*MAIN, *VARIANTS])
 def test_forms_agree_in_outputs_and_gradients(family, causal):
     q, k, v = random_qkv((B, L, H, D), seed=1)
     mask = edge_mask(B, L, seed=1)
@@ -102,7 +105,7 @@ def test_step_token_by_token_equals_causal_pass(family):
 # The masking happens before the forms; each form is checked for exactness on `linear`.
 @pytest.mark.parametrize(
     "family, form",
-    [(f, "chunked") for f in [*MAIN, "performer_relu"]] + [("linear", f) for f in FORMS[::2]],
+    [(f, "chunked") for f in [*MAIN, *VARIANTS]] + [("linear", f) for f in FORMS[::2]],
 )
 @pytest.mark.parametrize("causal", [False, True])
 def test_contract_and_no_mask_leak(family, causal, form):
@@ -159,6 +162,12 @@ def _taylor_weights(q, k, core):
     return 1.0 + t + t**2 / 2.0
 
 
+def _generalized_relu_weights(q, k, core):
+    """LRA's generalized attention: phi(x) = relu(x) + 0.001 on raw q and k, no projection."""
+    phi = lambda x: np.maximum(x, 0.0) + 0.001
+    return np.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
+
+
 def _performer_weights(q, k, core):
     """Unbiased FAVOR+ estimate with the core's vectors, in float64 via log-sum-exp."""
     w = np.asarray(core.w_MxD[...], np.float64)
@@ -182,6 +191,7 @@ def _performer_weights(q, k, core):
         ("taylor_full", _taylor_weights, 1e-5),
         # Performer adds eps at its stabilised scale, the reference adds none.
         ("performer", _performer_weights, 1e-5),
+        ("performer_generalized", _generalized_relu_weights, 1e-5),
     ],
 )
 def test_matches_naive_reference(family, weights_fn, rtol, causal):
@@ -319,3 +329,13 @@ def test_performer_features_from_rng_redrawn_only_when_asked():
     assert not np.allclose(core(q, k, v), out)
     np.testing.assert_array_equal(performer.orthogonal_features(jax.random.key(5), 14, D),
                                   core.w_MxD[...])
+
+
+def test_performer_generalized_relu_has_no_random_features():
+    core = _core("performer_generalized", causal=True)
+    assert core.w_MxD is None and core.num_features == D  # F = D whatever num_features says
+    core.redraw(jax.random.key(0))  # nothing to redraw
+    assert core.init_state(2).S_BxHxFxD.shape == (2, H, D, D)
+    q, k, v = random_qkv((B, L, H, D), seed=6)
+    other = _core("performer_generalized", causal=True, num_features=3, seed=1)
+    np.testing.assert_array_equal(np.asarray(core(q, k, v)), np.asarray(other(q, k, v)))

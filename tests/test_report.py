@@ -217,3 +217,64 @@ def test_within_seed_noise_is_two_standard_deviations():
     assert cell.within_noise(38.9) and cell.within_noise(35.1)
     assert not cell.within_noise(39.1) and not cell.within_noise(None)
     assert not report.Cell([37.0]).within_noise(37.0)  # one seed: no noise estimate
+
+
+def _preset_run(folder, task_config, arg, accuracy, **changes):
+    """A finished run whose config.json is `task_config.get_config(arg)` plus changes."""
+    config = json.loads(task_config.get_config(arg).to_json_best_effort())
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    results = {"task": config["task"], "attention": config["attention"], "seed": 0,
+               "step": config["num_train_steps"], "test_accuracy": accuracy,
+               "test_accuracy_at_best": accuracy}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def _released_cells(summary, label):
+    lines = summary.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} |"))
+    assert lines[index + 1].startswith("| ↳ published: ")
+    return [cell.strip() for cell in lines[index + 2].split("|")[1:-1]]
+
+
+def test_published_row_is_comparable_only_with_the_released_settings(tmp_path):
+    from configs import text as text_config
+
+    _preset_run(tmp_path / "sweep" / "a", listops_config, "attention=performer", 0.2)
+    _preset_run(tmp_path / "sweep" / "b", text_config, "attention=performer", 0.6)
+    summary, _ = report.write_report([tmp_path / "sweep"], tmp_path / "report")
+    # Text: LRA's relu "generalized" attention, as released. ListOps: FAVOR+ with 2 features
+    # as released, but LRA drew new features on every call.
+    assert _released_cells(summary, "performer") == [
+        "↳ LRA's released settings?", "settings differ: redraw_features (released only)",
+        "comparable", ""]
+
+    # The paper's FAVOR+ on Text, where LRA ran its "generalized" attention.
+    _preset_run(tmp_path / "other" / "c", text_config, "attention=performer", 0.6,
+                **{"model.attention_options.kernel": "softmax"})
+    _preset_run(tmp_path / "other" / "d", text_config, "attention=linformer", 0.5)
+    summary, _ = report.write_report([tmp_path / "other"], tmp_path / "report2")
+    assert _released_cells(summary, "performer") == [
+        "↳ LRA's released settings?", "settings differ: model.attention_options.kernel", ""]
+    assert _released_cells(summary, "linformer") == [
+        "↳ LRA's released settings?", "comparable", ""]
+    with open(tmp_path / "report2" / "results.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r["source"].startswith("published")]
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["linformer"]["comparable"] == "True"
+    assert by_label["performer"]["comparable"] == "False"
+    assert by_label["performer"]["settings_differ"] == "model.attention_options.kernel"
+
+
+def test_runlocal_rows_say_which_settings_differ(written):
+    summary, _, _ = written
+    line = next(line for line in summary.splitlines()
+                if line.startswith("| ↳ LRA's released settings? |"))
+    assert "settings differ: model.num_layers, model.emb_dim" in line
+    assert "LRA's released settings?: \"comparable\"" in summary

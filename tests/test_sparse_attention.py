@@ -298,7 +298,8 @@ def test_bigbird_shorter_input_and_few_blocks():
 def test_default_options():
     assert attention.default_options("local") == {"block_size": 50, "overlap": False}
     assert attention.default_options("sparse") == {"block_size": 50, "num_summary": 10}
-    assert attention.default_options("longformer") == {"window": 512, "global_positions": (0,)}
+    assert attention.default_options("longformer") == {
+        "window": 512, "global_positions": (0,), "global_projections": False}
     assert attention.default_options("bigbird") == {"block_size": 64, "num_random_blocks": 3}
 
 
@@ -317,6 +318,7 @@ def test_default_options():
         ("longformer", dict(global_positions=(-1,)), "global_positions"),
         ("longformer", dict(global_positions=(16,)), "global_positions"),
         ("longformer", dict(global_positions="0"), "global_positions"),
+        ("longformer", dict(global_projections=1), "global_projections"),
         ("bigbird", dict(block_size=0), "block_size"),
         ("bigbird", dict(num_random_blocks=-1), "num_random_blocks"),
         ("bigbird", dict(num_random_blocks=True), "num_random_blocks"),
@@ -336,3 +338,57 @@ def test_longformer_global_position_beyond_length_raises():
     core = make_core("longformer", max_len=16, window=4, global_positions=(0, 12))
     with pytest.raises(ValueError, match="global_positions"):
         core(*random_qkv((1, 10, 2, 4)))
+
+
+# --- Longformer's separate global projections ----------------------------------------------
+
+
+def longformer_global_reference(q, k, v, mask, maps, window, global_positions, causal):
+    """Naive float64: non-global rows attend over the pattern with q, k, v as given; the
+    rows of the global queries attend over every real (earlier, if causal) key with
+    q A_q, k A_k, v A_v (A: [H, D, D] per head)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    a_q, a_k, a_v = (np.asarray(a, np.float64) for a in maps)
+    pattern = longformer_pattern(q.shape[1], window, global_positions, causal)
+    out = reference_attention(q, k, v, allowed_of(pattern[None], mask))
+    project = lambda x, a: np.einsum("blhd,hde->blhe", x, a)
+    full = np.tri(q.shape[1], dtype=bool) if causal else np.ones((q.shape[1],) * 2, bool)
+    out_global = reference_attention(project(q, a_q), project(k, a_k), project(v, a_v),
+                                     allowed_of(full[None], mask))
+    out[:, list(global_positions)] = out_global[:, list(global_positions)]
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_longformer_global_projections_match_naive_reference(causal):
+    options = dict(window=6, global_positions=(0, 5, 17), global_projections=True)
+    core = make_core("longformer", num_heads=H, head_dim=D, max_len=L, causal=causal, **options)
+    inner = core.core
+    maps = (inner.global_q_HxDxD[...], inner.global_k_HxDxD[...], inner.global_v_HxDxD[...])
+    assert all(m.shape == (H, D, D) for m in maps)
+    q, k, v = random_qkv((B, L, H, D), seed=11)
+    for label, mask in [("prefix", prefix_mask([L, 11, 1], L)), ("edge", edge_mask(B, L, 3))]:
+        out = np.asarray(pure(core, mask)(q, k, v))
+        expected = longformer_global_reference(q, k, v, mask, maps, 6, (0, 5, 17), causal)
+        real = np.asarray(mask)
+        np.testing.assert_allclose(out[real], expected[real], atol=2e-5, err_msg=label)
+    # The maps change the global rows only.
+    plain = make_core("longformer", num_heads=H, head_dim=D, max_len=L, causal=causal,
+                      window=6, global_positions=(0, 5, 17))
+    out, out_plain = (np.asarray(c(q, k, v)) for c in (core, plain))
+    others = np.setdiff1d(np.arange(L), (0, 5, 17))
+    np.testing.assert_allclose(out[:, others], out_plain[:, others], atol=1e-6)
+    assert not np.allclose(out[:, [0, 5, 17]], out_plain[:, [0, 5, 17]])
+
+
+def test_longformer_global_projections_no_mask_or_future_leak():
+    core = make_core("longformer", num_heads=H, head_dim=D, max_len=L, window=6,
+                     global_positions=(0, 9), global_projections=True)
+    mask = edge_mask(B, L, seed=4)
+    q, k, v = random_qkv((B, L, H, D), seed=2)
+    check_contract(core, q, k, v, mask)
+    check_no_mask_leak(core, q, k, v, mask)
+    causal = make_core("longformer", num_heads=1, head_dim=D, max_len=11, causal=True,
+                       window=4, global_positions=(0, 6), global_projections=True)
+    q, k, v = random_qkv((2, 11, 1, D), seed=5)
+    check_no_future_leak(causal, q, k, v, prefix_mask([11, 8], 11))

@@ -29,6 +29,18 @@ class LongformerAttention(nnx.Module):
     applied inside, and to the G global keys in the same softmax; global keys are
     masked out of the band so each counts once. The rows of the global queries are
     then recomputed with full attention over all keys, O(|G| * L).
+
+    ``global_projections=True`` gives the global attention projections of its own, as
+    in the Longformer paper (separate Q_g, K_g, V_g) and LRA's code: the rows of the
+    global queries then use q_g = q A_q, k_g = k A_k, v_g = v A_v, with learned
+    per-head maps A_q, A_k, A_v [H, D, D] (initialised N(0, 1/D), so the scale of q is
+    kept); every other row, including its attention to the global keys, uses q, k, v
+    as given (as in the paper and LRA). Relation to LRA's separate Dense projections of
+    x: the core receives q = x W_q (per head, W_q [E, D]), so q_g = x (W_q A_q), a Dense
+    projection of x whose matrix is restricted to W_q A_q, i.e. to the D-dimensional
+    column space of W_q, instead of a free [E, D] matrix (likewise for k and v); with
+    E = D per head (one head of full width) and W_q invertible the two are the same
+    family of maps. Parameters: 3 H D^2. Without global positions the maps are unused.
     """
 
     def __init__(
@@ -42,9 +54,16 @@ class LongformerAttention(nnx.Module):
         rngs: nnx.Rngs,
         window: int = 512,
         global_positions: tuple[int, ...] = (0,),
+        global_projections: bool = False,
     ):
-        del num_heads, head_dim  # no parameters
         self.causal = causal
+        self.global_projections = blocks.check_bool("global_projections", global_projections)
+        if self.global_projections:
+            init = nnx.initializers.normal(head_dim**-0.5)
+            shape = (num_heads, head_dim, head_dim)
+            self.global_q_HxDxD = nnx.Param(init(rngs.params(), shape))
+            self.global_k_HxDxD = nnx.Param(init(rngs.params(), shape))
+            self.global_v_HxDxD = nnx.Param(init(rngs.params(), shape))
         self.window = blocks.check_int("window", window, 2)
         if self.window % 2:
             raise ValueError(f"window must be even (half on each side); got {window!r}")
@@ -132,7 +151,14 @@ class LongformerAttention(nnx.Module):
         if self.causal:
             full_GxL = np.arange(length)[None, :] <= g_G[:, None]
         allowed = mask[:, None, None, None, :] & jnp.asarray(full_GxL)[None, None, None]
+        q_BxGxHxD = q[:, g_G]
+        if self.global_projections:
+            q_BxGxHxD, k, v = (
+                jnp.einsum("blhd,hde->blhe", x, a[...].astype(x.dtype))
+                for x, a in ((q_BxGxHxD, self.global_q_HxDxD), (k, self.global_k_HxDxD),
+                             (v, self.global_v_HxDxD))
+            )
         out_Bx1xGxHxD = blocks.attend(
-            q[:, None, g_G], [blocks.KeyGroup(k, v, allowed)], drop
+            q_BxGxHxD[:, None], [blocks.KeyGroup(k, v, allowed)], drop
         )
         return out_BxLxHxD.at[:, g_G].set(out_Bx1xGxHxD[:, 0])

@@ -10,6 +10,14 @@ w_r are orthogonal in blocks of D (QR of a Gaussian matrix) with chi(D)-distribu
 norms, drawn once from the ``params`` stream and redrawn only by `redraw(key)`.
 kernel="relu" uses phi(x)_r = relu(w_r . x) / sqrt(m) instead.
 
+kernel="generalized_relu" has no random projection: phi(x) = relu(x) + 1e-3 on the raw
+query or key (no D^(-1/4) scaling), F = D, and `num_features` is not used. This is the
+"generalized attention" of the Performer code that LRA released, and the attention its
+Performer rows for Text, Retrieval, Image and Pathfinder ran (performer.py's default
+attention_fn_cls="generalized", whose make_fast_generalized_attention defaults are
+features_type="deterministic", kernel_fn=relu, kernel_epsilon=0.001, normalize_data=False);
+it is a linear attention with a relu feature map, not an estimate of softmax.
+
 Scale and stabiliser. Constant factors of the query features, and of all key
 features together, cancel in the output's ratio; only the eps added to its
 denominator sees them, so they are chosen to make the denominator large (about one
@@ -40,6 +48,12 @@ class Kernel(Choice):
 
     SOFTMAX = "softmax"  # positive features exp(w.x - |x|^2/2): FAVOR+
     RELU = "relu"  # relu(w.x): a generalised kernel, not softmax
+    GENERALIZED_RELU = "generalized_relu"  # relu(x) + 1e-3, no projection (LRA's default)
+
+
+# kernel_epsilon of LRA's make_fast_generalized_attention (performer_attention.py), added
+# to every feature of kernel="generalized_relu".
+GENERALIZED_EPSILON = 1e-3
 
 
 class RandomFeatures(nnx.Variable):
@@ -71,10 +85,11 @@ def orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax.Arra
 class PerformerAttention(KernelizedAttention):
     """FAVOR+ attention on the linear-attention core.
 
-    Options: `kernel` (softmax | relu), `num_features` m (default 256), `form`
-    (parallel | chunked | recurrent), `chunk_size`. The random vectors are shared by
-    all heads, drawn at construction from ``rngs.params`` and redrawn only by
-    `redraw`. `dropout_rate` is accepted and not applied (no attention probabilities).
+    Options: `kernel` (softmax | relu | generalized_relu), `num_features` m (default
+    256; unused by generalized_relu, whose F is D), `form` (parallel | chunked |
+    recurrent), `chunk_size`. The random vectors are shared by all heads, drawn at
+    construction from ``rngs.params`` and redrawn only by `redraw` (generalized_relu
+    has none). `dropout_rate` is accepted and not applied (no attention probabilities).
     """
 
     def __init__(
@@ -99,18 +114,26 @@ class PerformerAttention(KernelizedAttention):
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")
         self.kernel = Kernel(kernel)
         self.m = num_features
-        self.w_MxD = RandomFeatures(orthogonal_features(rngs.params(), num_features, head_dim))
+        if self.kernel is Kernel.GENERALIZED_RELU:
+            self.w_MxD = None  # no random projection
+        else:
+            self.w_MxD = RandomFeatures(
+                orthogonal_features(rngs.params(), num_features, head_dim)
+            )
 
     @property
     def num_features(self) -> int:
-        return self.m
+        return self.head_dim if self.kernel is Kernel.GENERALIZED_RELU else self.m
 
     def redraw(self, key: jax.Array) -> None:
-        """Replaces the random vectors with fresh ones drawn from `key`."""
-        self.w_MxD.set_value(orthogonal_features(key, self.m, self.head_dim))
+        """Replaces the random vectors with fresh ones drawn from `key` (none: no-op)."""
+        if self.w_MxD is not None:
+            self.w_MxD.set_value(orthogonal_features(key, self.m, self.head_dim))
 
     def features(self, x_BxLxHxD, positions_BxL, *, query):
         del positions_BxL
+        if self.kernel is Kernel.GENERALIZED_RELU:
+            return jax.nn.relu(x_BxLxHxD) + GENERALIZED_EPSILON, None
         x_BxLxHxD = x_BxLxHxD * self.head_dim**-0.25
         proj_BxLxHxM = jnp.einsum("blhd,md->blhm", x_BxLxHxD, self.w_MxD[...])
         if self.kernel is Kernel.RELU:

@@ -1,0 +1,135 @@
+"""preset=lra runs the settings of LRA's released config for each task and attention.
+
+The expected values come from tests/fixtures/lra_released_configs.json, transcribed by
+hand from the released files of google-research/long-range-arena (each entry names its
+file and key), not from lra/released.py.
+"""
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from configs import image, listops, pathfinder, retrieval, text
+from lra import released, report, sweep, train
+from lra.models import attention
+
+FIXTURE = Path(__file__).parent / "fixtures" / "lra_released_configs.json"
+CONFIGS = {"listops": listops, "text": text, "retrieval": retrieval, "image": image,
+           "pathfinder": pathfinder}
+# Attentions with a published LRA Table 1 row; memory_efficient is reported against the
+# Transformer row, so it runs the Transformer's released settings.
+PUBLISHED = sorted(report.PUBLISHED_ROW)
+SAME_ROW = {"memory_efficient": "softmax"}
+PAIRS = [(task, name) for task in CONFIGS for name in PUBLISHED]
+
+
+@functools.cache
+def _entries():
+    return json.loads(FIXTURE.read_text())["entries"]
+
+
+def _applies(entry, task, name):
+    return entry["task"] in ("*", task) and entry["attention"] in ("*", SAME_ROW.get(name, name))
+
+
+def _expected(task, name):
+    """Config path -> fixture entry; an attention's entry replaces the "*" one."""
+    chosen = {}
+    for entry in sorted(_entries(), key=lambda e: e["attention"] != "*"):
+        if entry["ours"] and _applies(entry, task, name):
+            chosen[entry["ours"]] = entry
+    return chosen
+
+
+def _get(config, path):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _num_buckets(config):
+    """Reformer's buckets: the attention length (+1 for CLS) padded to 2 * bucket_size."""
+    size = config.model.attention_options.bucket_size
+    length = config.max_length + (config.model.pooling == "cls")
+    return 2 * math.ceil(length / (2 * size))
+
+
+@pytest.mark.parametrize("task, name", PAIRS)
+def test_preset_runs_the_released_settings(task, name):
+    config = CONFIGS[task].get_config(f"preset=lra,attention={name}")
+    expected = _expected(task, name)
+    for path, entry in expected.items():
+        where = f"{task}/{name} {path} ({entry['file']}: {entry['key']})"
+        if entry.get("not_transcribed"):
+            assert path not in released.settings(task, name, max_length=config.max_length)
+        elif isinstance(entry["value"], dict):
+            assert _num_buckets(config) == entry["value"]["num_buckets"], where
+        else:
+            actual = json.loads(json.dumps(_get(config, path)))
+            assert actual == entry["value"], where
+    # Options the fixture does not name keep the family default (the paper's method).
+    defaults = attention.default_options(name)
+    for option, value in config.model.attention_options.items():
+        if f"model.attention_options.{option}" not in expected:
+            assert value == defaults[option], f"{task}/{name} {option}"
+    train.validate_config(config, num_devices=1)  # the constructors accept the options
+    assert released.differences(json.loads(config.to_json_best_effort())) == [
+        f"{e['released_only']} (released only)" for e in _entries()
+        if e.get("released_only") and _applies(e, task, name)]
+
+
+@pytest.mark.parametrize("task, name", PAIRS)
+def test_settings_name_the_released_file(task, name):
+    config = CONFIGS[task].get_config(f"preset=lra,attention={name}")
+    found = released.settings(task, name, max_length=config.max_length)
+    for path, entry in _expected(task, name).items():
+        if entry.get("not_transcribed") or (entry["attention"] == "*"
+                                            and entry["file"].startswith("models/")):
+            continue  # encoder defaults: the table names the attention's own encoder
+        assert found[path].source.startswith(f"lra_benchmarks/{entry['file']}: "), path
+    assert set(found) == set(_expected(task, name)) - {
+        p for p, e in _expected(task, name).items() if e.get("not_transcribed")}
+    only = {e["released_only"] for e in _entries() if e.get("released_only")
+            and _applies(e, task, name)}
+    assert set(released.released_only(task, name)) == only
+
+
+def test_attentions_without_a_published_row_keep_their_defaults():
+    for name in sorted(set(attention.NAMES) - set(PUBLISHED)):
+        config = text.get_config(f"attention={name}")
+        assert config.model.attention_options.to_dict() == attention.default_options(name)
+        assert released.differences(json.loads(config.to_json_best_effort())) is None
+    config = listops.get_config("attention=performer")
+    config.task = "pathx"  # no released per-attention config for Path-X
+    assert released.differences(json.loads(config.to_json_best_effort())) is None
+
+
+def test_runlocal_keeps_the_family_defaults():
+    config = pathfinder.get_config("runlocal,attention=performer")
+    assert config.model.num_layers == 1 and config.model.num_heads == 2  # runlocal's model
+    assert config.model.attention_options.to_dict() == attention.default_options("performer")
+    differ = released.differences(json.loads(config.to_json_best_effort()))
+    assert {"model.num_layers", "model.attention_options.kernel"} <= set(differ)
+
+
+def test_command_line_overrides_the_released_options():
+    config = sweep.resolve_config(sweep.Run(  # as launch.py parses --config.<key> flags
+        "x", "configs/listops.py:attention=performer",
+        ("--config.model.attention_options.kernel=relu",
+         "--config.model.attention_options.num_features=16")))
+    options = config.model.attention_options
+    assert (options.kernel, options.num_features) == ("relu", 16)
+    differ = released.differences(json.loads(config.to_json_best_effort()))
+    assert differ == ["model.attention_options.kernel", "model.attention_options.num_features",
+                      "redraw_features (released only)"]
+    config = sweep.resolve_config(sweep.Run(
+        "x", "configs/listops.py:attention=longformer",
+        ("--config.model.attention_options.global_positions=(0,)",
+         "--config.model.attention_options.global_projections=True")))
+    assert config.model.attention_options.global_positions == (0,)
+    assert released.differences(json.loads(config.to_json_best_effort())) == [
+        "model.attention_options.global_positions"]
