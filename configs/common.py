@@ -98,6 +98,9 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.attention_dropout = 0.1  # on attention probabilities, where a family has them
     config.model.pooling = "cls"  # cls | mean | last (last real token; required when causal)
     config.model.positions = "sinusoidal"  # sinusoidal | learned | none
+    # Token embedding table: unit_normal = N(0, 1), as every LRA encoder; flax = nnx.Embed's
+    # default (variance scaling). runlocal keeps flax (its README figures were measured so).
+    config.model.embedding_init = "unit_normal"
     # Causal attention in every block (needs pooling="last"): the model reads left to right;
     # with a kernelized attention it is an RNN (lra.models.classify_stepwise decodes it).
     config.model.causal = False
@@ -111,7 +114,8 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
     """The small model of a `runlocal` config: these sizes and no dropout.
 
     A run of a few CPU minutes has nothing to regularise yet, so dropout and attention
-    dropout are 0.
+    dropout are 0. Token embeddings keep flax's default initialisation, with which the
+    README's runlocal results were measured.
     """
     model.num_layers = num_layers
     model.emb_dim = emb_dim
@@ -120,6 +124,7 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
     model.mlp_dim = mlp_dim
     model.dropout = 0.0
     model.attention_dropout = 0.0
+    model.embedding_init = "flax"
 
 
 def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:

@@ -5,12 +5,15 @@ paper's 4K; `--config.max_length=1000` reads LRA's 1K option from the same files
 comes from tfds `imdb_reviews` (an 80 MiB download) and is converted once; this needs the
 tfds extra (`pip install 'lra[tfds]'`), training does not:
   python -m lra.data prepare text --data_dir ~/.cache/lra/text
-Validation is 2,500 train reviews held out by a fixed seed (22,500 are left to train on); the
-test split is the 25,000 test reviews. For the LRA protocol (train on all 25,000, validate on
-test) prepare another folder and point the run at it:
+preset=lra follows LRA's protocol: train on all 25,000 training reviews and validate on the
+test split (text_classification/input_pipeline.py in LRA's release evaluates on tfds "test"
+for both), prepared into its own folder:
   python -m lra.data prepare text --data_dir ~/.cache/lra/text-valtest --validation test
-  python launch.py --config configs/text.py --workdir runs/text-valtest \
-      --config.data_dir ~/.cache/lra/text-valtest
+A held-out validation split instead (2,500 train reviews chosen by a fixed seed, 22,500 left
+to train on; the test split stays the 25,000 test reviews):
+  python -m lra.data prepare text --data_dir ~/.cache/lra/text --validation heldout
+  python launch.py --config configs/text.py --workdir runs/text-heldout \
+      --config.data_dir ~/.cache/lra/text --config.prepare.validation heldout
 runlocal reads a small subset (4,000 / 500 / 1,000 reviews of 256 bytes), made from tfds's
 copy without a second download:
   python -m lra.data prepare text --data_dir ~/.cache/lra/text-runlocal \
@@ -45,6 +48,10 @@ def get_config(arg=None):
     # weight decay 0.1, CLS pooling; "constant * linear_warmup * rsqrt_decay" with constant
     # 0.05 and 8,000 warmup steps, i.e. a peak of 0.05 / sqrt(8000) = 5.6e-4 then rsqrt decay.
     config.max_length = 4000  # bytes per review (the prepared files hold 4,000)
+    # LRA's protocol: all 25,000 train reviews, validation = the test split. "heldout" =
+    # 2,500 train reviews held out; the data folder must have been prepared the same way.
+    config.prepare.validation = "test"
+    config.data_dir = os.path.join(common.DATA_ROOT, "text-valtest")
     config.batch_size = 32
     config.eval_batch_size = 32
     config.num_train_steps = 20_000
@@ -66,6 +73,7 @@ def get_config(arg=None):
         # heads: on CPU each head costs more than its share of the width).
         config.data_dir = os.path.join(common.DATA_ROOT, "text-runlocal")
         # The subset the prepare command above makes (named in the missing-data message).
+        config.prepare.validation = "heldout"
         config.prepare.max_length = 256
         config.prepare.num_train = 4_000
         config.prepare.num_val = 500

@@ -31,6 +31,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import grain
 import jax
@@ -58,6 +59,26 @@ def ensure_prepared(task, data_dir: str, settings: Mapping) -> None:
         raise FileNotFoundError(
             f"no prepared {task.name} data in {data_dir}; prepare it with:\n  "
             f"{storage.prepare_command(task.name, data_dir, settings)}"
+        )
+    elif "validation" in settings:
+        check_validation_protocol(task.name, data_dir, settings)
+
+
+def check_validation_protocol(task_name: str, data_dir: str, settings: Mapping) -> None:
+    """The prepared folder must hold the validation split the config asks for.
+
+    "test" (LRA's protocol: train on the whole train split, validate on test) and
+    "heldout" put different rows in the training split, so a mismatch is an error.
+    """
+    manifest = storage.read_manifest(Path(data_dir)) or {}
+    prepared = (manifest.get("settings") or {}).get("validation")
+    wanted = settings["validation"]
+    if prepared is not None and prepared != wanted:
+        raise ValueError(
+            f"config.prepare.validation={wanted!r} but {data_dir} was prepared with "
+            f"validation={prepared!r}; prepare a folder for {wanted!r} with:\n  "
+            f"{storage.prepare_command(task_name, f'{data_dir}-{wanted}', settings)}\n"
+            f"and set --config.data_dir to it, or set --config.prepare.validation={prepared}"
         )
 
 

@@ -92,6 +92,11 @@ _ENCODER_DEFAULTS = {
     "model.positions": ("sinusoidal", "models/{encoder}.apply learn_pos_emb=False "
                         "(fixed sinusoidal AddPositionEmbs)"),
 }
+# Every released encoder embeds tokens with nn.Embed(embedding_init=normal(stddev=1.0)).
+_EMBEDDING = {
+    "model.embedding_init": ("unit_normal", "models/{encoder}.apply input_embed "
+                             "embedding_init=nn.initializers.normal(stddev=1.0)"),
+}
 _BASE = {
     "listops": {
         "model.num_layers": (4, "config.num_layers"),
@@ -102,6 +107,7 @@ _BASE = {
         # listops/train.py passes no pooling (config.pooling_mode is unused).
         "model.pooling": ("cls", "models/{encoder}.apply classifier_pool='CLS'"),
         **_ENCODER_DEFAULTS,
+        **_EMBEDDING,
     },
     "text": {
         "model.num_layers": (4, "config.num_layers"),
@@ -111,6 +117,7 @@ _BASE = {
         "model.mlp_dim": (1024, "config.mlp_dim"),
         "model.pooling": ("cls", "config.classifier_pool = 'CLS'"),
         **_ENCODER_DEFAULTS,
+        **_EMBEDDING,
     },
     "retrieval": {
         "model.num_layers": (4, "config.num_layers"),
@@ -120,6 +127,7 @@ _BASE = {
         "model.mlp_dim": (512, "config.mlp_dim"),
         "model.pooling": ("cls", "config.pooling_mode = 'CLS'"),
         **_ENCODER_DEFAULTS,
+        **_EMBEDDING,
     },
     "image": {
         "model.num_layers": (1, "config.model.num_layers"),
@@ -131,6 +139,7 @@ _BASE = {
         "model.attention_dropout": (0.2, "config.model.attention_dropout_rate"),
         "model.pooling": ("cls", "config.model.classifier_pool = 'CLS'"),
         "model.positions": ("learned", "config.model.learn_pos_emb = True"),
+        **_EMBEDDING,
     },
     "pathfinder": {
         "model.num_layers": (1, "config.model.num_layers"),
@@ -142,6 +151,7 @@ _BASE = {
         "model.attention_dropout": (0.1, "config.model.attention_dropout_rate"),
         "model.pooling": ("mean", "config.model.classifier_pool = 'MEAN'"),
         "model.positions": ("sinusoidal", "config.model.learn_pos_emb = False"),
+        **_EMBEDDING,
     },
 }
 

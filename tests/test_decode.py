@@ -17,7 +17,7 @@ def _model(attention, *, causal=True, pooling="last", positions="sinusoidal", **
     config = ml_collections.ConfigDict(dict(
         num_layers=2, emb_dim=8, qkv_dim=8, num_heads=2, mlp_dim=16, dropout=0.0,
         attention_dropout=0.0, pooling=pooling, positions=positions,
-        attention_options=options, causal=causal,
+        attention_options=options, causal=causal, embedding_init="flax",
     ))
     return build_model(config, attention=attention, vocab_size=VOCAB, num_classes=CLASSES,
                        max_len=L, rngs=nnx.Rngs(params=0, dropout=1))

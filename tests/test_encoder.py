@@ -26,6 +26,7 @@ def _config(**overrides):
             positions="sinusoidal",
             attention_options={},
             causal=False,
+            embedding_init="flax",
         )
     )
     config.update(overrides)
@@ -206,3 +207,33 @@ def test_config_default_reaches_the_model():
     model = build_model(config.model, attention=config.attention, vocab_size=VOCAB,
                         num_classes=CLASSES, max_len=L, rngs=nnx.Rngs(0))
     assert model.encoder.blocks[0].attention.core.causal
+
+
+def test_embedding_init_unit_normal_is_lras_and_flax_is_nnx_default():
+    """unit_normal draws N(0, 1) (LRA's nn.Embed init); flax keeps nnx.Embed's default."""
+    vocab, width = 512, 64
+    tables = {}
+    for init in ("unit_normal", "flax"):
+        encoder = Encoder(vocab_size=vocab, max_len=L, num_layers=1, emb_dim=width, qkv_dim=8,
+                          num_heads=2, mlp_dim=16, dropout=0.0, attention_dropout=0.0,
+                          pooling="cls", positions="none", attention="softmax",
+                          attention_options={}, embedding_init=init, rngs=nnx.Rngs(0))
+        tables[init] = np.asarray(encoder.embed.embedding[...])
+    assert abs(tables["unit_normal"].std() - 1.0) < 0.02 and abs(tables["unit_normal"].mean()) < 0.02
+    reference = nnx.Embed(vocab, width, rngs=nnx.Rngs(0)).embedding[...].std()
+    assert abs(tables["flax"].std() - float(reference)) < 0.1 * float(reference)
+    assert tables["flax"].std() < 0.5  # fan-in scaled: far from LRA's unit variance
+    with pytest.raises(ValueError, match="embedding_init must be one of 'flax', 'unit_normal'"):
+        _model(embedding_init="xavier")
+
+
+def test_reformer_blocks_build_no_key_projection():
+    """Shared QK: the encoder gives Reformer no key projection (no unused parameters)."""
+    options = {"bucket_size": 4}
+    reformer, softmax = _model("reformer", attention_options=options), _model("softmax")
+    assert reformer.encoder.blocks[0].attention.key is None
+    assert softmax.encoder.blocks[0].attention.key is not None
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(softmax) - count(reformer) == 8 * 8 + 8  # one E x HD kernel and its bias
+    tokens, mask = _batch()
+    assert np.isfinite(np.asarray(reformer(tokens, mask))).all()

@@ -262,10 +262,14 @@ def _documents(seed=0, batch=3, length=12):
 
 
 def _manual_head(model, features):
-    """The head written out in NumPy from its parameters: relu(x W1 + b1) W2 + b2."""
-    hidden, logits = model.head.hidden, model.head.logits
-    h = np.maximum(np.asarray(features) @ np.asarray(hidden.kernel[...]) + np.asarray(hidden.bias[...]), 0)
-    return h @ np.asarray(logits.kernel[...]) + np.asarray(logits.bias[...])
+    """LRA's classifier_head_dual (common_layers.py) in NumPy from the parameters:
+    Dense(mlp) -> relu -> Dense(mlp // 2) -> relu -> Dense(classes)."""
+    def dense(layer, x):
+        return x @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+
+    h = np.maximum(dense(model.head.hidden, np.asarray(features)), 0)
+    h2 = np.maximum(dense(model.head.hidden2, h), 0)
+    return dense(model.head.logits, h2)
 
 
 @nnx.jit
@@ -291,6 +295,7 @@ def test_head_sees_u_v_product_and_difference(pooling):
     u = np.asarray(_encode(model.encoder, tokens, mask))
     v = np.asarray(_encode(model.encoder, tokens2, mask2))
     assert model.head.hidden.kernel.shape == (4 * 16, 24)
+    assert model.head.hidden2.kernel.shape == (24, 12) and model.head.logits.kernel.shape == (12, 2)
     expected = _manual_head(model, np.concatenate([u, v, u * v, u - v], axis=-1))
     logits = _pair_logits(model, tokens, mask, tokens2, mask2)
     assert logits.shape == (3, 2) and logits.dtype == jnp.float32
@@ -356,7 +361,8 @@ def test_lra_preset_is_the_released_matching_config_with_a_warmup_inside_trainin
     abstract = nnx.eval_shape(lambda: train._build(config, tasks.get("retrieval"))[0])
     assert isinstance(abstract, models.DualEncoderClassifier)
     assert abstract.head.hidden.kernel.shape == (4 * 128, 512)
-    assert abstract.head.logits.kernel.shape == (512, 2)
+    assert abstract.head.hidden2.kernel.shape == (512, 256)  # classifier_head_dual's mlp2
+    assert abstract.head.logits.kernel.shape == (256, 2)
     assert abstract.encoder.embed.embedding.shape == (257, 128)
 
 

@@ -121,6 +121,21 @@ def test_text_validation_is_a_recorded_seeded_tenth(text_dir):
     assert manifest["source"]["tfds_name"] == "imdb_reviews"
 
 
+def test_a_run_asking_for_another_validation_protocol_stops_with_the_command(text_dir):
+    """preset=lra asks for validation on test; a held-out folder is refused, naming both."""
+    task = tasks.get("text")
+    data.ensure_prepared(task, str(text_dir), {"validation": "heldout"})  # the same: accepted
+    with pytest.raises(ValueError, match=r"validation='test' but .* prepared with "
+                       r"validation=.heldout.(.|\n)*--validation test"):
+        data.ensure_prepared(task, str(text_dir), {"validation": "test", "max_length": 16})
+
+
+def test_text_lra_preset_trains_on_all_reviews_and_validates_on_test():
+    config = text_config.get_config("preset=lra")
+    assert config.prepare.validation == "test" and config.data_dir.endswith("text-valtest")
+    assert text_config.get_config("runlocal").prepare.validation == "heldout"
+
+
 def test_heldout_choice_depends_only_on_seed():
     chosen = tfds_source.heldout_indices(1000, 100, seed=0)
     assert len(set(chosen.tolist())) == 100 and np.all(np.diff(chosen) > 0)

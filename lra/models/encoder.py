@@ -47,6 +47,15 @@ class Positions(Choice):
     NONE = "none"  # no positions (the attention itself may encode order)
 
 
+class EmbeddingInit(Choice):
+    """How the token embedding table [vocab, E] is initialised."""
+
+    FLAX = "flax"  # nnx.Embed's default: variance scaling 1.0, fan_in, truncated normal
+    # N(0, 1), as LRA: lra_benchmarks/models/layers/common_layers.py, Embed's
+    # emb_init=nn.initializers.normal(stddev=1.0), used by every LRA encoder.
+    UNIT_NORMAL = "unit_normal"
+
+
 _INIT_STDDEV = 0.02  # CLS vector and learned positions
 
 
@@ -63,7 +72,11 @@ def _sinusoidal_LxE(length: int, dim: int) -> np.ndarray:
 
 
 class MultiHeadAttention(nnx.Module):
-    """q, k, v projections E -> H*D, the registry's attention core, output H*D -> E."""
+    """q, k, v projections E -> H*D, the registry's attention core, output H*D -> E.
+
+    A core whose class sets ``uses_keys = False`` (Reformer's shared query/key) gets no
+    key projection: its ``k`` argument is the queries, which it ignores.
+    """
 
     def __init__(
         self,
@@ -85,9 +98,6 @@ class MultiHeadAttention(nnx.Module):
                 f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}"
             )
         self.num_heads = num_heads
-        self.query = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
-        self.key = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
-        self.value = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
         self.core = attention_registry.make(
             attention,
             num_heads=num_heads,
@@ -98,18 +108,26 @@ class MultiHeadAttention(nnx.Module):
             rngs=rngs,
             **attention_options,
         )
+        self.query = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
+        uses_keys = getattr(self.core, "uses_keys", True)
+        self.key = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs) if uses_keys else None
+        self.value = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(qkv_dim, emb_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def _heads(self, x_BxLxHD: jax.Array) -> jax.Array:
         return x_BxLxHD.reshape(*x_BxLxHD.shape[:-1], self.num_heads, -1)
 
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys, values in heads ([..., H, D]); keys are the queries without `key`."""
+        q = self._heads(self.query(x))
+        k = q if self.key is None else self._heads(self.key(x))
+        return q, k, self._heads(self.value(x))
+
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
     ) -> jax.Array:
-        q_BxLxHxD = self._heads(self.query(x_BxLxE))
-        k_BxLxHxD = self._heads(self.key(x_BxLxE))
-        v_BxLxHxD = self._heads(self.value(x_BxLxE))
+        q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = self._qkv(x_BxLxE)
         y_BxLxHxD = self.core(
             q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, deterministic=deterministic
         )
@@ -118,9 +136,7 @@ class MultiHeadAttention(nnx.Module):
 
     def step(self, state, x_BxE, mask_B, position):
         """One token through the core's `step` (decoding; no dropout)."""
-        q_BxHxD, k_BxHxD, v_BxHxD = (
-            self._heads(layer(x_BxE)) for layer in (self.query, self.key, self.value)
-        )
+        q_BxHxD, k_BxHxD, v_BxHxD = self._qkv(x_BxE)
         state, y_BxHxD = self.core.step(state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B)
         return state, self.out(y_BxHxD.reshape(y_BxHxD.shape[0], -1))
 
@@ -215,6 +231,7 @@ class Encoder(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        embedding_init: str = "flax",
         dtype: Any = jnp.float32,
         remat: bool = False,
         rngs: nnx.Rngs,
@@ -237,6 +254,7 @@ class Encoder(nnx.Module):
           attention: an attention name from `lra.models.attention.NAMES`.
           attention_options: options of that attention family.
           causal: if True, every block's attention sees only earlier tokens.
+          embedding_init: an `EmbeddingInit` value, "flax" or "unit_normal" (LRA's).
           dtype: compute dtype (float32 or bfloat16); parameters stay float32.
           remat: if True, each block is rematerialised (recomputed in the backward pass).
           rngs: streams ``params`` and ``dropout``.
@@ -262,7 +280,10 @@ class Encoder(nnx.Module):
         use_cls = self.pooling is Pooling.CLS
         length = max_len + 1 if use_cls else max_len  # attention sees the CLS position
         init = nnx.initializers.normal(_INIT_STDDEV)
-        self.embed = nnx.Embed(vocab_size, emb_dim, dtype=self.dtype, rngs=rngs)
+        embed_init = {EmbeddingInit.FLAX: nnx.nn.linear.default_embed_init,
+                      EmbeddingInit.UNIT_NORMAL: nnx.initializers.normal(1.0)}
+        self.embed = nnx.Embed(vocab_size, emb_dim, dtype=self.dtype, rngs=rngs,
+                               embedding_init=embed_init[EmbeddingInit(embedding_init)])
         self.cls_E = nnx.Param(init(rngs.params(), (emb_dim,))) if use_cls else None
         learned = self.positions is Positions.LEARNED
         self.positions_LxE = (
@@ -413,15 +434,35 @@ class Classifier(nnx.Module):
         return self.head(self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic))
 
 
+class DualHead(nnx.Module):
+    """LRA's `classifier_head_dual` with NLI interaction, on the pooled pair (u, v):
+
+    [u, v, u*v, u-v] -> Dense(mlp_dim) -> relu -> Dense(mlp_dim // 2) -> relu -> Dense(K),
+    float32 logits (lra_benchmarks/models/layers/common_layers.py, classifier_head_dual).
+    """
+
+    def __init__(self, emb_dim: int, mlp_dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        if mlp_dim < 2:
+            raise ValueError(f"the dual head needs mlp_dim >= 2 (mlp_dim // 2 units); got {mlp_dim}")
+        self.hidden = nnx.Linear(4 * emb_dim, mlp_dim, rngs=rngs)
+        self.hidden2 = nnx.Linear(mlp_dim, mlp_dim // 2, rngs=rngs)
+        self.logits = nnx.Linear(mlp_dim // 2, num_classes, rngs=rngs)
+
+    def __call__(self, u_BxE: jax.Array, v_BxE: jax.Array) -> jax.Array:
+        pair_Bx4E = jnp.concatenate([u_BxE, v_BxE, u_BxE * v_BxE, u_BxE - v_BxE], -1)
+        h_BxM = jax.nn.relu(self.hidden(pair_Bx4E))
+        return self.logits(jax.nn.relu(self.hidden2(h_BxM))).astype(jnp.float32)
+
+
 class DualEncoderClassifier(nnx.Module):
-    """Retrieval: one shared encoder tower for both documents, head MLP([u, v, u*v, u-v]).
+    """Retrieval: one shared encoder tower for both documents, then `DualHead`.
 
     (tokens [B, L], mask [B, L], tokens2 [B, L], mask2 [B, L]) -> logits [B, K].
     """
 
     def __init__(self, encoder: Encoder, *, num_classes: int, mlp_dim: int, rngs: nnx.Rngs):
         self.encoder = encoder
-        self.head = Head(4 * encoder.emb_dim, mlp_dim, num_classes, rngs=rngs)
+        self.head = DualHead(encoder.emb_dim, mlp_dim, num_classes, rngs=rngs)
 
     def __call__(
         self,
@@ -435,7 +476,7 @@ class DualEncoderClassifier(nnx.Module):
         """Returns float32 logits [B, num_classes]; see `Encoder.__call__`."""
         u_BxE = self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic)
         v_BxE = self.encoder(tokens2_BxL, mask2_BxL, deterministic=deterministic)
-        return self.head(jnp.concatenate([u_BxE, v_BxE, u_BxE * v_BxE, u_BxE - v_BxE], -1))
+        return self.head(u_BxE, v_BxE)
 
 
 def build_model(
@@ -455,7 +496,7 @@ def build_model(
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal).
+        attention_options, causal, embedding_init).
       attention: an attention name from `lra.models.attention.NAMES`.
       vocab_size: number of token ids.
       num_classes: number of output classes.
@@ -487,6 +528,7 @@ def build_model(
         attention=attention,
         attention_options=dict(model_config.attention_options),
         causal=model_config.causal,
+        embedding_init=model_config.embedding_init,
         dtype=dtype,
         remat=remat,
         rngs=rngs,

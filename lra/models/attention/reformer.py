@@ -64,7 +64,22 @@ class ReformerAttention(nnx.Module):
 
     Cost: O(B H R L (bucket_size D + log L)) time and O(B H R L bucket_size)
     memory for R = num_hashes rounds, instead of O(B H L^2 D).
+
+    Hash rounds, compared with trax (the authors' code) and LRA's port of it
+    (lra_benchmarks/models/reformer/reformer_attention.py): there, the bucket ids of
+    round r are offset by r * n and all R rounds are sorted as one sequence of R * L
+    entries, cut into chunks and looked one chunk back over that whole sequence, so the
+    chunk at the boundary between two rounds attends to keys hashed in the neighbouring
+    round. Here each round is sorted and chunked on its own (its first chunk wraps to its
+    own last chunk), so a chunk only ever holds one round's buckets. With R = 1 (LRA's
+    setting) the two agree. Neither discounts a key that falls in a query's chunks in
+    several rounds (the paper's optional correction for duplicates). LRA's port also
+    multiplies the logits by sqrt(D) instead of dividing, draws its rotations from a fixed
+    PRNGKey(0) and ignores the padding mask; those are bugs we do not copy.
     """
+
+    # The keys are the normalised queries: the encoder builds no key projection for it.
+    uses_keys = False
 
     def __init__(
         self,
