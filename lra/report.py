@@ -1,7 +1,7 @@
 """Compare runs: `python -m lra.report ROOT... [--out DIR]`.
 
 Reads every run folder below the given roots (a folder holding results.json, metrics.jsonl,
-config.json or failed.json; see DESIGN.md for the workdir layout) and writes to --out
+config.json or failed.json; see docs/architecture.md for the workdir layout) and writes to --out
 (default ROOT/report for the first root):
 
 - report.md and results.csv: task x attention test accuracy (%), mean +- sample std over

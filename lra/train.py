@@ -25,7 +25,7 @@ Memory and speed options (each leaves the results unchanged up to float rounding
     state, logits and loss stay float32.
   * `config.remat`: recompute each encoder block's activations in the backward pass.
 
-Workdir layout (see DESIGN.md): config.json, metrics.jsonl, results.json, checkpoints/
+Workdir layout (see docs/architecture.md): config.json, metrics.jsonl, results.json, checkpoints/
 (orbax: model + optimizer state, data iterator position, best-val bookkeeping), TensorBoard
 event files. The same command on the same workdir resumes; on a finished run it returns the
 stored results.
