@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import lra
 from lra import data, distributed, logs, models, tasks
 from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
-from lra.models import attention
+from lra.validation import validate_config  # noqa: F401 (public here too)
 from lra.sharding import batch_spec, fsdp_spec, make_mesh, state_shardings
 from lra.tasks import storage
 
@@ -65,107 +65,10 @@ CONFIG_FILE = "config.json"
 # Keys that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
                      "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat")
-SCHEDULES = ("rsqrt", "cosine", "constant")
-DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------
-# Config checks, mesh, optimizer, state
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Rejects bad values before anything is compiled, naming the config key."""
-    positive = ("batch_size", "eval_batch_size", "num_train_steps", "max_length", "eval_every",
-                "checkpoint_every", "log_every", "keep_checkpoints", "mesh_fsdp",
-                "grad_accum_steps", "model.num_layers", "model.emb_dim", "model.qkv_dim",
-                "model.num_heads", "model.mlp_dim")
-    for key in positive:
-        value = functools.reduce(getattr, key.split("."), config)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
-    if not config.learning_rate > 0:
-        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-    if not 0 <= config.warmup_steps < config.num_train_steps:
-        raise ValueError(
-            f"config.warmup_steps={config.warmup_steps} must be in [0, num_train_steps="
-            f"{config.num_train_steps}): a warmup longer than training never reaches the peak"
-        )
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"config.schedule={config.schedule!r}; known: {', '.join(SCHEDULES)}")
-    for key in ("weight_decay", "grad_clip", "model.dropout", "model.attention_dropout"):
-        value = functools.reduce(getattr, key.split("."), config)
-        if value < 0:
-            raise ValueError(f"config.{key} must be >= 0, got {value}")
-    if config.attention not in attention.NAMES:
-        raise ValueError(
-            f"config.attention={config.attention!r} is unknown; known: {', '.join(attention.NAMES)}"
-        )
-    if config.model.qkv_dim % config.model.num_heads:
-        raise ValueError(
-            f"config.model.qkv_dim={config.model.qkv_dim} is not divisible by "
-            f"config.model.num_heads={config.model.num_heads}"
-        )
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % num_devices:
-            raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
-    _validate_scaling(config, num_devices)
-    _validate_model(config)
-    _validate_cudnn(config)
-
-
-def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
-    """cuDNN attention has no dropout and needs 16-bit compute: say so before training."""
-    options = config.model.attention_options
-    if config.attention != "softmax" or options.implementation != "cudnn":
-        return
-    problems = []
-    if config.model.attention_dropout > 0:
-        problems.append(f"config.model.attention_dropout={config.model.attention_dropout} "
-                        "(cuDNN has no dropout on the probabilities: set it to 0)")
-    if config.dtype != "bfloat16":
-        problems.append(f"config.dtype={config.dtype!r} (cuDNN runs in 16-bit: set "
-                        "config.dtype=bfloat16)")
-    if problems:
-        raise ValueError(
-            "config.model.attention_options.implementation='cudnn' cannot run with "
-            + "; ".join(problems) + ", or use implementation='xla'"
-        )
-
-
-def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    if num_devices % config.mesh_fsdp:
-        raise ValueError(f"config.mesh_fsdp={config.mesh_fsdp} must divide the {num_devices} devices")
-    accum = config.grad_accum_steps
-    if config.batch_size % (accum * num_devices):
-        raise ValueError(
-            f"config.grad_accum_steps={accum} must divide config.batch_size={config.batch_size} "
-            f"into micro-batches divisible by {num_devices} devices"
-        )
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
-    if config.remat not in (True, False):
-        raise ValueError(f"config.remat must be True or False, got {config.remat!r}")
-
-
-def _validate_model(config: ml_collections.ConfigDict) -> None:
-    """Unknown attention options, and any setting the model constructors reject (traced only)."""
-    accepted = attention.family_options(config.attention)
-    unknown = sorted(set(config.model.attention_options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"config.model.attention_options has unknown option(s) {', '.join(unknown)} for "
-            f"attention {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'}"
-        )
-    try:
-        nnx.eval_shape(lambda: models.build_model(
-            config.model, attention=config.attention, vocab_size=2, num_classes=2,
-            max_len=config.max_length, rngs=nnx.Rngs(0), dtype=config.dtype, remat=config.remat,
-        ))
-    except ValueError as error:
-        raise ValueError(
-            f"config.model (attention {config.attention!r}, max_length {config.max_length}): "
-            f"{error}"
-        ) from None
+# Optimizer and state (config checks: lra/validation.py)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
