@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) launch.py --config configs/listops.py:runlocal --workdir $(DEMO_DIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

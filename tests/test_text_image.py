@@ -334,7 +334,10 @@ def test_lra_presets():
     for module in (text_config, image_config):
         for arg in ("preset=lra", "runlocal"):
             train.validate_config(module.get_config(arg), num_devices=4)
-        assert not module.get_config("preset=lra").prepare  # the full data: no flags
+    # the full data: Text keeps only LRA's protocol flag (validate on test), Image none
+    assert dict(text_config.get_config("preset=lra").prepare) == {"validation": "test"}
+    assert not image_config.get_config("preset=lra").prepare
+    for module in (text_config, image_config):
         runlocal = module.get_config("runlocal")
         assert runlocal.num_train_steps <= 1000 and runlocal.data_dir.endswith("-runlocal")
         prepare_keywords = inspect.signature(tasks.get(runlocal.task).prepare).parameters
@@ -371,4 +374,6 @@ def test_runlocal_end_to_end_without_tensorflow(task, max_length, mock_prepared,
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["task"] == task and results["step"] == 6
     assert 0 <= results["test_accuracy"] <= 1 and results["best_step"] in (3, 6)
+    size = len(tasks.get(task).load("test", str(mock_prepared / task))["targets"])
+    assert round(results["test_accuracy"] * size, 6).is_integer(), size  # whole test split
     assert json.loads((tmp_path / "config.json").read_text())["data_dir"] == str(mock_prepared / task)
