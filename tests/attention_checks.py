@@ -90,6 +90,25 @@ def pure(core, mask, deterministic=True):
     return apply
 
 
+def outputs_and_grads(core, q, k, v, mask):
+    """(output, (dq, dk, dv)) of sum(output * fixed random weights)."""
+    apply = pure(core, mask)
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), q.dtype)
+
+    def loss(q, k, v):
+        out = apply(q, k, v)
+        return jnp.sum(out * weights), out
+
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+def assert_close_relative(actual, expected, rtol=1e-5):
+    """|actual - expected| <= rtol * max |expected| everywhere, in float64."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
 def _perturb_masked(x, mask, seed):
     noise = np.random.default_rng(seed).normal(size=x.shape) * 10.0
     return jnp.where(mask[:, :, None, None], x, x + noise.astype(x.dtype))

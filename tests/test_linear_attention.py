@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attention_checks import (
+    assert_close_relative,
     check_contract,
     check_no_future_leak,
     check_no_mask_leak,
     edge_mask,
     key_pattern,
     make_core,
+    outputs_and_grads,
     pure,
     random_qkv,
     reference_attention,
@@ -54,23 +56,6 @@ def _core(family, *, causal, form="chunked", length=L, **overrides):
     return make_core(name, num_heads=H, head_dim=D, max_len=length, causal=causal, **options)
 
 
-def _assert_close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
-
-
-def _out_and_grads(core, q, k, v, mask):
-    apply = pure(core, mask)
-    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), q.dtype)
-
-    def loss(q, k, v):
-        out = apply(q, k, v)
-        return jnp.sum(out * weights), out
-
-    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
-
-
 # --- the three forms, step, masks, causality ------------------------------------------
 
 
@@ -79,13 +64,13 @@ def _out_and_grads(core, q, k, v, mask):
 def test_forms_agree_in_outputs_and_gradients(family, causal):
     q, k, v = random_qkv((B, L, H, D), seed=1)
     mask = edge_mask(B, L, seed=1)
-    out, grads = _out_and_grads(_core(family, causal=causal, form="parallel"), q, k, v, mask)
+    out, grads = outputs_and_grads(_core(family, causal=causal, form="parallel"), q, k, v, mask)
     for form in FORMS[1:]:
         core = _core(family, causal=causal, form=form)
-        out_form, grads_form = _out_and_grads(core, q, k, v, mask)
-        _assert_close(out_form, out)
+        out_form, grads_form = outputs_and_grads(core, q, k, v, mask)
+        assert_close_relative(out_form, out)
         for grad_form, grad in zip(grads_form, grads):
-            _assert_close(grad_form, grad)
+            assert_close_relative(grad_form, grad)
 
 
 @pytest.mark.parametrize("family", MAIN)
@@ -99,7 +84,7 @@ def test_step_token_by_token_equals_causal_pass(family):
     for t in range(L):  # eager: the step's pieces compile once per shape, shared by families
         state, out = core.step(state, q[:, t], k[:, t], v[:, t], t, mask[:, t])
         outputs.append(out)
-    _assert_close(jnp.stack(outputs, 1), expected)
+    assert_close_relative(jnp.stack(outputs, 1), expected)
 
 
 # The masking happens before the forms; each form is checked for exactness on `linear`.
@@ -203,7 +188,7 @@ def test_matches_naive_reference(family, weights_fn, rtol, causal):
     eps = 0.0 if family == "performer" else linear.EPS
     expected = _kernel_reference(weights_fn(q64, k64, core), v, key_pattern(mask, causal), eps)
     real = np.asarray(mask)
-    _assert_close(out[real], expected[real], rtol)
+    assert_close_relative(out[real], expected[real], rtol)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -212,14 +197,14 @@ def test_performer_stabiliser_handles_large_inputs(causal):
     q, k, v = random_qkv((B, L, H, D), seed=6)
     q, k = 12.0 * q, 12.0 * k * jnp.arange(1, L + 1)[None, :, None, None] / L
     mask = edge_mask(B, L, seed=6)
-    out, grads = _out_and_grads(_core("performer", causal=causal, form="parallel"), q, k, v, mask)
+    out, grads = outputs_and_grads(_core("performer", causal=causal, form="parallel"), q, k, v, mask)
     assert all(np.isfinite(np.asarray(x)).all() for x in (out, *grads))
     for form in FORMS[1:]:
         core = _core("performer", causal=causal, form=form)
-        out_form, grads_form = _out_and_grads(core, q, k, v, mask)
-        _assert_close(out_form, out)
+        out_form, grads_form = outputs_and_grads(core, q, k, v, mask)
+        assert_close_relative(out_form, out)
         for grad_form, grad in zip(grads_form, grads):  # exponents ~100: more rounding
-            _assert_close(grad_form, grad, rtol=1e-4)
+            assert_close_relative(grad_form, grad, rtol=1e-4)
 
 
 def test_performer_approaches_softmax_as_features_grow():
@@ -256,7 +241,7 @@ def test_bfloat16_close_to_float32(family):
     mask = edge_mask(B, L, seed=7)
     low = core(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask)
     high = core(q, k, v, mask)
-    _assert_close(np.asarray(low, np.float32), high, rtol=3e-2)
+    assert_close_relative(np.asarray(low, np.float32), high, rtol=3e-2)
 
 
 def test_state_is_float32_under_bfloat16():

@@ -58,6 +58,13 @@ _FAMILIES: dict[str, str] = {
     "performer": "performer:PerformerAttention",
     "cosformer": "cosformer:CosformerAttention",
     "taylor": "taylor:TaylorAttention",
+    # gated linear attention: a decay plugged into the gated core (gated.py)
+    "retnet": "retnet:RetNetAttention",
+    "gla": "gla:GlaAttention",
+    "mamba2": "ssd:Mamba2Attention",
+    # delta rule: fast weights corrected by error, not summed (delta.py)
+    "deltanet": "delta:DeltaNetAttention",
+    "gated_deltanet": "delta:GatedDeltaNetAttention",
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)

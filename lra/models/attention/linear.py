@@ -44,6 +44,17 @@ _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
 _F32 = jnp.float32
 
 
+def decode_keep(causal: bool, q_BxHxD: jax.Array, mask_B: jax.Array | None) -> jax.Array:
+    """The keep mask [B, 1] of one decoded token; raises ValueError if not `causal`.
+
+    The preamble of every recurrent core's `step` (this core, gated.py, delta.py).
+    """
+    if not causal:
+        raise ValueError("step decodes causal attention; build the core with causal=True")
+    batch = q_BxHxD.shape[0]
+    return jnp.ones((batch, 1), bool) if mask_B is None else mask_B.astype(bool)[:, None]
+
+
 class Form(Choice):
     """How the linear-attention core computes its output (all give the same numbers)."""
 
@@ -285,10 +296,8 @@ class KernelizedAttention(nnx.Module):
         Raises:
           ValueError: if the core is not causal.
         """
-        if not self.causal:
-            raise ValueError("step decodes causal attention; build the core with causal=True")
+        keep_Bx1 = decode_keep(self.causal, q_BxHxD, mask_B)
         batch = q_BxHxD.shape[0]
-        keep_Bx1 = jnp.ones((batch, 1), bool) if mask_B is None else mask_B.astype(bool)[:, None]
         positions_Bx1 = jnp.broadcast_to(jnp.reshape(jnp.asarray(position), (-1, 1)), (batch, 1))
         qf, kf, v, s = self._phi(
             q_BxHxD[:, None], k_BxHxD[:, None], v_BxHxD[:, None], keep_Bx1, positions_Bx1

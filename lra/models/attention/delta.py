@@ -1,0 +1,400 @@
+"""The delta rule: DeltaNet and Gated DeltaNet on one core.
+
+DeltaNet (Schlag, Irie & Schmidhuber, 2021, "Linear Transformers Are Secretly Fast
+Weight Programmers") keeps a fast-weight state S [D, D] that maps keys to values and,
+at each token, replaces the value stored under the key instead of adding to it:
+
+    S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,   o_t = S_t q_t
+
+in the paper's column convention. This module stores S^T ([D_k, D_v], rows = keys) and
+uses row vectors, so the same rule reads
+
+    S_t = alpha_t (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t,   o_t = q_t S_t,
+
+where alpha_t = 1 for DeltaNet and alpha_t in (0, 1) for Gated DeltaNet (Yang, Kautz &
+Hatamizadeh, 2025, "Gated Delta Networks"). q and k are L2-normalised, so with beta_t
+in (0, 1) the eigenvalues of I - beta_t k_t^T k_t lie in [0, 1] and S stays bounded.
+
+Gates. The core receives only q, k, v, so the gates are read, per head, from the raw
+key k_t (before its L2 normalisation, whose norm it would otherwise discard) with the
+family's own D -> 1 projections:
+
+    beta_t = sigmoid(k_t . w_beta[h] + b_beta[h]),
+    log alpha_t = -exp(a_log[h]) * softplus(k_t . w_alpha[h] + dt_bias[h])
+
+(Gated DeltaNet's Mamba2-style parameterisation; a_log = log U(1, 16) and
+softplus(dt_bias) log-uniform in [1e-3, 1e-1] at initialisation). Gates stay in log
+space; only exponentials of non-positive sums of log-gates are taken.
+
+Forms (`Form`, all the same numbers in outputs and gradients; no quadratic form
+exists):
+
+  chunked    (Yang et al., 2024, "Parallelizing Linear Transformers with the Delta
+             Rule over Sequence Length"). Per chunk of C tokens, with K, V, beta and
+             the within-chunk cumulative log-gates g (gamma = exp(g)), all chunks at
+             once: the UT transform T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1
+             diag(beta) by forward substitution (`unit_lower_solve`),
+             W = T diag(gamma) K, U = T V, and P = tril(Q K^T * Gamma), where Gamma_ij = exp(g_i - g_j) for i >= j (0
+             above the diagonal) is computed as a segment sum, never as a
+             difference of large numbers. Then `lax.scan` carries S across chunks:
+             U' = U - W S, O = diag(gamma) Q S + P U',
+             S <- gamma_C S + (K * exp(g_C - g))^T U'.
+             Memory O(L (C + D)) per head: no L x L array.
+  recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time
+             in O(1) memory with the same update.
+
+Bidirectional (causal=False, LRA's encoder): o_i = q_i S->_i + q_i S<-_{i+1}, the
+causal (inclusive) forward pass plus a reverse pass that reads its state *before*
+absorbing token i, i.e. the state built from tokens L-1, ..., i+1 only. Each token's
+write so reaches every output exactly once and the diagonal is never counted twice.
+(For linear attention this equals forward + reverse - diagonal; for the delta rule
+"token i's own contribution" is not separable, since token i also erases along k_i,
+so the exclusive reverse pass is the exact way to avoid the double count.) It is
+computed as one causal pass over the batch stacked with its reversal, in which the
+reversed copy carries the queries shifted by one token.
+
+Masking: q, k and v are zeroed at masked positions, beta = 0 and alpha = 1 there, so
+a masked token leaves the state unchanged in both directions (with right padding the
+reverse pass starts at the last real token) and its values change nothing, outputs
+or gradients; masked queries read 0. The core computes in float32 (state, cumulative
+log-gates, triangular solves) and returns q's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lra.models.attention import Choice
+from lra.models.attention.linear import decode_keep
+
+NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
+_F32 = jnp.float32
+
+
+class Form(Choice):
+    """How the delta-rule core computes its output (both give the same numbers)."""
+
+    CHUNKED = "chunked"  # UT transform per chunk + inter-chunk state via lax.scan
+    RECURRENT = "recurrent"  # lax.scan over tokens carrying the state
+
+
+class State(NamedTuple):
+    """Decoding state, float32: the fast weights mapping keys to values."""
+
+    S_BxHxDxD: jax.Array
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / sqrt(|x|^2 + NORM_EPS) over the last axis."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + NORM_EPS)
+
+
+def delta_update(S_BxHxDxD, k_BxHxD, v_BxHxD, beta_BxH, log_alpha_BxH):
+    """One token: S <- alpha (I - beta k^T k) S + beta k^T v (log_alpha None: alpha = 1)."""
+    if log_alpha_BxH is not None:
+        S_BxHxDxD = S_BxHxDxD * jnp.exp(log_alpha_BxH)[..., None, None]
+    kS_BxHxD = jnp.einsum("bhd,bhde->bhe", k_BxHxD, S_BxHxDxD)
+    error_BxHxD = beta_BxH[..., None] * (v_BxHxD - kS_BxHxD)
+    return S_BxHxDxD + k_BxHxD[..., :, None] * error_BxHxD[..., None, :]
+
+
+def _recurrent(q, k, v, beta, log_alpha, chunk_size):
+    """Inclusive causal outputs by `lax.scan` over tokens; inputs [B, L, H, ...]."""
+    del chunk_size
+    batch, _, heads, dim = q.shape
+
+    def body(S_BxHxDxD, xs):
+        q_BxHxD, k_BxHxD, v_BxHxD, beta_BxH, log_alpha_BxH = xs
+        S_BxHxDxD = delta_update(S_BxHxDxD, k_BxHxD, v_BxHxD, beta_BxH, log_alpha_BxH)
+        return S_BxHxDxD, jnp.einsum("bhd,bhde->bhe", q_BxHxD, S_BxHxDxD)
+
+    time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), _F32)
+    _, out_LxBxHxD = jax.lax.scan(body, S0, tuple(map(time_major, (q, k, v, beta, log_alpha))))
+    return jnp.moveaxis(out_LxBxHxD, 0, 1)
+
+
+def _segsum(log_alpha_xC):
+    """[..., C] -> [..., C, C]: sum of log_alpha over (j, i] at (i, j) for i >= j, else -inf.
+
+    Built as a cumulative sum of a masked matrix (as Mamba2's SSD), so small gate
+    differences are never the difference of two large cumulative sums.
+    """
+    size = log_alpha_xC.shape[-1]
+    x_xCxC = jnp.broadcast_to(log_alpha_xC[..., :, None], (*log_alpha_xC.shape, size))
+    x_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool), -1), x_xCxC, 0.0)
+    seg_xCxC = jnp.cumsum(x_xCxC, axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((size, size), bool)), seg_xCxC, -jnp.inf)
+
+
+def _forward_substitution(N_xCxC, R_xCxE):
+    """X with (I + N) X = R for strictly lower triangular N, one row at a time.
+
+    A `fori_loop` over the C rows (row i needs rows < i only). The entries of N on and
+    above the diagonal are ignored.
+    """
+    N_xCxC, R_xCxE = jnp.asarray(N_xCxC), jnp.asarray(R_xCxE)
+    size = N_xCxC.shape[-1]
+
+    def row(i, X_xCxE):
+        below_C = jnp.arange(size) < i
+        N_i_xC = jnp.where(below_C, N_xCxC[..., i, :], 0.0)
+        x_i_xE = R_xCxE[..., i, :] - jnp.einsum("...j,...je->...e", N_i_xC, X_xCxE)
+        return X_xCxE.at[..., i, :].set(x_i_xE)
+
+    return jax.lax.fori_loop(0, size, row, jnp.zeros_like(R_xCxE))
+
+
+@jax.custom_vjp
+def unit_lower_solve(N_xCxC, R_xCxE):
+    """X = (I + tril(N, -1))^-1 R, batched over leading axes.
+
+    Written by hand rather than with `jax.scipy.linalg.solve_triangular`: on XLA's CPU
+    backend the batched triangular solve of a batch sharded over several devices
+    deadlocks in its gradient (a collective whose rendezvous never completes), and the
+    loop costs the same C^2 E multiply-adds. The gradient is the textbook one (dR =
+    (I + N)^-T dX, dN = -tril(dR X^T, -1)), solved by the same loop on the flipped
+    transpose, so no loop is differentiated and no per-row residuals are stored.
+    """
+    return _forward_substitution(N_xCxC, R_xCxE)
+
+
+def _unit_lower_solve_fwd(N_xCxC, R_xCxE):
+    X_xCxE = _forward_substitution(N_xCxC, R_xCxE)
+    return X_xCxE, (N_xCxC, X_xCxE)
+
+
+def _unit_lower_solve_bwd(residuals, dX_xCxE):
+    N_xCxC, X_xCxE = residuals
+    size = N_xCxC.shape[-1]
+    # (I + N)^T is upper triangular; reversing rows and columns makes it lower.
+    flipped_N = jnp.flip(jnp.swapaxes(N_xCxC, -1, -2), (-2, -1))
+    dR_xCxE = jnp.flip(_forward_substitution(flipped_N, jnp.flip(dX_xCxE, -2)), -2)
+    strict_CxC = jnp.tril(jnp.ones((size, size), bool), -1)
+    dN_xCxC = jnp.where(strict_CxC, -jnp.einsum("...ie,...je->...ij", dR_xCxE, X_xCxE), 0.0)
+    return dN_xCxC, dR_xCxE
+
+
+unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
+
+
+def _chunk_terms(q, k, v, beta, log_alpha):
+    """Everything a chunk needs that does not depend on the incoming state.
+
+    Args are [B, H, N, C, ...] (N chunks of C tokens), float32.
+
+    Returns:
+      (q_read [.., C, D], P [.., C, C], W [.., C, D], U [.., C, D], k_write [.., C, D],
+      decay [B, H, N]) with O = q_read S + P (U - W S) and
+      S_next = decay S + k_write^T (U - W S).
+    """
+    size, dim = q.shape[-2], q.shape[-1]
+    strict_CxC = jnp.tril(jnp.ones((size, size), bool), -1)
+    kk_xCxC = jnp.einsum("...id,...jd->...ij", k, k)
+    qk_xCxC = jnp.einsum("...id,...jd->...ij", q, k)
+    if log_alpha is None:  # DeltaNet: no decay
+        gamma_k, q_read, k_write = k, q, k
+        P_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool)), qk_xCxC, 0.0)
+        decay = jnp.ones(q.shape[:-2], _F32)
+    else:
+        gamma_xCxC = jnp.exp(_segsum(log_alpha))  # gamma_i / gamma_j, 0 above the diagonal
+        kk_xCxC = kk_xCxC * gamma_xCxC
+        gamma_xC = jnp.exp(jnp.cumsum(log_alpha, -1))  # gamma_i = prod_{m <= i} alpha_m
+        gamma_k, q_read = gamma_xC[..., None] * k, gamma_xC[..., None] * q
+        k_write = k * gamma_xCxC[..., -1, :, None]  # gamma_C / gamma_j
+        P_xCxC = qk_xCxC * gamma_xCxC
+        decay = gamma_xC[..., -1]
+    N_xCxC = jnp.where(strict_CxC, beta[..., :, None] * kk_xCxC, 0.0)
+    rhs_xCx2D = beta[..., None] * jnp.concatenate([v, gamma_k], -1)
+    X_xCx2D = unit_lower_solve(N_xCxC, rhs_xCx2D)  # (I + N)^-1 rhs
+    return q_read, P_xCxC, X_xCx2D[..., dim:], X_xCx2D[..., :dim], k_write, decay
+
+
+def _chunked(q, k, v, beta, log_alpha, chunk_size):
+    """Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...]."""
+    batch, length, heads, dim = q.shape
+    chunk = min(chunk_size, length)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def chunks(x):  # [B, L, H, ...] -> [B, H, N, C, ...]; padding = identity tokens
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 3, 1)
+
+    terms = _chunk_terms(*(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha)))
+
+    def body(S_BxHxDxD, xs):
+        q_read, P_xCxC, W, U, k_write, decay_BxH = xs
+        U = U - jnp.einsum("bhcd,bhde->bhce", W, S_BxHxDxD)
+        out_BxHxCxD = jnp.einsum("bhcd,bhde->bhce", q_read, S_BxHxDxD) + jnp.einsum(
+            "bhij,bhje->bhie", P_xCxC, U)
+        S_BxHxDxD = decay_BxH[..., None, None] * S_BxHxDxD + jnp.einsum(
+            "bhcd,bhce->bhde", k_write, U)
+        return S_BxHxDxD, out_BxHxCxD
+
+    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), _F32)
+    _, out_NxBxHxCxD = jax.lax.scan(body, S0, jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), terms))
+    out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
+    return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length]
+
+
+_FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
+
+
+@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size"))
+def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size: int):
+    """Delta-rule outputs from prepared inputs (see the module docstring).
+
+    Args:
+      q, k: [B, L, H, D] float32, L2-normalised, zero at masked positions.
+      v: [B, L, H, D] float32, zero at masked positions.
+      beta: [B, L, H] in [0, 1], 0 at masked positions.
+      log_alpha: [B, L, H] <= 0, 0 at masked positions; None for alpha = 1.
+      form: a `Form`.
+      causal: inclusive causal pass if True, else forward + exclusive reverse.
+      chunk_size: C in the chunked form.
+
+    Returns:
+      [B, L, H, D] float32.
+    """
+    run = _FORMS[form]
+    if causal:
+        return run(q, k, v, beta, log_alpha, chunk_size)
+    batch = q.shape[0]
+    q_prev = jnp.pad(q[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)])  # q_prev[j] = q[j - 1]
+
+    def both(forward, backward):  # the batch stacked with its reversal
+        return None if forward is None else jnp.concatenate([forward, backward[:, ::-1]], 0)
+
+    out = run(both(q, q_prev), *(both(x, x) for x in (k, v, beta, log_alpha)), chunk_size)
+    reverse_BxLxHxD = out[batch:, ::-1]  # at j: q_{j-1} S<-_j
+    return out[:batch] + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+class DeltaNetAttention(nnx.Module):
+    """DeltaNet (Schlag et al., 2021; chunked as Yang et al., 2024): the delta rule.
+
+    Options: `form` (chunked | recurrent) and `chunk_size` (tokens per chunk in the
+    chunked form; any L, padded internally). Parameters: per head, the beta projection
+    of the raw key (`beta_w_HxD`, `beta_b_H`). `dropout_rate` is accepted and not
+    applied (no attention probabilities). Causal cores decode with `init_state` /
+    `step`.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        causal: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+        form: str = "chunked",
+        chunk_size: int = 64,
+    ):
+        del dropout_rate  # no probabilities to drop
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
+        self.causal = causal
+        self.form = Form(form)
+        self.chunk_size = chunk_size
+        init = nnx.initializers.normal(1.0 / math.sqrt(head_dim))
+        self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), _F32))
+        self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), _F32))
+        self._init_gate(rngs)
+
+    def _init_gate(self, rngs: nnx.Rngs) -> None:
+        """Parameters of the decay alpha (none: alpha = 1)."""
+        del rngs
+
+    def log_alpha(self, k_BxLxHxD: jax.Array) -> jax.Array | None:
+        """log alpha [B, L, H] from raw float32 keys; None means alpha = 1."""
+        del k_BxLxHxD
+
+    def beta(self, k_BxLxHxD: jax.Array) -> jax.Array:
+        """beta [B, L, H] in (0, 1) from raw float32 keys."""
+        logit_BxLxH = jnp.einsum("blhd,hd->blh", k_BxLxHxD, self.beta_w_HxD[...])
+        return jax.nn.sigmoid(logit_BxLxH + self.beta_b_H[...])
+
+    def _prepare(self, q, k, v, keep_BxL):
+        """float32 inputs of `delta_rule`: masked, normalised, with the gates."""
+        keep = keep_BxL[:, :, None, None]
+        q, k, v = (jnp.where(keep, x.astype(_F32), 0.0) for x in (q, k, v))
+        beta_BxLxH = jnp.where(keep_BxL[..., None], self.beta(k), 0.0)
+        log_alpha_BxLxH = self.log_alpha(k)
+        if log_alpha_BxLxH is not None:
+            log_alpha_BxLxH = jnp.where(keep_BxL[..., None], log_alpha_BxLxH, 0.0)
+        return l2_normalize(q), l2_normalize(k), v, beta_BxLxH, log_alpha_BxLxH
+
+    def __call__(self, q, k, v, mask=None, *, deterministic=True):
+        """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
+        del deterministic  # no dropout (see the class docstring)
+        keep_BxL = jnp.ones(q.shape[:2], bool) if mask is None else mask.astype(bool)
+        inputs = self._prepare(q, k, v, keep_BxL)
+        out = delta_rule(*inputs, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
+        return out.astype(q.dtype)
+
+    def init_state(self, batch_size: int) -> State:
+        """The empty decoding state (float32, constant size in the sequence length)."""
+        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), _F32))
+
+    def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
+        """Decodes one token: updates the fast weights with it, reads its output.
+
+        Applied to tokens 0, 1, ... it gives the causal `__call__` outputs.
+
+        Args:
+          state: from `init_state` or the previous step.
+          q_BxHxD, k_BxHxD, v_BxHxD: the token's query, key and value.
+          position: int index of the token (unused: the delta rule has no positions).
+          mask_B: bool, False where the token is padding (the state skips it).
+
+        Returns:
+          (new state, output [B, H, D] in q's dtype).
+
+        Raises:
+          ValueError: if the core is not causal.
+        """
+        del position
+        keep_Bx1 = decode_keep(self.causal, q_BxHxD, mask_B)
+        q, k, v, beta, log_alpha = self._prepare(
+            q_BxHxD[:, None], k_BxHxD[:, None], v_BxHxD[:, None], keep_Bx1)
+        log_alpha_BxH = None if log_alpha is None else log_alpha[:, 0]
+        S_BxHxDxD = delta_update(state.S_BxHxDxD, k[:, 0], v[:, 0], beta[:, 0], log_alpha_BxH)
+        out_BxHxD = jnp.einsum("bhd,bhde->bhe", q[:, 0], S_BxHxDxD)
+        return State(S_BxHxDxD), out_BxHxD.astype(q_BxHxD.dtype)
+
+
+def _inverse_softplus(y: jax.Array) -> jax.Array:
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class GatedDeltaNetAttention(DeltaNetAttention):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025): the delta rule with a decay.
+
+    alpha_t = exp(-exp(a_log) softplus(k_t . w_alpha + dt_bias)) per head, from the raw
+    key (parameters `alpha_w_HxD`, `dt_bias_H`, `a_log_H`, initialised as Mamba2's);
+    otherwise as `DeltaNetAttention` (options `form`, `chunk_size`).
+    """
+
+    def _init_gate(self, rngs: nnx.Rngs) -> None:
+        heads, dim = self.num_heads, self.head_dim
+        init = nnx.initializers.normal(1.0 / math.sqrt(dim))
+        self.alpha_w_HxD = nnx.Param(init(rngs.params(), (heads, dim), _F32))
+        log_dt_H = jax.random.uniform(rngs.params(), (heads,), _F32, math.log(1e-3), math.log(1e-1))
+        self.dt_bias_H = nnx.Param(_inverse_softplus(jnp.exp(log_dt_H)))
+        a_H = jax.random.uniform(rngs.params(), (heads,), _F32, 1.0, 16.0)
+        self.a_log_H = nnx.Param(jnp.log(a_H))
+
+    def log_alpha(self, k_BxLxHxD):
+        logit_BxLxH = jnp.einsum("blhd,hd->blh", k_BxLxHxD, self.alpha_w_HxD[...])
+        dt_BxLxH = jax.nn.softplus(logit_BxLxH + self.dt_bias_H[...])
+        return -jnp.exp(self.a_log_H[...]) * dt_BxLxH

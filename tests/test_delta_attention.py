@@ -1,0 +1,321 @@
+"""The delta-rule core: deltanet and gated_deltanet.
+
+Each form must match a float64 NumPy token-by-token recurrence written from the papers'
+equations (Schlag et al., 2021; Yang, Kautz & Hatamizadeh, 2025), in outputs, and the
+forms must agree with each other in gradients (inputs and gate parameters); a finite-
+difference check of the NumPy reference ties those gradients to the equations. `step`
+must equal the causal pass; masks and causality must hold exactly; 16K tokens stay
+finite with gates near 0 or 1; the state stays bounded. "Relative" tolerances are
+relative to the largest magnitude of the expected array.
+"""
+
+import functools
+
+import jax
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_checks import (
+    assert_close_relative,
+    check_contract,
+    check_no_future_leak,
+    check_no_mask_leak,
+    edge_mask,
+    make_core,
+    pure,
+    random_qkv,
+)
+from flax import nnx
+
+from lra.models import attention
+from lra.models.attention import delta
+
+# One shape for every test, so compiled forms are shared; CPU compile time dominates.
+B, L, H, D = 4, 11, 2, 7
+CHUNK = 4  # 11 tokens: two full chunks and a padded one
+NAMES = ("deltanet", "gated_deltanet")
+FORMS = ("chunked", "recurrent")
+
+
+def _core(name, *, causal, form="chunked", length=L, **options):
+    return make_core(name, num_heads=H, head_dim=D, max_len=length, causal=causal,
+                     form=form, chunk_size=CHUNK, **options)
+
+
+# --- the reference: the papers' recurrence, float64, token by token -------------------
+
+
+def _flat(state):
+    """An nnx.State of parameters (or their gradients) as float64 NumPy arrays by name."""
+    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
+    return {path[-1]: np.asarray(unwrap(x), np.float64) for path, x in nnx.to_flat_state(state)}
+
+
+def _params(core):
+    """The gate parameters as float64 NumPy arrays (name -> array)."""
+    return _flat(nnx.state(core, nnx.Param))
+
+
+def _reference(q, k, v, mask, params, causal):
+    """o_i = q_i S_i (+ q_i R_{i+1} if bidirectional), float64, token by token.
+
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T with S [D_k, D_v],
+    q, k unit vectors, b_t = sigmoid(w_b . k_raw + b_b); a_t = exp(-exp(a_log) *
+    softplus(w_a . k_raw + dt_bias)) for the gated rule, else 1. Masked tokens are
+    skipped (the state is unchanged there). R is the reverse-direction state built from
+    tokens L-1 ... i+1 (read before token i is written).
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    mask = np.asarray(mask)
+    unit = lambda x: x / np.linalg.norm(x)
+    batch, length, heads, dim = q.shape
+    out = np.zeros_like(v)
+
+    def update(S, b, t, h):
+        kt = unit(k[b, t, h])
+        beta = 1 / (1 + np.exp(-(k[b, t, h] @ params["beta_w_HxD"][h] + params["beta_b_H"][h])))
+        alpha = 1.0
+        if "a_log_H" in params:
+            dt = np.logaddexp(0.0, k[b, t, h] @ params["alpha_w_HxD"][h] + params["dt_bias_H"][h])
+            alpha = np.exp(-np.exp(params["a_log_H"][h]) * dt)
+        erase = np.eye(dim) - beta * np.outer(kt, kt)
+        return alpha * erase @ S + beta * np.outer(kt, v[b, t, h])
+
+    for b in range(batch):
+        for h in range(heads):
+            S = np.zeros((dim, dim))
+            for t in range(length):
+                if mask[b, t]:
+                    S = update(S, b, t, h)
+                    out[b, t, h] = unit(q[b, t, h]) @ S
+            if causal:
+                continue
+            R = np.zeros((dim, dim))
+            for t in reversed(range(length)):
+                if mask[b, t]:
+                    out[b, t, h] += unit(q[b, t, h]) @ R
+                    R = update(R, b, t, h)
+    return out
+
+
+def _mask():
+    """All real; one real token; random; right padded (8 real tokens)."""
+    return edge_mask(B, L, seed=1).at[3].set(jnp.arange(L) < 8)
+
+
+@functools.cache
+def _grad_fn(name, causal, form):
+    """(core, jitted (params, q, k, v, mask, weights) -> ((loss, out), grads)), built once."""
+    core = _core(name, causal=causal, form=form)
+    graphdef, params, rest = nnx.split(core, nnx.Param, ...)
+
+    def loss(params, q, k, v, mask, weights):
+        out = nnx.merge(graphdef, params, rest)(q, k, v, mask)
+        return jnp.sum(out * weights), out
+
+    return core, jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+
+
+def _loss_and_grads(name, causal, form, q, k, v, mask, weights):
+    core, fn = _grad_fn(name, causal, form)
+    (loss, out), grads = fn(nnx.state(core, nnx.Param), q, k, v, mask, weights)
+    return loss, out, grads
+
+
+def _weights(seed=9):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(B, L, H, D)), jnp.float32)
+
+
+# --- forms against the reference; gradients ---------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_forms_match_reference_and_agree_in_gradients(name, causal):
+    q, k, v = random_qkv((B, L, H, D), seed=1)
+    mask, weights = _mask(), _weights()
+    real = np.asarray(mask)
+    results = {form: _loss_and_grads(name, causal, form, q, k, v, mask, weights) for form in FORMS}
+    expected = _reference(q, k, v, mask, _params(_grad_fn(name, causal, "chunked")[0]), causal)
+    for form, (_, out, _) in results.items():
+        assert_close_relative(np.asarray(out)[real], expected[real])
+    grads, grads_recurrent = results["chunked"][2], results["recurrent"][2]
+    for grad, grad_recurrent in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_recurrent)):
+        assert_close_relative(grad, grad_recurrent, rtol=1e-4)
+    assert len(jax.tree.leaves(grads[0])) == (5 if name == "gated_deltanet" else 2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_match_finite_differences_of_the_reference(causal):
+    """JAX gradients of the chunked gated form, masked, against central differences of
+    the float64 NumPy recurrence along random directions, for inputs and parameters."""
+    q, k, v = random_qkv((B, L, H, D), seed=11)
+    mask, weights = _mask(), _weights(12)
+    core = _grad_fn("gated_deltanet", causal, "chunked")[0]
+    _, _, grads = _loss_and_grads("gated_deltanet", causal, "chunked", q, k, v, mask, weights)
+    arrays = {"q": q, "k": k, "v": v}
+    arrays = {**{n: np.asarray(x, np.float64) for n, x in arrays.items()}, **_params(core)}
+    grads = {"q": grads[1], "k": grads[2], "v": grads[3], **_flat(grads[0])}
+    weights = np.asarray(weights, np.float64)
+
+    def loss(a):
+        params = {n: x for n, x in a.items() if n not in ("q", "k", "v")}
+        return np.sum(_reference(a["q"], a["k"], a["v"], mask, params, causal) * weights)
+
+    rng, eps = np.random.default_rng(13), 1e-6
+    for name, x in arrays.items():
+        direction = rng.normal(size=x.shape)
+        plus, minus = ({**arrays, name: x + sign * eps * direction} for sign in (1, -1))
+        numeric = (loss(plus) - loss(minus)) / (2 * eps)
+        analytic = np.sum(np.asarray(grads[name], np.float64) * direction)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-4, err_msg=name)
+
+
+# --- decoding, masks, causality ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_token_by_token_equals_causal_pass(name):
+    core = _core(name, causal=True)
+    q, k, v = random_qkv((B, L, H, D), seed=2)
+    mask = edge_mask(B, L, seed=2)
+    expected = core(q, k, v, mask)
+    step = jax.jit(core.step)
+    state, outputs = core.init_state(B), []
+    for t in range(L):
+        state, out = step(state, q[:, t], k[:, t], v[:, t], t, mask[:, t])
+        outputs.append(out)
+    assert state.S_BxHxDxD.shape == (B, H, D, D) and state.S_BxHxDxD.dtype == jnp.float32
+    assert_close_relative(jnp.stack(outputs, 1), expected)
+
+
+# Masking happens before the forms (masked inputs are replaced by constants), so
+# exactness cannot depend on the form; the recurrent form is checked once.
+@pytest.mark.parametrize(
+    "name, causal, form",
+    [(n, c, "chunked") for n in NAMES for c in (False, True)]
+    + [("gated_deltanet", False, "recurrent")],
+)
+def test_contract_and_no_mask_leak(name, causal, form):
+    core = _core(name, causal=causal, form=form)
+    q, k, v = random_qkv((B, L, H, D), seed=3)
+    mask = edge_mask(B, L, seed=3)
+    check_contract(core, q, k, v, mask)
+    check_contract(core, q, k, v, mask.at[0].set(False))  # a row with no real token
+    check_no_mask_leak(core, q, k, v, mask)
+
+
+@pytest.mark.parametrize("name, form", [("gated_deltanet", "chunked"), ("deltanet", "recurrent")])
+def test_causal_output_never_depends_on_later_tokens(name, form):
+    core = _core(name, causal=True, form=form)
+    q, k, v = random_qkv((B, L, H, D), seed=4)
+    check_no_future_leak(core, q, k, v, edge_mask(B, L, seed=4))
+    later = (jnp.arange(L) > 5)[None, :, None, None]
+    out = core(q, k, v)
+    out_changed = core(*(jnp.where(later, 50.0 * x[:, ::-1], x) for x in (q, k, v)))
+    np.testing.assert_array_equal(np.asarray(out_changed)[:, :6], np.asarray(out)[:, :6])
+
+
+# --- numerics: long sequences, extreme gates, bounded state ------------------------------
+
+
+# Per head (gates are per head): beta ~ 1 and alpha ~ 1; beta ~ 0 and alpha ~ 0
+# (log alpha ~ -6e4 a token); beta ~ 1 and alpha ~ 0.
+EXTREME_GATES = {"beta_b_H": [12.0, -12.0, 12.0], "a_log_H": [-20.0, 8.0, 8.0],
+                 "dt_bias_H": [-10.0, 20.0, 20.0]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_16k_tokens_finite_with_extreme_gates_and_forms_agree(name):
+    length, heads, dim = 16_384, 3, 8
+    cores = {form: make_core(name, num_heads=heads, head_dim=dim, max_len=length, causal=True,
+                             form=form) for form in FORMS}
+    for core in cores.values():
+        core.beta_w_HxD[...] = jnp.zeros_like(core.beta_w_HxD[...])
+        for param, values in EXTREME_GATES.items():
+            if hasattr(core, param):
+                getattr(core, param)[...] = jnp.asarray(values, jnp.float32)
+    q, k, v = random_qkv((1, length, heads, dim), seed=6)
+    # Eager calls: the core computes in float32, so both dtypes share one compiled form.
+    out_low = cores["chunked"](*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert out_low.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(out_low, np.float32)).all()
+    out = cores["chunked"](q, k, v)
+    assert_close_relative(out, cores["recurrent"](q, k, v), rtol=1e-4)
+
+
+@pytest.mark.parametrize("log_alpha", [None, -0.01])
+def test_state_stays_bounded_over_4k_steps(log_alpha):
+    """Unit keys and beta in (0, 1): every eigenvalue of I - beta k k^T is in [0, 1]."""
+    steps, dim = 4096, 16
+    rng = np.random.default_rng(8)
+    k = rng.normal(size=(steps, 1, 1, dim))
+    k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(steps, 1, 1, dim)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.01, 0.99, (steps, 1, 1)), jnp.float32)
+    gate = None if log_alpha is None else jnp.full((steps, 1, 1), log_alpha, jnp.float32)
+
+    def body(S, xs):
+        S = delta.delta_update(S, *xs)
+        return S, jnp.linalg.norm(S)
+
+    xs = (k, v, beta, gate)
+    _, norms = jax.jit(lambda xs: jax.lax.scan(body, jnp.zeros((1, 1, dim, dim)), xs))(xs)
+    # Along k_t the stored value moves toward v_t (a convex combination), the rest of
+    # S is unchanged: |S| stays at the scale of the values, sqrt(dim) * |v| ~ dim.
+    assert float(norms.max()) < 2.0 * dim, float(norms.max())
+    # Linear attention's sum of k v^T grows like sqrt(steps) instead.
+    assert float(jnp.linalg.norm(jnp.einsum("tbhd,tbhe->de", k, v))) > 4.0 * dim
+
+
+# --- options and registry ------------------------------------------------------------------
+
+
+def test_options_and_defaults():
+    for name in NAMES:
+        assert attention.default_options(name) == {"form": "chunked", "chunk_size": 64}
+
+
+@pytest.mark.parametrize(
+    "options, setting",
+    [({"form": "parallel"}, "form.*'chunked'.*'recurrent'"), ({"chunk_size": 0}, "chunk_size")],
+)
+def test_bad_options_raise(options, setting):
+    with pytest.raises(ValueError, match=setting):
+        make_core("gated_deltanet", **options)
+
+
+def test_step_needs_causal():
+    core = make_core("deltanet")
+    x = jnp.ones((1, 2, 4))
+    with pytest.raises(ValueError, match="causal=True"):
+        core.step(core.init_state(1), x, x, x, 0)
+
+
+def test_unit_lower_solve_matches_numpy_and_finite_differences():
+    rng = np.random.default_rng(0)
+    N_xCxC = rng.normal(size=(4, 2, 8, 8)).astype(np.float32) * 0.5
+    R_xCxE = rng.normal(size=(4, 2, 8, 3)).astype(np.float32)
+    A_xCxC = np.eye(8) + np.tril(N_xCxC, -1).astype(np.float64)  # entries on/above: ignored
+    np.testing.assert_allclose(delta.unit_lower_solve(N_xCxC, R_xCxE),
+                               np.linalg.solve(A_xCxC, R_xCxE), rtol=1e-4, atol=1e-5)
+    jax.test_util.check_grads(delta.unit_lower_solve, (N_xCxC[0, 0], R_xCxE[0, 0]), order=1,
+                              modes=["rev"], atol=5e-2, rtol=5e-2)
+
+
+def test_unit_lower_solve_gradient_on_a_batch_sharded_over_the_devices():
+    """jax.scipy's batched triangular solve deadlocked here on 4 CPU devices."""
+    mesh = jax.make_mesh((4,), ("data",))
+    rng = np.random.default_rng(1)
+    N_xCxC = rng.normal(size=(8, 16, 16)).astype(np.float32) * 0.3
+    R_xCxE = rng.normal(size=(8, 16, 4)).astype(np.float32)
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    loss = lambda N, R: jnp.sum(delta.unit_lower_solve(N, R) ** 2)
+    grads = jax.jit(jax.grad(loss, (0, 1)))(*(jax.device_put(x, sharded) for x in (N_xCxC, R_xCxE)))
+    A_xCxC = np.eye(16) + np.tril(N_xCxC, -1).astype(np.float64)
+    X_xCxE = np.linalg.solve(A_xCxC, R_xCxE)
+    dR_xCxE = np.linalg.solve(np.swapaxes(A_xCxC, -1, -2), 2 * X_xCxE)  # A^-T dL/dX
+    np.testing.assert_allclose(grads[1], dR_xCxE, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(grads[0], -np.tril(dR_xCxE @ np.swapaxes(X_xCxE, -1, -2), -1),
+                               rtol=1e-3, atol=1e-4)
