@@ -367,6 +367,7 @@ def test_runlocal_end_to_end(tmp_path):
     results = train.train_and_evaluate(config, tmp_path / "run")
     assert results["task"] == "pathfinder" and results["step"] == 4
     assert 0 <= results["test_accuracy"] <= 1
+    assert round(results["test_accuracy"] * 16, 6).is_integer()  # of all 16 test examples
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["counts"] == {
         "train": 32, "val": 16, "test": 16}

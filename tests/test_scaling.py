@@ -125,7 +125,10 @@ def test_fsdp_run_matches_the_data_parallel_run_and_shards_its_state(tmp_path):
     expected, expected_state = _baseline()
     history, state = _train(_config(mesh_fsdp=2))
     np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
-    assert history["loss"][0] != history["loss"][-1]  # it trains
+    # It trains (the losses above are of different batches, so they differ anyway): the
+    # LayerNorm scales start at exactly 1 and have moved.
+    final_scale = np.asarray(state[0]["encoder"]["final_norm"]["scale"][...])
+    assert np.abs(final_scale - 1).max() > 1e-3
     _assert_states_close(state, expected_state, rtol=1e-5)
 
     model, optimizer = state[0], state[1]
@@ -275,7 +278,9 @@ def test_remat_keeps_the_losses_and_lowers_compiled_memory():
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     plain, remat = probe["False"], probe["True"]
     np.testing.assert_allclose(remat["losses"], plain["losses"], rtol=1e-6)
-    assert remat["losses"][0] != remat["losses"][-1]  # it trains
+    # It trains: the loss of the repeated batch falls (measured 2.20 -> 1.61; the first step
+    # has learning rate 0, and dropout alone would also make the losses differ).
+    assert remat["losses"][-1] < remat["losses"][0] - 0.2, remat["losses"]
     # Without remat both blocks keep their [B, H, L, L] attention arrays for the backward
     # pass (measured: 40 MiB -> 23 MiB here).
     assert remat["temp_bytes"] < 0.75 * plain["temp_bytes"], probe
@@ -292,6 +297,7 @@ def test_the_loop_runs_with_every_option(tmp_path):
     config.data_dir = str(tmp_path / "data")
     results = train.train_and_evaluate(config, tmp_path / "run")
     assert results["step"] == 2 and 0 <= results["test_accuracy"] <= 1
+    assert round(results["test_accuracy"] * 8, 6).is_integer()  # of all 8 test examples
     assert (tmp_path / "run" / "checkpoints" / "2").exists()
 
 
