@@ -305,3 +305,19 @@ def test_step_needs_causal_and_options_change_outputs():
         on = _core(family, causal=True, **{option: True})(q, k, v)
         off = _core(family, causal=True, **{option: False})(q, k, v)
         assert not np.allclose(np.asarray(on), np.asarray(off)), (family, option)
+
+
+def test_scale_and_shift_gradient_equals_the_plain_expressions():
+    """Its custom VJP against autodiff of y * scale + bias."""
+    from lra.models.attention.gated import scale_and_shift
+
+    rng = np.random.default_rng(3)
+    y, dout = (jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(2))
+    plain = lambda y, s, b: y * s + b
+    for fn in (scale_and_shift, plain):
+        np.testing.assert_allclose(fn(y, scale, bias), plain(y, scale, bias), rtol=1e-6)
+    ours = jax.vjp(scale_and_shift, y, scale, bias)[1](dout)
+    expected = jax.vjp(plain, y, scale, bias)[1](dout)
+    for got, want in zip(ours, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -30,14 +30,14 @@ Forms (`Form`, all the same numbers in outputs and gradients; no quadratic form
 exists):
 
   chunked    (Yang et al., 2024, "Parallelizing Linear Transformers with the Delta
-             Rule over Sequence Length"). Per chunk of C tokens, with K, V, beta and
-             the within-chunk cumulative log-gates g (gamma = exp(g)), all chunks at
-             once: the UT transform T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1
-             diag(beta) by forward substitution (`unit_lower_solve`),
-             W = T diag(gamma) K, U = T V, and P = tril(Q K^T * Gamma), where Gamma_ij = exp(g_i - g_j) for i >= j (0
-             above the diagonal) is computed as a segment sum, never as a
-             difference of large numbers. Then `lax.scan` carries S across chunks:
-             U' = U - W S, O = diag(gamma) Q S + P U',
+             Rule over Sequence Length"). A `lax.scan` over chunks of C tokens
+             carries S; each step takes one chunk's K, V, beta and within-chunk
+             cumulative log-gates g (gamma = exp(g)) and forms the UT transform
+             T = (I + tril(diag(beta) (K K^T * Gamma), -1))^-1 diag(beta) by forward
+             substitution (`unit_lower_solve`), W = T diag(gamma) K, U = T V and
+             P = tril(Q K^T * Gamma), where Gamma_ij = exp(g_i - g_j) for i >= j (0
+             above the diagonal) is a segment sum, never a difference of large
+             numbers; then U' = U - W S, O = diag(gamma) Q S + P U',
              S <- gamma_C S + (K * exp(g_C - g))^T U'.
              Memory O(L (C + D)) per head: no L x L array.
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time
@@ -187,11 +187,11 @@ unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
 def _chunk_terms(q, k, v, beta, log_alpha):
     """Everything a chunk needs that does not depend on the incoming state.
 
-    Args are [B, H, N, C, ...] (N chunks of C tokens), float32.
+    Args are [B, H, C, ...] (one chunk of C tokens), float32.
 
     Returns:
       (q_read [.., C, D], P [.., C, C], W [.., C, D], U [.., C, D], k_write [.., C, D],
-      decay [B, H, N]) with O = q_read S + P (U - W S) and
+      decay [B, H]) with O = q_read S + P (U - W S) and
       S_next = decay S + k_write^T (U - W S).
     """
     size, dim = q.shape[-2], q.shape[-1]
@@ -217,20 +217,24 @@ def _chunk_terms(q, k, v, beta, log_alpha):
 
 
 def _chunked(q, k, v, beta, log_alpha, chunk_size):
-    """Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...]."""
+    """Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...].
+
+    One chunk per `lax.scan` step, its terms included: the step's arrays stay in cache
+    (measured against computing the terms of all chunks at once before the scan:
+    deltanet 192 -> 122 ms at 4K, 936 -> 495 ms at 16K).
+    """
     batch, length, heads, dim = q.shape
     chunk = min(chunk_size, length)
     n = -(-length // chunk)
     pad = n * chunk - length
 
-    def chunks(x):  # [B, L, H, ...] -> [B, H, N, C, ...]; padding = identity tokens
+    def chunks(x):  # [B, L, H, ...] -> [N, B, H, C, ...]; padding = identity tokens
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 3, 1)
-
-    terms = _chunk_terms(*(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha)))
+        x = x.reshape(batch, n, chunk, *x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
 
     def body(S_BxHxDxD, xs):
-        q_read, P_xCxC, W, U, k_write, decay_BxH = xs
+        q_read, P_xCxC, W, U, k_write, decay_BxH = _chunk_terms(*xs)
         U = U - jnp.einsum("bhcd,bhde->bhce", W, S_BxHxDxD)
         out_BxHxCxD = jnp.einsum("bhcd,bhde->bhce", q_read, S_BxHxDxD) + jnp.einsum(
             "bhij,bhje->bhie", P_xCxC, U)
@@ -239,7 +243,8 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size):
         return S_BxHxDxD, out_BxHxCxD
 
     S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), _F32)
-    _, out_NxBxHxCxD = jax.lax.scan(body, S0, jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), terms))
+    xs = tuple(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha))
+    _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
     out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
     return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length]
 

@@ -13,10 +13,9 @@ D skip, per-head GroupNorm, output gate). Three forms compute the same numbers (
   parallel   the L x L decay matrix exp(cum_i - cum_j) (cum = cumulative log-gate),
              masked to j <= i: the quadratic reference.
   chunked    per chunk of C tokens: the C x C matrix q_i . k_j exp(cum_i - cum_j)
-             inside the chunk (for per-channel gates by GLA's secondary chunks of
-             s ~ sqrt(C) tokens: matmuls between sub-chunks, an [s, s, D] masked
-             product inside one), plus the state of all earlier chunks, carried by
-             `lax.scan` (the default).
+             inside the chunk (for per-channel gates by recursive halving: one
+             matmul per block below the diagonal, `_intra_channels`), plus the state
+             of all earlier chunks, carried by `lax.scan` (the default).
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time.
 
 Numerics: gates stay in log space; cumulative sums are float32 and restart at every
@@ -42,7 +41,6 @@ float32 accumulation; the state is float32.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -76,42 +74,41 @@ def _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG) -> jax.Array:
     return _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
 
 
-def _sub_length(length: int) -> int:
-    """s, the sub-chunk length: the largest divisor of C that is at most sqrt(C)."""
-    sub = math.isqrt(length)
-    while length % sub:
-        sub -= 1
-    return sub
-
-
 def _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxD) -> jax.Array:
-    """`_intra` for per-channel decays, by sub-chunks of s tokens (GLA's secondary chunks).
+    """`_intra` for per-channel decays, by recursive halving (no [C, C, D] array).
 
-    For i in sub-chunk I after j in sub-chunk J, exp(cum_i - cum_j) factors as
-    exp(cum_i - start_I) exp(start_I - end_J) exp(end_J - cum_j), every factor <= 1:
-    matmuls of the scaled q and k with an [n, n, D] decay between sub-chunks. Inside a
-    sub-chunk the decay is an [s, s, D] masked product.
+    cum is non-increasing along the sequence (the log-gates are <= 0), so for a query i
+    after a reference point r and a key j before it, exp(cum_i - cum_j) =
+    exp(cum_i - r) exp(r - cum_j) with both factors <= 1. Split the chunk in halves:
+    the (second half, first half) block is one matmul of q and k scaled with r = cum at
+    the end of the first half; each half is split again, down to single tokens (the
+    diagonal q_i . k_i). Every level scales each token once, so the elementwise work is
+    C D log2(C) and the matmuls total less than C^2 D / 2 (GLA's secondary chunking
+    needs [n, C, D] scaled copies instead). C is padded to a power of two with neutral
+    tokens (zero q, k; gate 0).
     """
     batch, length, heads, dim = q_BxCxHxD.shape
-    sub = _sub_length(length)
-    n = length // sub
-    split = lambda x: x.astype(_F32).transpose(0, 2, 1, 3).reshape(batch, heads, n, sub, dim)
-    q, k, cum = split(q_BxCxHxD), split(k_BxCxHxD), split(cum_BxCxHxD)  # [B, H, n, s, D]
-    end_BxHxNxD = cum[:, :, :, -1]
-    start_BxHxNxD = jnp.pad(end_BxHxNxD[:, :, :-1], [(0, 0), (0, 0), (1, 0), (0, 0)])
-    q_hat = q * jnp.exp(cum - start_BxHxNxD[:, :, :, None])  # decay since its sub-chunk start
-    k_hat = k * jnp.exp(end_BxHxNxD[:, :, :, None] - cum)  # decay until its sub-chunk end
-    after_NxN = jnp.triu(jnp.ones((n, n), bool), 1)[:, :, None]  # [J, I]: I after J
-    between_BxHxNxNxD = _decay(start_BxHxNxD[:, :, None] - end_BxHxNxD[:, :, :, None], after_NxN)
-    between_BxHxNxCxD = jnp.repeat(between_BxHxNxNxD, sub, axis=3)  # [B, H, J, i, D]
-    qm_BxHxNxCxD = q_hat.reshape(batch, heads, 1, length, dim) * between_BxHxNxCxD
-    a_BxHxNxCxS = jnp.einsum("bhjcd,bhjtd->bhjct", qm_BxHxNxCxD, k_hat)  # batched over J
-    a_BxHxNxSxNxS = a_BxHxNxCxS.reshape(batch, heads, n, n, sub, sub).transpose(0, 1, 3, 4, 2, 5)
-    tril_SxS = jnp.tril(jnp.ones((sub, sub), bool))[:, :, None]
-    decay_BxHxNxSxSxD = _decay(cum[:, :, :, :, None] - cum[:, :, :, None], tril_SxS)
-    diag_BxHxNxSxS = jnp.sum(q[:, :, :, :, None] * k[:, :, :, None] * decay_BxHxNxSxSxD, -1)
-    a_BxHxNxSxNxS = a_BxHxNxSxNxS + jnp.einsum("bhist,ij->bhisjt", diag_BxHxNxSxS, jnp.eye(n))
-    return a_BxHxNxSxNxS.reshape(batch, heads, length, length)
+    size = 1 << (length - 1).bit_length()  # the next power of two >= C
+    pad = [(0, 0), (0, 0), (0, size - length), (0, 0)]
+    to_BxHxCxD = lambda x: x.astype(_F32).transpose(0, 2, 1, 3)
+    q, k = (jnp.pad(to_BxHxCxD(x), pad) for x in (q_BxCxHxD, k_BxCxHxD))
+    cum = jnp.pad(to_BxHxCxD(cum_BxCxHxD), pad, mode="edge")
+    # the diagonal blocks of the C x C matrix, [B, H, size / half, half, half]: 1 token each
+    blocks = jnp.sum(q * k, -1).reshape(batch, heads, size, 1, 1)
+    half = 1
+    while half < size:  # blocks of 2 * half tokens from pairs of blocks of half
+        pairs = lambda x: x.reshape(batch, heads, size // (2 * half), 2, half, dim)
+        q2, k2, cum2 = pairs(q), pairs(k), pairs(cum)
+        r_BxHxNx1xD = cum2[:, :, :, 0, -1:]  # the end of each first half
+        q_hat = q2[:, :, :, 1] * jnp.exp(cum2[:, :, :, 1] - r_BxHxNx1xD)
+        k_hat = k2[:, :, :, 0] * jnp.exp(r_BxHxNx1xD - cum2[:, :, :, 0])
+        below_BxHxNxSxS = jnp.einsum("bhnid,bhnjd->bhnij", q_hat, k_hat)
+        a2 = blocks.reshape(batch, heads, size // (2 * half), 2, half, half)
+        top = jnp.concatenate([a2[:, :, :, 0], jnp.zeros_like(below_BxHxNxSxS)], -1)
+        bottom = jnp.concatenate([below_BxHxNxSxS, a2[:, :, :, 1]], -1)
+        blocks = jnp.concatenate([top, bottom], -2)
+        half *= 2
+    return blocks.reshape(batch, heads, size, size)[:, :, :length, :length]
 
 
 def _parallel(q, k, v, g_BxLxHxG, chunk_size):
@@ -121,44 +118,36 @@ def _parallel(q, k, v, g_BxLxHxG, chunk_size):
     return _dot("bhij,bjhd->bihd", a_BxHxLxL.astype(v.dtype), v)
 
 
-def _chunks(x, chunk: int):
-    """[B, L, ...] -> [B * L/C, C, ...], zero-padded at the end (zero k, v and log-gate)."""
-    batch, length = x.shape[:2]
-    n = -(-length // chunk)
-    x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(batch * n, chunk, *x.shape[2:])
-
-
-def _carry(total_BxNxHxG, kv_BxNxHxDxD):
-    """The state before each chunk: S_{n+1} = diag(exp(total_n)) S_n + kv_n, by `lax.scan`."""
-
-    def body(S_BxHxDxD, xs):
-        total_BxHxG, kv_BxHxDxD = xs
-        return jnp.exp(total_BxHxG)[..., None] * S_BxHxDxD + kv_BxHxDxD, S_BxHxDxD
-
-    S0 = jnp.zeros_like(kv_BxNxHxDxD[:, 0])
-    _, before_NxBxHxDxD = jax.lax.scan(
-        body, S0, (jnp.moveaxis(total_BxNxHxG, 1, 0), jnp.moveaxis(kv_BxNxHxDxD, 1, 0)))
-    return jnp.moveaxis(before_NxBxHxDxD, 0, 1)
-
-
 def _chunked(q, k, v, g, chunk_size):
-    """Every chunk's own C x C part and contribution to the state at once (batched over
-    chunks); only the [D, D] state recurrence between chunks is a `lax.scan`."""
+    """One chunk per `lax.scan` step: its own C x C part, the read of the state of all
+    earlier chunks, and its contribution to that state. Computing the C x C part inside
+    the step (as linear.py does) keeps each step's arrays in cache: batched over all
+    chunks at once they are as long as the sequence (measured: 16K/4K time 4.3 instead
+    of 5.4 for retnet)."""
     batch, length, heads, dim = v.shape
     chunk = min(chunk_size, length)
-    q, k, v, g = (_chunks(x, chunk) for x in (q, k, v, g))  # [B*N, C, H, .]
-    cum_MxCxHxG = jnp.cumsum(g.astype(_F32), axis=1)  # restarts at each chunk (M = B*N)
-    a_MxHxCxC = _intra(q, k, cum_MxCxHxG)
-    out_MxCxHxD = _dot("bhij,bjhd->bihd", a_MxHxCxC.astype(v.dtype), v)
-    total_MxHxG = cum_MxCxHxG[:, -1]
-    k_new = (k * jnp.exp(total_MxHxG[:, None] - cum_MxCxHxG)).astype(v.dtype)  # until its end
-    kv_MxHxDxD = _dot("bjhd,bjhe->bhde", k_new, v)
-    split = lambda x: x.reshape(batch, -1, *x.shape[1:])
-    before_MxHxDxD = _carry(split(total_MxHxG), split(kv_MxHxDxD)).reshape(kv_MxHxDxD.shape)
-    q_old = (q * jnp.exp(cum_MxCxHxG)).astype(v.dtype)  # decay since the chunk start <= 1
-    out_MxCxHxD = out_MxCxHxD + _dot("bihd,bhde->bihe", q_old, before_MxHxDxD.astype(v.dtype))
-    return out_MxCxHxD.reshape(batch, -1, heads, dim)[:, :length]
+    n = -(-length // chunk)
+
+    def chunks(x):  # [B, L, ...] -> [N, B, C, ...], zero-padded: zero k, v and log-gate
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+
+    def body(S_BxHxDxD, xs):
+        q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, g_BxCxHxG = xs
+        cum_BxCxHxG = jnp.cumsum(g_BxCxHxG.astype(_F32), axis=1)  # restarts at each chunk
+        a_BxHxCxC = _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
+        out_BxCxHxD = _dot("bhij,bjhd->bihd", a_BxHxCxC.astype(v.dtype), v_BxCxHxD)
+        q_old = (q_BxCxHxD * jnp.exp(cum_BxCxHxG)).astype(v.dtype)  # decay since chunk start
+        out_BxCxHxD = out_BxCxHxD + _dot("bihd,bhde->bihe", q_old, S_BxHxDxD.astype(v.dtype))
+        total_BxHxG = cum_BxCxHxG[:, -1]
+        k_new = (k_BxCxHxD * jnp.exp(total_BxHxG[:, None] - cum_BxCxHxG)).astype(v.dtype)
+        S_BxHxDxD = (jnp.exp(total_BxHxG)[..., None] * S_BxHxDxD
+                     + _dot("bjhd,bjhe->bhde", k_new, v_BxCxHxD))
+        return S_BxHxDxD, out_BxCxHxD
+
+    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), _F32)
+    _, out_NxBxCxHxD = jax.lax.scan(body, S0, tuple(chunks(x) for x in (q, k, v, g)))
+    return jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)[:, :length]
 
 
 def _recurrent_step(S_BxHxDxD, q_BxHxD, k_BxHxD, v_BxHxD, g_BxHxG):
@@ -203,6 +192,35 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int) -> 
     return fwd_BxLxHxD + rev_BxLxHxD - diag_BxLxH[..., None] * v.astype(_F32)
 
 
+@jax.custom_vjp
+def scale_and_shift(y, scale, bias):
+    """y * scale + bias, with scale and bias broadcast over y's leading axes.
+
+    The same numbers as the plain expression; only the gradient differs in how it is
+    computed: the sums of dy * y and dy over the leading axes are matmuls with a ones
+    row, which XLA's CPU backend runs far faster than the column reductions it makes of
+    the plain expression's gradient (measured at B=1, L=4K, H=8, D=64: the whole
+    GroupNorm's forward + backward 38.6 ms -> 4.8 ms).
+    """
+    return y * scale + bias
+
+
+def _scale_and_shift_fwd(y, scale, bias):
+    return y * scale + bias, (y, scale)
+
+
+def _scale_and_shift_bwd(residuals, dout):
+    y, scale = residuals
+    rows = lambda x: x.reshape(-1, scale.size)
+    ones_1xN = jnp.ones((1, rows(dout).shape[0]), dout.dtype)
+    dscale = (ones_1xN @ rows(dout * y)).reshape(scale.shape)
+    dbias = (ones_1xN @ rows(dout)).reshape(scale.shape)
+    return dout * scale, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+scale_and_shift.defvjp(_scale_and_shift_fwd, _scale_and_shift_bwd)
+
+
 class GroupNorm(nnx.Module):
     """Per-head normalisation over D (GroupNorm with one group per head), learned affine."""
 
@@ -215,7 +233,7 @@ class GroupNorm(nnx.Module):
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)
-        return y * self.scale_HxD[...] + self.bias_HxD[...]
+        return scale_and_shift(y, self.scale_HxD[...], self.bias_HxD[...])
 
 
 class GatedAttention(nnx.Module):
