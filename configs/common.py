@@ -1,8 +1,8 @@
 """Shared pieces of the config files: the argument string, default sizes, data folders.
 
 A config file is `get_config(arg)`, where `arg` is the text after the colon in
-`--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>`,
-`seed=<int>`, `preset=<name>`. Every key the training loop reads gets its default here or
+`--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>` (or
+its alias `mixer=<name>`), `seed=<int>`, `preset=<name>`. Every key the training loop reads gets its default here or
 in the task's file, each with a comment; `lra.train` never falls back to defaults of its own.
 """
 
@@ -13,12 +13,12 @@ import os
 import ml_collections
 
 from lra import released
-from lra.models import attention
+from lra.models import mixers
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
 DATA_ROOT = os.path.expanduser(os.environ.get("LRA_DATA_DIR", "~/.cache/lra"))
 
-ARG_TYPES = {"runlocal": bool, "attention": str, "seed": int, "preset": str}
+ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str}
 
 
 def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
@@ -45,9 +45,12 @@ def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
             parsed[name] = kind(value)
         except ValueError:
             raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
-    if parsed["attention"] not in attention.NAMES:
+    if "mixer" in parsed:  # `mixer=` is `attention=` under the mixer registry's name
+        parsed["attention"] = parsed.pop("mixer")
+    if parsed["attention"] not in mixers.NAMES:
         raise ValueError(
-            f"unknown attention {parsed['attention']!r}; known: {', '.join(attention.NAMES)}"
+            f"unknown attention {parsed['attention']!r}; known: {', '.join(mixers.NAMES)} "
+            "(attention= and mixer= name a mixer: an attention family or a sequence model)"
         )
     if parsed["preset"] not in presets:
         raise ValueError(f"unknown preset {parsed['preset']!r}; known: {', '.join(presets)}")
@@ -59,7 +62,10 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = task  # name in the task registry `lra.tasks`
     config.seed = args["seed"]  # model init, dropout and data order all derive from it
-    config.attention = args["attention"]  # name in the attention registry `lra.models.attention`
+    # The token mixer: a name in `lra.models.mixers` (every attention family and the
+    # sequence models). `mixer` and `attention` are one field under two names.
+    config.attention = args["attention"]
+    config.mixer = config.get_ref("attention")
     config.data_dir = os.path.join(DATA_ROOT, task)  # prepared data (official layout accepted)
     # Settings handed to the task's `prepare` when the data has to be generated.
     config.prepare = ml_collections.ConfigDict()
@@ -104,8 +110,10 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # Causal attention in every block (needs pooling="last"): the model reads left to right;
     # with a kernelized attention it is an RNN (lra.models.classify_stepwise decodes it).
     config.model.causal = False
-    # The attention family's options, starting from its defaults (see README).
-    config.model.attention_options = attention.default_options(args["attention"])
+    # The mixer's options, starting from its defaults (see README).
+    config.model.attention_options = mixers.default_options(args["attention"])
+    # Each block: x + mixer(LN(x)), then x + MLP(LN(x)) if True (mlp_dim wide).
+    config.model.block_mlp = True
     return config
 
 

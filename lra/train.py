@@ -62,9 +62,12 @@ from lra.tasks import storage
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
-# Keys that may change between a run and its resumption without changing its results.
+# Keys that may change between a run and its resumption without changing its results
+# (`mixer` is `attention` under a second name, compared as `attention`; runs from before
+# the alias existed have no `mixer` key and still resume).
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
-                     "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat")
+                     "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat",
+                     "mixer")
 
 
 # ---------------------------------------------------------------------------------------
@@ -500,6 +503,7 @@ class _Trainer:
         return {
             "task": config.task,
             "attention": config.attention,
+            "mixer": config.attention,  # the same name under the mixer registry's key
             "seed": config.seed,
             "step": progress.step,
             "val_accuracy": progress.val_accuracy,

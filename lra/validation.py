@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from lra import models
-from lra.models import attention
+from lra.models import mixers
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -41,9 +41,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         value = functools.reduce(getattr, key.split("."), config)
         if value < 0:
             raise ValueError(f"config.{key} must be >= 0, got {value}")
-    if config.attention not in attention.NAMES:
+    if config.get("mixer", config.attention) != config.attention:
+        raise ValueError(f"config.mixer={config.mixer!r} and config.attention="
+                         f"{config.attention!r} name one field; set one of them")
+    if config.attention not in mixers.NAMES:
         raise ValueError(
-            f"config.attention={config.attention!r} is unknown; known: {', '.join(attention.NAMES)}"
+            f"config.attention={config.attention!r} is unknown; known: {', '.join(mixers.NAMES)}"
         )
     if config.model.qkv_dim % config.model.num_heads:
         raise ValueError(
@@ -94,12 +97,12 @@ def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> No
 
 
 def _validate_option_names(config: ml_collections.ConfigDict) -> None:
-    accepted = attention.family_options(config.attention)
+    accepted = mixers.family_options(config.attention)
     unknown = sorted(set(config.model.attention_options) - set(accepted))
     if unknown:
         raise ValueError(
             f"config.model.attention_options has unknown option(s) {', '.join(unknown)} for "
-            f"attention {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'}"
+            f"mixer {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'}"
         )
 
 

@@ -88,7 +88,7 @@ def test_one_and_four_devices_give_the_same_losses(data_dir):
 def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir, tmp_path):
     config = _config(data_dir)
     results = train.train_and_evaluate(config, tmp_path)
-    expected_keys = {"task", "attention", "seed", "step", "val_accuracy", "test_accuracy",
+    expected_keys = {"task", "attention", "mixer", "seed", "step", "val_accuracy", "test_accuracy",
                      "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
                      "train_seconds", "steps_per_second", "config_hash", "versions", "device"}
     assert set(results) == expected_keys

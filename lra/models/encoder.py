@@ -1,7 +1,7 @@
-"""The one Transformer encoder: embeddings, positions, pre-LN blocks, pooling, heads.
+"""The one encoder: embeddings, positions, pre-LN blocks, pooling, heads.
 
-Every attention variant shares every line here except its core, which comes from
-the `lra.models.attention` registry by name. Shapes: B batch, L length (including
+Every mixer (attention family or sequence model) shares every line here except the
+token-mixing layer, which comes from the `lra.models.mixers` registry by name. Shapes: B batch, L length (including
 the CLS position when pooling is "cls"), E emb_dim, H heads, D head_dim, K classes.
 
 Causal mode (`causal=True`, pooling "last"): every block attends only to earlier
@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models import attention as attention_registry
+from lra.models import mixers
 from lra.models.attention import Choice
+from lra.models.mixers import MultiHeadAttention  # noqa: F401  (the attention mixer)
 
 
 class Pooling(Choice):
@@ -71,76 +72,6 @@ def _sinusoidal_LxE(length: int, dim: int) -> np.ndarray:
     return table
 
 
-class MultiHeadAttention(nnx.Module):
-    """q, k, v projections E -> H*D, the registry's attention core, output H*D -> E.
-
-    A core whose class sets ``uses_keys = False`` (Reformer's shared query/key) gets no
-    key projection: its ``k`` argument is the queries, which it ignores.
-    """
-
-    def __init__(
-        self,
-        *,
-        emb_dim: int,
-        qkv_dim: int,
-        num_heads: int,
-        max_len: int,
-        dropout: float,
-        attention_dropout: float,
-        attention: str,
-        attention_options: dict[str, Any],
-        causal: bool = False,
-        dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if qkv_dim % num_heads:
-            raise ValueError(
-                f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}"
-            )
-        self.num_heads = num_heads
-        self.core = attention_registry.make(
-            attention,
-            num_heads=num_heads,
-            head_dim=qkv_dim // num_heads,
-            max_len=max_len,
-            causal=causal,
-            dropout_rate=attention_dropout,
-            rngs=rngs,
-            **attention_options,
-        )
-        self.query = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
-        uses_keys = getattr(self.core, "uses_keys", True)
-        self.key = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs) if uses_keys else None
-        self.value = nnx.Linear(emb_dim, qkv_dim, dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(qkv_dim, emb_dim, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-
-    def _heads(self, x_BxLxHD: jax.Array) -> jax.Array:
-        return x_BxLxHD.reshape(*x_BxLxHD.shape[:-1], self.num_heads, -1)
-
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries, keys, values in heads ([..., H, D]); keys are the queries without `key`."""
-        q = self._heads(self.query(x))
-        k = q if self.key is None else self._heads(self.key(x))
-        return q, k, self._heads(self.value(x))
-
-    def __call__(
-        self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
-    ) -> jax.Array:
-        q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = self._qkv(x_BxLxE)
-        y_BxLxHxD = self.core(
-            q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, deterministic=deterministic
-        )
-        y_BxLxE = self.out(y_BxLxHxD.reshape(*y_BxLxHxD.shape[:2], -1))
-        return self.dropout(y_BxLxE, deterministic=deterministic)
-
-    def step(self, state, x_BxE, mask_B, position):
-        """One token through the core's `step` (decoding; no dropout)."""
-        q_BxHxD, k_BxHxD, v_BxHxD = self._qkv(x_BxE)
-        state, y_BxHxD = self.core.step(state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B)
-        return state, self.out(y_BxHxD.reshape(y_BxHxD.shape[0], -1))
-
-
 class Mlp(nnx.Module):
     """E -> mlp_dim -> gelu -> dropout -> E -> dropout."""
 
@@ -157,7 +88,7 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN block: x + attention(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN block: x + mixer(LN(x)), then x + mlp(LN(x)) unless `block_mlp` is False."""
 
     def __init__(
         self,
@@ -172,25 +103,35 @@ class Block(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        block_mlp: bool = True,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.attention_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
-        self.attention = MultiHeadAttention(
+        self.attention = mixers.make(
+            attention,
             emb_dim=emb_dim,
             qkv_dim=qkv_dim,
             num_heads=num_heads,
             max_len=max_len,
             dropout=dropout,
             attention_dropout=attention_dropout,
-            attention=attention,
-            attention_options=attention_options,
             causal=causal,
             dtype=dtype,
             rngs=rngs,
+            **attention_options,
         )
-        self.mlp_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, dtype=dtype, rngs=rngs)
+        if block_mlp:
+            self.mlp_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+            self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, dtype=dtype,
+                           rngs=rngs)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def _mlp(self, x, *, deterministic: bool):
+        if self.mlp is None:
+            return x
+        return x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
 
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
@@ -198,13 +139,12 @@ class Block(nnx.Module):
         x_BxLxE = x_BxLxE + self.attention(
             self.attention_norm(x_BxLxE), mask_BxL, deterministic=deterministic
         )
-        return x_BxLxE + self.mlp(self.mlp_norm(x_BxLxE), deterministic=deterministic)
+        return self._mlp(x_BxLxE, deterministic=deterministic)
 
     def step(self, state, x_BxE, mask_B, position):
-        """`__call__` for one token, carrying the attention's decoding state."""
+        """`__call__` for one token, carrying the mixer's decoding state."""
         state, y_BxE = self.attention.step(state, self.attention_norm(x_BxE), mask_B, position)
-        x_BxE = x_BxE + y_BxE
-        return state, x_BxE + self.mlp(self.mlp_norm(x_BxE), deterministic=True)
+        return state, self._mlp(x_BxE + y_BxE, deterministic=True)
 
 
 class Encoder(nnx.Module):
@@ -232,6 +172,7 @@ class Encoder(nnx.Module):
         attention_options: dict[str, Any],
         causal: bool = False,
         embedding_init: str = "flax",
+        block_mlp: bool = True,
         dtype: Any = jnp.float32,
         remat: bool = False,
         rngs: nnx.Rngs,
@@ -251,10 +192,11 @@ class Encoder(nnx.Module):
             have them).
           pooling: a `Pooling` value, "cls", "mean" or "last"; "last" if causal.
           positions: a `Positions` value, "sinusoidal", "learned" or "none".
-          attention: an attention name from `lra.models.attention.NAMES`.
-          attention_options: options of that attention family.
+          attention: a mixer name from `lra.models.mixers.NAMES`.
+          attention_options: options of that mixer.
           causal: if True, every block's attention sees only earlier tokens.
           embedding_init: an `EmbeddingInit` value, "flax" or "unit_normal" (LRA's).
+          block_mlp: if False, blocks have no MLP sub-block (as S5's and LRU's).
           dtype: compute dtype (float32 or bfloat16); parameters stay float32.
           remat: if True, each block is rematerialised (recomputed in the backward pass).
           rngs: streams ``params`` and ``dropout``.
@@ -302,6 +244,7 @@ class Encoder(nnx.Module):
                 attention=attention,
                 attention_options=attention_options,
                 causal=causal,
+                block_mlp=block_mlp,
                 dtype=self.dtype,
                 rngs=rngs,
             )
@@ -375,13 +318,13 @@ class Encoder(nnx.Module):
         """
         if not self.causal:
             raise ValueError("decoding token by token needs a causal encoder (causal=True)")
-        core = self.blocks[0].attention.core
-        if not hasattr(core, "step"):
+        if not getattr(self.blocks[0].attention, "decodes", False):
             raise ValueError(
-                f"attention {self.attention_name!r} has no step, so it cannot decode token by "
-                "token; kernelized attentions (linear, performer, cosformer, taylor) can"
+                f"mixer {self.attention_name!r} has no step, so it cannot decode token by "
+                "token; kernelized and gated attentions (linear, performer, cosformer, taylor, "
+                "retnet, gla, deltanet, ...) and the causal sequence models can"
             )
-        return tuple(block.attention.core.init_state(batch_size) for block in self.blocks)
+        return tuple(block.attention.init_state(batch_size) for block in self.blocks)
 
     def decode_step(self, state, token_B, mask_B, position):
         """Encodes one token given the state of the tokens before it.
@@ -496,8 +439,9 @@ def build_model(
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal, embedding_init).
-      attention: an attention name from `lra.models.attention.NAMES`.
+        attention_options, causal, embedding_init; block_mlp if present, else True).
+      attention: a mixer name from `lra.models.mixers.NAMES` (an attention family or a
+        sequence model).
       vocab_size: number of token ids.
       num_classes: number of output classes.
       max_len: longest token sequence.
@@ -529,6 +473,7 @@ def build_model(
         attention_options=dict(model_config.attention_options),
         causal=model_config.causal,
         embedding_init=model_config.embedding_init,
+        block_mlp=model_config.get("block_mlp", True),
         dtype=dtype,
         remat=remat,
         rngs=rngs,

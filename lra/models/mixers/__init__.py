@@ -1,0 +1,126 @@
+"""Mixer registry: the token-mixing layer of an encoder block, chosen by one name.
+
+A mixer maps the (normalised) block input x [B, L, E] and the mask [B, L] to [B, L, E];
+the block adds it to x (pre-norm residual) and, if `mlp_dim > 0`, follows it with the
+MLP sub-block. Two kinds share one name space (`NAMES`):
+
+- every attention family of `lra.models.attention` (`ATTENTION_NAMES`): the mixer is
+  q, k, v projections + that attention core + the output projection
+  (`MultiHeadAttention`), as in a Transformer;
+- the sequence models of this package (`SEQUENCE_NAMES`: S4D, S5, LRU, the Mamba2
+  block), which take x and the mask directly.
+
+Where a sequence model and an attention core share a name (`mamba2`), the mixer is the
+sequence model: the whole Mamba2 block, whose SSD core is the attention `mamba2`.
+
+Contract of a sequence model (one file each, one line in `_SEQUENCE_MODELS`): a class
+whose constructor takes only keyword arguments,
+``__init__(self, *, emb_dim, max_len, causal, dropout, dtype, rngs, <options with
+defaults>)``, called as ``model(x_BxLxE, mask_BxL, *, deterministic) -> y_BxLxE``.
+Values at masked positions never change an output at a real position (outputs and
+gradients, both directions); a causal model defines ``init_state(batch_size)`` and
+``step(state, x_BxE, mask_B, position) -> (state, y_BxE)`` equal to the full pass.
+Parameters that the papers train with their own learning rate and no weight decay
+(Lambda, B, dt, ...) are `ssm.SsmParam`s (lra.train gives them `config.ssm_learning_rate`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from flax import nnx
+
+from lra.models import attention
+from lra.models.mixers.multi_head import MultiHeadAttention
+
+# name -> "module:Class", the module relative to this package; imported on first use.
+_SEQUENCE_MODELS: dict[str, str] = {
+}
+
+SEQUENCE_NAMES: tuple[str, ...] = tuple(_SEQUENCE_MODELS)
+ATTENTION_NAMES: tuple[str, ...] = tuple(n for n in attention.NAMES if n not in _SEQUENCE_MODELS)
+NAMES: tuple[str, ...] = ATTENTION_NAMES + SEQUENCE_NAMES
+
+# Keyword arguments that `make` passes to every sequence model; the rest are options.
+_COMMON = frozenset({"emb_dim", "max_len", "causal", "dropout", "dtype", "rngs"})
+
+
+def is_attention(name: str) -> bool:
+    """True if mixer `name` is an attention family (projections + core)."""
+    _check(name)
+    return name in ATTENTION_NAMES
+
+
+def _check(name: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"unknown mixer {name!r}; known mixers: {', '.join(NAMES)}")
+
+
+def _sequence_model(name: str) -> type:
+    module_name, class_name = _SEQUENCE_MODELS[name].split(":")
+    return getattr(importlib.import_module(f".{module_name}", __name__), class_name)
+
+
+def family_options(name: str) -> tuple[str, ...]:
+    """The options mixer `name` accepts (an attention family's, or the model's own)."""
+    if is_attention(name):
+        return attention.family_options(name)
+    parameters = inspect.signature(_sequence_model(name).__init__).parameters.values()
+    return tuple(p.name for p in parameters
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON)
+
+
+def default_options(name: str) -> dict:
+    """The options of mixer `name` with their defaults (configs start from these)."""
+    if is_attention(name):
+        return attention.default_options(name)
+    parameters = inspect.signature(_sequence_model(name).__init__).parameters
+    return {option: getattr(parameters[option].default, "value", parameters[option].default)
+            for option in family_options(name)}
+
+
+def make(
+    name: str,
+    *,
+    emb_dim: int,
+    qkv_dim: int,
+    num_heads: int,
+    max_len: int,
+    dropout: float,
+    attention_dropout: float,
+    causal: bool = False,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    **options,
+) -> nnx.Module:
+    """Builds mixer `name`: x [B, L, E], mask [B, L] -> [B, L, E].
+
+    Args:
+      name: one of `NAMES`.
+      emb_dim: E.
+      qkv_dim, num_heads, attention_dropout: used by attention mixers only.
+      max_len: the longest sequence the mixer will see.
+      dropout: dropout on the mixer's output (and inside it where its paper has it).
+      causal: if True, position i sees only positions <= i.
+      dtype: compute dtype; parameters stay float32.
+      rngs: streams ``params`` and ``dropout``.
+      **options: the mixer's options; see `family_options(name)`.
+
+    Raises:
+      ValueError: for an unknown name, an unknown option or a bad option value.
+    """
+    _check(name)
+    if is_attention(name):
+        return MultiHeadAttention(
+            emb_dim=emb_dim, qkv_dim=qkv_dim, num_heads=num_heads, max_len=max_len,
+            dropout=dropout, attention_dropout=attention_dropout, attention=name,
+            attention_options=options, causal=causal, dtype=dtype, rngs=rngs)
+    accepted = family_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"mixer {name!r} got unknown option(s) {', '.join(unknown)}; "
+                         f"it accepts: {', '.join(accepted) or 'no options'}")
+    return _sequence_model(name)(emb_dim=emb_dim, max_len=max_len, causal=causal,
+                                 dropout=dropout, dtype=dtype, rngs=rngs, **options)
