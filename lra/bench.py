@@ -59,7 +59,7 @@ from jax.extend import core as jax_core
 from jax.sharding import NamedSharding
 
 from lra import bench_output, sharding, train
-from lra.models import attention
+from lra.models import attention, mixers
 
 SCOPES = ("layer", "step")
 EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
@@ -128,23 +128,40 @@ class Program:
 # The two scopes
 
 
-def _layer_program(entry: str, length: int, settings: Settings) -> Program:
-    name, options = parse_entry(entry)
-    core = attention.make(name, num_heads=settings.heads, head_dim=settings.head_dim,
-                          max_len=length, causal=settings.causal, rngs=nnx.Rngs(0), **options)
-    graphdef, state = nnx.split(core)
+def _layer_module(name: str, length: int, settings: Settings, options: dict) -> nnx.Module:
+    """An attention core (q, k, v [B, L, H, D]), or a sequence model (x [B, L, H*D])."""
+    if name not in mixers.SEQUENCE_NAMES:  # (an unknown name: attention.make says so)
+        return attention.make(name, num_heads=settings.heads, head_dim=settings.head_dim,
+                              max_len=length, causal=settings.causal, rngs=nnx.Rngs(0),
+                              **options)
+    width = settings.heads * settings.head_dim
+    return mixers.make(name, emb_dim=width, qkv_dim=width, num_heads=settings.heads,
+                       max_len=length, dropout=0.0, attention_dropout=0.0,
+                       causal=settings.causal, dtype=settings.dtype, rngs=nnx.Rngs(0),
+                       **options)
 
-    def loss(q, k, v):
-        out = nnx.merge(graphdef, state)(q, k, v, None, deterministic=True)
+
+def _layer_program(entry: str, length: int, settings: Settings) -> Program:
+    """Forward + backward of one attention core, or of one sequence model (the same width:
+    E = heads x head_dim), on random inputs."""
+    name, options = parse_entry(entry)
+    graphdef, state = nnx.split(_layer_module(name, length, settings, options))
+    num_inputs = 1 if name in mixers.SEQUENCE_NAMES else 3
+
+    def loss(*inputs):
+        out = nnx.merge(graphdef, state)(*inputs, None, deterministic=True)
         return jnp.sum(out.astype(jnp.float32))
 
     shape = (settings.batch, length, settings.heads, settings.head_dim)
+    if num_inputs == 1:
+        shape = (settings.batch, length, settings.heads * settings.head_dim)
 
     def make_args():
-        keys = jax.random.split(jax.random.key(0), 3)
+        keys = jax.random.split(jax.random.key(0), num_inputs)
         return tuple(jax.random.normal(key, shape, settings.dtype) for key in keys)
 
-    return Program(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), make_args, feeds_back=False,
+    grad = jax.grad(loss, argnums=tuple(range(num_inputs)))
+    return Program(jax.jit(grad), make_args, feeds_back=False,
                    shape={"batch": settings.batch, "heads": settings.heads,
                           "head_dim": settings.head_dim, "num_layers": 1, "emb_dim": None,
                           "mlp_dim": None})
@@ -527,13 +544,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _entries(args) -> list[str]:
-    entries = list(attention.NAMES) if args.attention == "all" else args.attention.split(",")
+    entries = list(mixers.NAMES) if args.attention == "all" else args.attention.split(",")
     if not args.no_baseline:
         missing = [b for b in args.baselines.split(",") if b and b not in entries]
         entries = missing + entries
     for entry in entries:  # fail before measuring anything
         name, options = parse_entry(entry)
-        attention.make(name, num_heads=1, head_dim=1, max_len=1, rngs=nnx.Rngs(0), **options)
+        _layer_module(name, 1, Settings(heads=1, head_dim=2), options)
     return entries
 
 

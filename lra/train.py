@@ -57,6 +57,7 @@ import lra
 from lra import data, distributed, logs, models, tasks
 from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
 from lra.validation import validate_config  # noqa: F401 (public here too)
+from lra.models.mixers.ssm import SsmParam
 from lra.sharding import batch_spec, fsdp_spec, make_mesh, state_shardings
 from lra.tasks import storage
 
@@ -74,9 +75,12 @@ RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint
 # Optimizer and state (config checks: lra/validation.py)
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then rsqrt decay, cosine decay to 0, or constant."""
-    peak, warmup = config.learning_rate, config.warmup_steps
+def make_schedule(config: ml_collections.ConfigDict, peak: float | None = None
+                  ) -> optax.Schedule:
+    """Linear warmup to `peak` (default `learning_rate`), then rsqrt decay, cosine decay to
+    0, or constant."""
+    peak = config.learning_rate if peak is None else peak
+    warmup = config.warmup_steps
     decay_steps, rsqrt_scale = config.num_train_steps - warmup, max(warmup, 1)
     after = {  # each gets the steps since the end of warmup (negative before it)
         "rsqrt": lambda count: peak * jnp.sqrt(rsqrt_scale / (jnp.maximum(count, 0) + rsqrt_scale)),
@@ -86,14 +90,34 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    adamw = optax.adamw(
-        make_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-    )
+def make_optimizer(config: ml_collections.ConfigDict, param_labels=None
+                   ) -> optax.GradientTransformation:
+    """AdamW on the schedule (after optional clipping).
+
+    With `param_labels` (a pytree of "regular" / "ssm" like the parameters), the "ssm"
+    group (`SsmParam`s: the state-space parameters of S4D, S5, LRU) gets its own AdamW with
+    `config.ssm_learning_rate` on the same schedule and no weight decay, as those papers
+    train them (`optax.multi_transform`).
+    """
+    adamw = lambda peak, weight_decay: optax.adamw(
+        make_schedule(config, peak), b1=config.adam_b1, b2=config.adam_b2,
+        eps=config.adam_eps, weight_decay=weight_decay)
+    tx = adamw(config.learning_rate, config.weight_decay)
+    if param_labels is not None:
+        tx = optax.multi_transform(
+            {"regular": tx, "ssm": adamw(config.ssm_learning_rate, 0.0)}, param_labels)
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    return tx
+
+
+def ssm_labels(model: nnx.Module):
+    """"ssm" for each `SsmParam`, "regular" for every other parameter; None if no SsmParam."""
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    params = nnx.state(model, nnx.Param)
+    labels = jax.tree.map(lambda v: "ssm" if isinstance(v, SsmParam) else "regular", params,
+                          is_leaf=is_variable)
+    return labels if "ssm" in jax.tree.leaves(labels) else None
 
 
 def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Optimizer]:
@@ -103,7 +127,8 @@ def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Opt
         num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
         paired=task.paired, dtype=config.dtype, remat=config.remat,
     )
-    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    tx = make_optimizer(config, ssm_labels(model))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def create_state(config, task, mesh):

@@ -28,8 +28,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         value = functools.reduce(getattr, key.split("."), config)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
-    if not config.learning_rate > 0:
-        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    for key in ("learning_rate", "ssm_learning_rate"):
+        if not config.get(key, 1.0) > 0:
+            raise ValueError(f"config.{key} must be > 0, got {config[key]}")
     if not 0 <= config.warmup_steps < config.num_train_steps:
         raise ValueError(
             f"config.warmup_steps={config.warmup_steps} must be in [0, num_train_steps="
