@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from lra import released
+from lra import released, released_s5
 from lra.models import mixers
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
@@ -47,6 +47,11 @@ def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
             raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
     if "mixer" in parsed:  # `mixer=` is `attention=` under the mixer registry's name
         parsed["attention"] = parsed.pop("mixer")
+    elif parsed["preset"] == "s5" and "attention=" not in (arg or "").replace(" ", ""):
+        parsed["attention"] = "s5"  # S5's released settings are for S5
+    if parsed["preset"] == "s5" and parsed["attention"] != "s5":
+        raise ValueError(f"preset=s5 holds S5's released settings; it runs attention=s5, "
+                         f"not {parsed['attention']!r} (leave attention out)")
     if parsed["attention"] not in mixers.NAMES:
         raise ValueError(
             f"unknown attention {parsed['attention']!r}; known: {', '.join(mixers.NAMES)} "
@@ -116,8 +121,10 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.causal = False
     # The mixer's options, starting from its defaults (see README).
     config.model.attention_options = mixers.default_options(args["attention"])
-    # Each block: x + mixer(LN(x)), then x + MLP(LN(x)) if True (mlp_dim wide).
+    # Each block: x + mixer(N(x)), then x + MLP(N(x)) if True (mlp_dim wide).
     config.model.block_mlp = True
+    config.model.norm = "layer"  # N: layer | batch (masked BatchNorm over real tokens, as S5)
+    config.model.norm_momentum = 0.95  # BatchNorm's running averages (S5's default)
     return config
 
 
@@ -140,7 +147,8 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
 
 
 def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
-    """preset=lra: the settings LRA's released code ran for this task and attention.
+    """preset=lra: the settings LRA's released code ran for this task and attention;
+    preset=s5: S5's released settings for this task (lra/released_s5.py).
 
     These are the attention options (e.g. Performer's kernel, Linformer's proj_len) and,
     where LRA's per-attention config files changed them (Image, Pathfinder), the model
@@ -149,5 +157,9 @@ def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
     pipeline, not the LRA comparison). Called last in get_config; command-line
     `--config.model.attention_options.<option>=...` flags still override.
     """
-    if args["preset"] == "lra" and not args["runlocal"]:
+    if args["runlocal"]:
+        return
+    if args["preset"] == "lra" and config.task in released.TASKS:
         released.apply(config)
+    elif args["preset"] == "s5":
+        released_s5.apply(config)

@@ -27,7 +27,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the LRA paper's CIFAR-10 hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the LRA paper's CIFAR-10 hyperparameters
 
 TRAIN_EXAMPLES = 45_000  # images in the train split (the rest of tfds train is validation)
 

@@ -14,7 +14,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the released LRA ListOps hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the released LRA ListOps hyperparameters
 
 
 def get_config(arg=None):

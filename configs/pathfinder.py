@@ -24,7 +24,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the LRA paper's Pathfinder hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the LRA paper's Pathfinder hyperparameters
 
 TRAIN_EXAMPLES = 160_000
 

@@ -24,7 +24,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the LRA paper's Path-X hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the LRA paper's Path-X hyperparameters
 
 TRAIN_EXAMPLES = 160_000
 
@@ -82,4 +83,5 @@ def get_config(arg=None):
         config.log_every = 10
         config.model.dropout = 0.0
         config.model.attention_dropout = 0.0
+    common.apply_released(config, args)  # preset=s5 (Path-X has no LRA preset rows)
     return config

@@ -26,7 +26,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the released LRA matching (AAN) hyperparameters, warmup shortened
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the released LRA matching (AAN) hyperparameters, warmup shortened
 
 
 def get_config(arg=None):

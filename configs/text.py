@@ -35,7 +35,8 @@ import os
 
 from configs import common
 
-PRESETS = ("lra",)  # lra = the released LRA text-classification hyperparameters, at 4K bytes
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
+PRESETS = ("lra", "s5")  # lra = the released LRA text-classification hyperparameters, at 4K bytes
 
 
 def get_config(arg=None):

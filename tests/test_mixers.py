@@ -94,3 +94,26 @@ def test_make_schedule_peaks_at_the_given_rate():
     assert float(train.make_schedule(config, 0.25)(10)) == pytest.approx(0.25)
     assert float(train.make_schedule(config)(10)) == pytest.approx(config.learning_rate)
     assert isinstance(train.make_optimizer(config), optax.GradientTransformation)
+
+
+def test_masked_batchnorm_uses_real_tokens_and_running_averages_at_evaluation():
+    from lra.models.norm import make_norm
+
+    norm = make_norm("batch", 3, momentum=0.9, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
+    x_padded = np.where(mask[..., None], x, 1e3)  # padding values must not count
+    y = np.asarray(norm(jnp.asarray(x_padded), jnp.asarray(mask), deterministic=False))
+    real = x[mask]  # [7, 3]
+    mean, var = real.mean(0), real.var(0)
+    np.testing.assert_allclose(y[mask], (real - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(norm.mean[...], 0.1 * mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(norm.var[...], 0.9 + 0.1 * var, rtol=1e-5)
+    y_eval = np.asarray(norm(jnp.asarray(x), jnp.asarray(mask), deterministic=True))
+    np.testing.assert_allclose(
+        y_eval, (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="norm_momentum"):
+        make_norm("batch", 3, momentum=1.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'layer', 'batch'|layer"):
+        make_norm("group", 3, dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -133,3 +133,53 @@ def test_command_line_overrides_the_released_options():
     assert config.model.attention_options.global_positions == (0,)
     assert released.differences(json.loads(config.to_json_best_effort())) == [
         "model.attention_options.global_positions"]
+
+
+# --- preset=s5: S5's released settings ----------------------------------------------------
+
+# Transcribed here by hand from lindermanlab/S5 (commit 3c18fdb), independently of
+# lra/released_s5.py: the flags of bin/run_experiments/run_lra_{listops,pathx}.sh, with
+# steps = epochs x (train size // bsz) and learning_rate = lr_factor x ssm_lr_base.
+S5_EXPECTED = {
+    "listops": {  # run_lra_listops.sh; ListOps train size 96,000
+        "model.num_layers": 8, "model.emb_dim": 128, "batch_size": 50,
+        "num_train_steps": 40 * (96_000 // 50), "warmup_steps": 1 * (96_000 // 50),
+        "learning_rate": 3 * 0.001, "ssm_learning_rate": 0.001, "weight_decay": 0.04,
+        "model.dropout": 0.0, "model.norm": "batch", "model.norm_momentum": 0.95,
+        "model.attention_options.state_size": 16, "model.attention_options.blocks": 8,
+        "model.attention_options.activation": "half_glu2",
+        "model.attention_options.c_init": "lecun_normal",
+        "model.attention_options.bidirectional": True,
+    },
+    "pathx": {  # run_lra_pathx.sh; Path-X train size 160,000
+        "model.num_layers": 6, "model.emb_dim": 128, "batch_size": 32,
+        "num_train_steps": 75 * (160_000 // 32), "warmup_steps": 1 * (160_000 // 32),
+        "learning_rate": 3 * 0.0006, "ssm_learning_rate": 0.0006, "weight_decay": 0.06,
+        "model.norm_momentum": 0.9, "model.attention_options.dt_min": 0.0001,
+        "model.attention_options.state_size": 256, "model.attention_options.blocks": 16,
+        "model.attention_options.c_init": "complex_normal",
+        "model.attention_options.activation": "half_glu1",  # run_train.py's default
+    },
+}
+
+
+@pytest.mark.parametrize("task", sorted(S5_EXPECTED))
+def test_s5_preset_runs_the_released_flags(task):
+    from configs import pathx
+
+    module = {**CONFIGS, "pathx": pathx}[task]
+    config = module.get_config("preset=s5")
+    assert config.attention == config.mixer == "s5"
+    assert not config.model.block_mlp and config.model.pooling == "mean"
+    for path, expected in S5_EXPECTED[task].items():
+        value = functools.reduce(lambda node, key: node[key], path.split("."), config)
+        assert value == pytest.approx(expected), path
+    train.validate_config(config, 2)
+
+
+def test_s5_preset_validates_for_every_task_and_refuses_another_mixer():
+    for module in CONFIGS.values():
+        train.validate_config(module.get_config("preset=s5"), 1)
+    with pytest.raises(ValueError, match="preset=s5 .* not 'lru'"):
+        listops.get_config("preset=s5,attention=lru")
+    assert listops.get_config("preset=s5,runlocal").attention == "s5"  # runlocal sizes

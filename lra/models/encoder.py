@@ -30,6 +30,7 @@ from flax import nnx
 from lra.models import mixers
 from lra.models.attention import Choice
 from lra.models.mixers import MultiHeadAttention  # noqa: F401  (the attention mixer)
+from lra.models.norm import make_norm
 
 
 class Pooling(Choice):
@@ -88,7 +89,8 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN block: x + mixer(LN(x)), then x + mlp(LN(x)) unless `block_mlp` is False."""
+    """Pre-norm block: x + mixer(N(x)), then x + mlp(N(x)) unless `block_mlp` is False;
+    N is LayerNorm or masked BatchNorm (`norm`, lra/models/norm.py)."""
 
     def __init__(
         self,
@@ -104,10 +106,14 @@ class Block(nnx.Module):
         attention_options: dict[str, Any],
         causal: bool = False,
         block_mlp: bool = True,
+        norm: str = "layer",
+        norm_momentum: float = 0.95,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.attention_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+        new_norm = lambda: make_norm(norm, emb_dim, momentum=norm_momentum, dtype=dtype,
+                                     rngs=rngs)
+        self.attention_norm = new_norm()
         self.attention = mixers.make(
             attention,
             emb_dim=emb_dim,
@@ -122,29 +128,30 @@ class Block(nnx.Module):
             **attention_options,
         )
         if block_mlp:
-            self.mlp_norm = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+            self.mlp_norm = new_norm()
             self.mlp = Mlp(emb_dim=emb_dim, mlp_dim=mlp_dim, dropout=dropout, dtype=dtype,
                            rngs=rngs)
         else:
             self.mlp_norm = self.mlp = None
 
-    def _mlp(self, x, *, deterministic: bool):
+    def _mlp(self, x, mask, *, deterministic: bool):
         if self.mlp is None:
             return x
-        return x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        y = self.mlp_norm(x, mask, deterministic=deterministic)
+        return x + self.mlp(y, deterministic=deterministic)
 
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
     ) -> jax.Array:
-        x_BxLxE = x_BxLxE + self.attention(
-            self.attention_norm(x_BxLxE), mask_BxL, deterministic=deterministic
-        )
-        return self._mlp(x_BxLxE, deterministic=deterministic)
+        y_BxLxE = self.attention_norm(x_BxLxE, mask_BxL, deterministic=deterministic)
+        x_BxLxE = x_BxLxE + self.attention(y_BxLxE, mask_BxL, deterministic=deterministic)
+        return self._mlp(x_BxLxE, mask_BxL, deterministic=deterministic)
 
     def step(self, state, x_BxE, mask_B, position):
         """`__call__` for one token, carrying the mixer's decoding state."""
-        state, y_BxE = self.attention.step(state, self.attention_norm(x_BxE), mask_B, position)
-        return state, self._mlp(x_BxE + y_BxE, deterministic=True)
+        y_BxE = self.attention_norm(x_BxE, mask_B, deterministic=True)
+        state, y_BxE = self.attention.step(state, y_BxE, mask_B, position)
+        return state, self._mlp(x_BxE + y_BxE, mask_B, deterministic=True)
 
 
 class Encoder(nnx.Module):
@@ -173,6 +180,8 @@ class Encoder(nnx.Module):
         causal: bool = False,
         embedding_init: str = "flax",
         block_mlp: bool = True,
+        norm: str = "layer",
+        norm_momentum: float = 0.95,
         dtype: Any = jnp.float32,
         remat: bool = False,
         rngs: nnx.Rngs,
@@ -197,6 +206,8 @@ class Encoder(nnx.Module):
           causal: if True, every block's attention sees only earlier tokens.
           embedding_init: an `EmbeddingInit` value, "flax" or "unit_normal" (LRA's).
           block_mlp: if False, blocks have no MLP sub-block (as S5's and LRU's).
+          norm: the blocks' normalisation, "layer" or "batch" (masked BatchNorm, as S5).
+          norm_momentum: BatchNorm's running-average momentum.
           dtype: compute dtype (float32 or bfloat16); parameters stay float32.
           remat: if True, each block is rematerialised (recomputed in the backward pass).
           rngs: streams ``params`` and ``dropout``.
@@ -245,6 +256,8 @@ class Encoder(nnx.Module):
                 attention_options=attention_options,
                 causal=causal,
                 block_mlp=block_mlp,
+                norm=norm,
+                norm_momentum=norm_momentum,
                 dtype=self.dtype,
                 rngs=rngs,
             )
@@ -439,7 +452,8 @@ def build_model(
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal, embedding_init; block_mlp if present, else True).
+        attention_options, causal, embedding_init; block_mlp, norm and norm_momentum
+        where present, else True, "layer" and 0.95).
       attention: a mixer name from `lra.models.mixers.NAMES` (an attention family or a
         sequence model).
       vocab_size: number of token ids.
@@ -474,6 +488,8 @@ def build_model(
         causal=model_config.causal,
         embedding_init=model_config.embedding_init,
         block_mlp=model_config.get("block_mlp", True),
+        norm=model_config.get("norm", "layer"),
+        norm_momentum=model_config.get("norm_momentum", 0.95),
         dtype=dtype,
         remat=remat,
         rngs=rngs,

@@ -37,6 +37,7 @@ from lra.models.mixers.multi_head import MultiHeadAttention
 
 # name -> "module:Class", the module relative to this package; imported on first use.
 _SEQUENCE_MODELS: dict[str, str] = {
+    "s5": "s5:S5",
 }
 
 SEQUENCE_NAMES: tuple[str, ...] = tuple(_SEQUENCE_MODELS)
