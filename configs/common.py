@@ -121,8 +121,9 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.causal = False
     # The mixer's options, starting from its defaults (see README).
     config.model.attention_options = mixers.default_options(args["attention"])
-    # Each block: x + mixer(N(x)), then x + MLP(N(x)) if True (mlp_dim wide).
-    config.model.block_mlp = True
+    # Each block: x + mixer(N(x)), then x + MLP(N(x)) if True (mlp_dim wide); the default
+    # is the mixer's paper's block (Transformers: True; S5, S4D, LRU: False).
+    config.model.block_mlp = mixers.default_block_mlp(args["attention"])
     config.model.norm = "layer"  # N: layer | batch (masked BatchNorm over real tokens, as S5)
     config.model.norm_momentum = 0.95  # BatchNorm's running averages (S5's default)
     return config

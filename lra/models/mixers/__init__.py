@@ -20,7 +20,9 @@ defaults>)``, called as ``model(x_BxLxE, mask_BxL, *, deterministic) -> y_BxLxE`
 Values at masked positions never change an output at a real position (outputs and
 gradients, both directions); a causal model defines ``init_state(batch_size)`` and
 ``step(state, x_BxE, mask_B, position) -> (state, y_BxE)`` equal to the full pass.
-Parameters that the papers train with their own learning rate and no weight decay
+A class attribute `block_mlp = False` says its paper's block has no MLP sub-block (the
+configs' default of `model.block_mlp`). Parameters that the papers train with their own
+learning rate and no weight decay
 (Lambda, B, dt, ...) are `ssm.SsmParam`s (lra.train gives them `config.ssm_learning_rate`).
 """
 
@@ -37,7 +39,9 @@ from lra.models.mixers.multi_head import MultiHeadAttention
 
 # name -> "module:Class", the module relative to this package; imported on first use.
 _SEQUENCE_MODELS: dict[str, str] = {
+    "s4d": "s4d:S4D",
     "s5": "s5:S5",
+    "lru": "lru:LRU",
 }
 
 SEQUENCE_NAMES: tuple[str, ...] = tuple(_SEQUENCE_MODELS)
@@ -80,6 +84,12 @@ def default_options(name: str) -> dict:
     parameters = inspect.signature(_sequence_model(name).__init__).parameters
     return {option: getattr(parameters[option].default, "value", parameters[option].default)
             for option in family_options(name)}
+
+
+def default_block_mlp(name: str) -> bool:
+    """Whether the paper's block has an MLP sub-block after mixer `name` (configs' default
+    of `model.block_mlp`): True for attention, a sequence model's `block_mlp` attribute."""
+    return is_attention(name) or getattr(_sequence_model(name), "block_mlp", True)
 
 
 def make(

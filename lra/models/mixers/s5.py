@@ -171,6 +171,8 @@ def _c_tilde(c_init: CInit, key, emb_dim: int, V_PxN: jax.Array) -> jax.Array:
 class S5(nnx.Module):
     """The S5 layer and its output nonlinearity: x [B, L, E], mask [B, L] -> [B, L, E]."""
 
+    block_mlp = False  # S5's SequenceLayer has no MLP sub-block (config default)
+
     def __init__(
         self,
         *,
