@@ -32,7 +32,8 @@ TRAIN_EXAMPLES = 160_000
 
 def get_config(arg=None):
     args = common.parse_arg(arg, PRESETS)
-    if args["runlocal"] and "attention=" not in (arg or ""):
+    named = "attention=" in (arg or "") or "mixer=" in (arg or "")
+    if args["runlocal"] and not named and args["preset"] != "s5":
         args["attention"] = "local"  # linear in length: a CPU can run 16,384 tokens
     config = common.base_config("pathx", args)
     # Generator settings: LRA's 160K/20K/20K split of 200K images at 128x128.

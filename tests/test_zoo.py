@@ -1,5 +1,6 @@
-"""Every registered attention family inside the encoder (runlocal ListOps config): padding
-never changes the logits, and every option can be set from the command line.
+"""Every registered mixer (attention family or sequence model) inside the encoder (runlocal
+ListOps config): padding never changes the logits, and every option can be set from the
+command line; every sequence model's config validates for every task.
 
 That every family trains through the real train step on the 4 test devices, and learns a
 task that needs tokens far apart, is tests/test_learning.py.
@@ -11,10 +12,10 @@ from flax import nnx
 
 from configs import listops as listops_config
 from lra import models, tasks
-from lra.models import attention
+from lra.models import mixers
 
 
-@pytest.mark.parametrize("name", attention.NAMES)
+@pytest.mark.parametrize("name", mixers.NAMES)
 def test_padding_tokens_never_change_encoder_logits(name):
     config = listops_config.get_config(f"attention={name},runlocal")
     config.model.num_layers = 1
@@ -32,8 +33,23 @@ def test_padding_tokens_never_change_encoder_logits(name):
     np.testing.assert_allclose(np.asarray(model(other, mask)), logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", attention.NAMES)
+@pytest.mark.parametrize("name", mixers.NAMES)
 def test_every_option_can_be_set_from_the_command_line(name):
     """ml_collections overrides only these types (not None): options need real defaults."""
-    for option, default in attention.default_options(name).items():
+    for option, default in mixers.default_options(name).items():
         assert isinstance(default, (bool, int, float, str, tuple)), (option, default)
+
+
+@pytest.mark.parametrize("name", mixers.SEQUENCE_NAMES)
+def test_sequence_models_validate_for_every_task(name):
+    """Each task's runlocal and full configs build the model (traced, not computed)."""
+    import importlib
+
+    from lra import validation
+
+    for task in ("listops", "text", "retrieval", "image", "pathfinder", "pathx"):
+        module = importlib.import_module(f"configs.{task}")
+        for arg in (f"runlocal,mixer={name}", f"mixer={name}"):
+            config = module.get_config(arg)
+            assert config.attention == name and config.model.block_mlp is False
+            validation.validate_config(config, 1)
