@@ -86,9 +86,10 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.adam_eps = 1e-9
     config.weight_decay = 0.1  # decoupled (AdamW), multiplied by the learning rate
     # Peak learning rate of the state-space parameters (`SsmParam`: Lambda, B, dt, ... of
-    # s4d, s5, lru), on the same schedule and without weight decay, as those papers train
-    # them; unused by attention mixers.
+    # s4d, s5, lru), on the same schedule, and their weight decay (none, as those papers
+    # train them); unused by attention mixers.
     config.ssm_learning_rate = 1e-3
+    config.ssm_weight_decay = 0.0  # of the SsmParams (the papers: none)
     config.grad_clip = 0.0  # clip gradients to this global norm; 0 = no clipping
     config.log_every = 50  # train metrics are averaged over this many steps
     config.eval_every = 500  # full validation pass; test too whenever validation improves

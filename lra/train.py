@@ -96,8 +96,8 @@ def make_optimizer(config: ml_collections.ConfigDict, param_labels=None
 
     With `param_labels` (a pytree of "regular" / "ssm" like the parameters), the "ssm"
     group (`SsmParam`s: the state-space parameters of S4D, S5, LRU) gets its own AdamW with
-    `config.ssm_learning_rate` on the same schedule and no weight decay, as those papers
-    train them (`optax.multi_transform`).
+    `config.ssm_learning_rate` on the same schedule and `config.ssm_weight_decay` (0: as
+    those papers train them), by `optax.multi_transform`.
     """
     adamw = lambda peak, weight_decay: optax.adamw(
         make_schedule(config, peak), b1=config.adam_b1, b2=config.adam_b2,
@@ -105,7 +105,8 @@ def make_optimizer(config: ml_collections.ConfigDict, param_labels=None
     tx = adamw(config.learning_rate, config.weight_decay)
     if param_labels is not None:
         tx = optax.multi_transform(
-            {"regular": tx, "ssm": adamw(config.ssm_learning_rate, 0.0)}, param_labels)
+            {"regular": tx, "ssm": adamw(config.ssm_learning_rate,
+                                          config.get("ssm_weight_decay", 0.0))}, param_labels)
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx

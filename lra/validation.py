@@ -38,7 +38,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         )
     if config.schedule not in SCHEDULES:
         raise ValueError(f"config.schedule={config.schedule!r}; known: {', '.join(SCHEDULES)}")
-    for key in ("weight_decay", "grad_clip", "model.dropout", "model.attention_dropout"):
+    for key in ("weight_decay", "grad_clip", "model.dropout", "model.attention_dropout",
+                "ssm_weight_decay"):
         value = functools.reduce(getattr, key.split("."), config)
         if value < 0:
             raise ValueError(f"config.{key} must be >= 0, got {value}")

@@ -86,6 +86,11 @@ def test_ssm_parameters_get_their_learning_rate_and_no_weight_decay():
     np.testing.assert_allclose(model.ssm[...], 2.0 - 0.001, rtol=1e-6)
     np.testing.assert_allclose(model.dense[...], 2.0 - 0.01 - 0.01 * 0.5 * 2.0, rtol=1e-6)
     assert train.ssm_labels(nnx.Linear(2, 2, rngs=nnx.Rngs(0))) is None  # plain AdamW
+    config.ssm_weight_decay = 0.5  # a key like the others: AdamW's decay on the SSM group
+    model = _TwoGroups()
+    optimizer = nnx.Optimizer(model, train.make_optimizer(config, labels), wrt=nnx.Param)
+    optimizer.update(model, grads)
+    np.testing.assert_allclose(model.ssm[...], 2.0 - 0.001 - 0.001 * 0.5 * 2.0, rtol=1e-6)
 
 
 def test_make_schedule_peaks_at_the_given_rate():
