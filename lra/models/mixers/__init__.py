@@ -42,6 +42,7 @@ _SEQUENCE_MODELS: dict[str, str] = {
     "s4d": "s4d:S4D",
     "s5": "s5:S5",
     "lru": "lru:LRU",
+    "mamba2": "mamba2:Mamba2Block",
 }
 
 SEQUENCE_NAMES: tuple[str, ...] = tuple(_SEQUENCE_MODELS)

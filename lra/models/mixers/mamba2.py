@@ -1,0 +1,268 @@
+"""The Mamba2 block: in_proj, short convolution, SSD, gated RMSNorm, out_proj.
+
+Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
+Structured State Space Duality", ICML 2024 (the Mamba2 block, Fig. 6 and Sec. 7).
+Checked against the authors' code (github.com/state-spaces/mamba):
+mamba_ssm/modules/mamba2_simple.py (`Mamba2Simple`: the layout, the initialisation,
+`_no_weight_decay`) and mamba_ssm/modules/mamba2.py (`Mamba2`: the defaults headdim=64,
+d_state=128, and `step`). The code here is written from the paper's equations; the SSD
+itself is the gated linear-attention core (`lra.models.attention.gated.retain`), the
+same one as the attention `mamba2` (ssd.py), not a second implementation.
+
+Per token t, with E the width, d_inner = expand E, H = d_inner / head_dim heads of
+P = head_dim channels, N = d_state and one group (B, C shared by the heads):
+
+    [z, xBC, dt_raw] = in_proj(u_t)          z, x [d_inner], B, C [N], dt_raw [H]
+    xBC = silu(conv1d(xBC))                   depthwise, kernel conv_size, with bias
+    dt_h = softplus(dt_raw_h + dt_bias_h),    A_h = -exp(A_log_h)
+    h_t = exp(dt_h A_h) h_{t-1} + B_t^T (dt_h x_{t,h})    [N, P] per head
+    y_{t,h} = C_t h_t + D_h x_{t,h}
+    out_t = out_proj(RMSNorm(y_t * silu(z_t)))            (norm_before_gate=False)
+
+On the gated core q = C, k = B (broadcast over heads), v = dt x, and the log-gate is
+g = dt A <= 0 (one per head). in_proj and out_proj have no bias (Mamba2's bias=False);
+the RMSNorm is over all d_inner channels (one group) with a learned scale and eps 1e-5.
+
+Initialisation as Mamba2Simple: A ~ U[1, 16] (A_log = log A), dt ~ log-uniform in
+[0.001, 0.1] floored at 1e-4 and dt_bias = softplus^-1(dt) (`ssd.mamba2_init`), D = 1,
+norm scale 1; the convolution's weight and bias U(-1/sqrt(taps), 1/sqrt(taps)) (torch's
+Conv1d default for a depthwise kernel: fan-in = taps). The projections use flax's
+default (LeCun normal, the same 1/fan_in scale family as torch's Linear default); the
+reference's per-layer rescaling of out_proj (in its language-model wrapper) is not
+applied.
+
+Parameter groups: Mamba2 marks A_log, dt_bias and D `_no_weight_decay`; here they are
+`ssm.SsmParam`s, so lra.train gives them no weight decay and `config.ssm_learning_rate`
+(Mamba2 itself trains them at the model's learning rate: set ssm_learning_rate equal to
+learning_rate to match it exactly). Every other parameter is an ordinary `nnx.Param`.
+
+Bidirectional (causal=False): two choices, both documented here.
+- Convolution: centred, 2 conv_size - 1 taps (a token sees conv_size - 1 tokens on each
+  side and itself), so both directions see a symmetric window; as Hydra (Hwang et al.,
+  2024), whose bidirectional Mamba2 uses a centred convolution of 7 taps (= 2 * 4 - 1).
+  Causal: conv_size taps, a token sees itself and the conv_size - 1 before it.
+- SSD: fwd + rev - diag of the gated core (gated.py): y_t = C_t (sum_{s <= t}
+  decay(s, t] B_s^T dt_s x_s) + C_t (sum_{s > t} decay(t, s] B_s^T dt_s x_s), the decay
+  over (min, max] the product of exp(dt A) of those tokens; the D skip is added once.
+
+Masking ("skip"): padding is removed from the sequence. The input is zeroed at masked
+positions (`ssm.masked`); the convolution runs over the real tokens only (each row's
+real tokens are gathered to the front, convolved, and scattered back), so a real token's
+window holds the real tokens next to it, never a masked one; after the convolution x, B
+and C are zeroed at masked positions and the log-gate set to 0 (the state passes
+unchanged, as gated.py's `_gated`). A real output therefore equals that of the sequence
+of real tokens alone (holes, left or right padding alike), and `step` with mask False
+leaves the whole state (convolution window and SSD state) unchanged. Outputs at masked
+positions are finite and meaningless.
+
+Numerics: the projections run in the compute dtype with float32 parameters; the
+convolution, SSD (float32 state), D skip and norm run in float32; the result has x's
+dtype. No outer norm and no residual (the encoder block adds them); no MLP sub-block
+(`block_mlp = False`); dropout on the block's output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lra.models.attention import gated, ssd
+from lra.models.attention.linear import Form
+from lra.models.mixers import ssm
+
+_F32 = jnp.float32
+NORM_EPS = 1e-5  # Mamba2's RMSNormGated eps
+
+
+class State(NamedTuple):
+    """Decoding state, float32: the last conv_size - 1 inputs of the convolution
+    [B, conv_size - 1, d_inner + 2 N] and the SSD state [B, H, N, P]."""
+
+    conv_BxKxC: jax.Array
+    ssd_BxHxNxP: jax.Array
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def _rms_norm(y, scale):
+    return y * jax.lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + NORM_EPS) * scale
+
+
+class Mamba2Block(nnx.Module):
+    """The Mamba2 block (module docstring): x [B, L, E], mask [B, L] -> [B, L, E]."""
+
+    block_mlp = False  # the Mamba2 block has no MLP sub-block (config default)
+
+    def __init__(
+        self,
+        *,
+        emb_dim: int,
+        max_len: int,
+        causal: bool,
+        dropout: float,
+        dtype: Any,
+        rngs: nnx.Rngs,
+        expand: int = 2,
+        head_dim: int = 64,
+        d_state: int = 64,
+        conv_size: int = 4,
+        form: str = "chunked",
+        chunk_size: int = 64,
+    ):
+        """Builds the block.
+
+        Args:
+          emb_dim: E, the input and output width (Mamba2's d_model).
+          max_len: unused (no length limit); part of the contract.
+          causal: if True, output t sees tokens <= t only (and `step` decodes).
+          dropout: rate of the dropout on the block's output.
+          dtype: compute dtype of the projections; the rest runs in float32.
+          rngs: streams ``params`` and ``dropout``.
+          expand: d_inner = expand * E (Mamba2's default 2).
+          head_dim: P, channels per head (Mamba2's headdim, default 64); clipped to
+            d_inner when larger, and must divide d_inner.
+          d_state: N, the state size per head (Mamba2Simple's default 64; Mamba2's 128).
+          conv_size: the causal convolution's kernel (Mamba2's d_conv, default 4); the
+            bidirectional one has 2 conv_size - 1 centred taps.
+          form: how the SSD is computed: "chunked", "parallel" or "recurrent".
+          chunk_size: the chunked form's chunk (Mamba2's 256; 64 here as the gated cores).
+
+        Raises:
+          ValueError: naming the option, for a bad option value.
+        """
+        del max_len
+        for name, value in (("expand", expand), ("head_dim", head_dim), ("d_state", d_state),
+                            ("conv_size", conv_size), ("chunk_size", chunk_size)):
+            _positive_int(name, value)
+        self.form = Form(form)
+        d_inner = expand * emb_dim
+        head_dim = min(head_dim, d_inner)
+        if d_inner % head_dim:
+            raise ValueError(f"head_dim ({head_dim}) must divide d_inner = expand * emb_dim "
+                             f"= {d_inner}")
+        self.emb_dim, self.causal, self.dtype = emb_dim, bool(causal), dtype
+        self.d_inner, self.head_dim, self.d_state = d_inner, head_dim, d_state
+        self.num_heads = d_inner // head_dim
+        self.conv_size, self.chunk_size = conv_size, chunk_size
+        self.conv_dim = d_inner + 2 * d_state
+        taps = conv_size if self.causal else 2 * conv_size - 1
+
+        self.in_proj = nnx.Linear(emb_dim, 2 * d_inner + 2 * d_state + self.num_heads,
+                                  use_bias=False, dtype=dtype, rngs=rngs)
+        bound = 1.0 / math.sqrt(taps)
+        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, _F32, -bound, bound)
+        self.conv_weight_KxC = nnx.Param(uniform((taps, self.conv_dim)))
+        self.conv_bias_C = nnx.Param(uniform((self.conv_dim,)))
+        a_log_H, dt_bias_H = ssd.mamba2_init(rngs.params(), self.num_heads)
+        self.A_log_H = ssm.SsmParam(a_log_H)
+        self.dt_bias_H = ssm.SsmParam(dt_bias_H)
+        self.D_H = ssm.SsmParam(jnp.ones((self.num_heads,), _F32))
+        self.norm_scale_I = nnx.Param(jnp.ones((d_inner,), _F32))
+        self.out_proj = nnx.Linear(d_inner, emb_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @property
+    def decodes(self) -> bool:
+        """True if the block decodes token by token (`init_state` / `step`): causal."""
+        return self.causal
+
+    # --- pieces shared by __call__ and step ------------------------------------------
+
+    def _split_proj(self, zxbcdt):
+        i, n = self.d_inner, self.d_state
+        return zxbcdt[..., :i], zxbcdt[..., i:2 * i + 2 * n], zxbcdt[..., 2 * i + 2 * n:]
+
+    def _ssd_inputs(self, xBC, dt_raw, keep):
+        """x [.., H, P], q = C and k = B [.., H, N], v = dt x, log-gate [.., H, 1]; zero
+        (neutral gate) where `keep` [..] is False."""
+        keep = keep[..., None]
+        xBC = jnp.where(keep, xBC, 0.0)
+        x = xBC[..., :self.d_inner].reshape(*xBC.shape[:-1], self.num_heads, self.head_dim)
+        heads = lambda m: jnp.broadcast_to(m[..., None, :], (*m.shape[:-1], self.num_heads,
+                                                              self.d_state))
+        k = heads(xBC[..., self.d_inner:self.d_inner + self.d_state])
+        q = heads(xBC[..., self.d_inner + self.d_state:])
+        dt = jax.nn.softplus(dt_raw + self.dt_bias_H[...])
+        g = jnp.where(keep, -dt * jnp.exp(self.A_log_H[...]), 0.0)
+        return x, q, k, x * dt[..., None], g[..., None]
+
+    def _finish(self, y_xHxP, x_xHxP, z, deterministic):
+        y = y_xHxP + self.D_H[...][:, None] * x_xHxP
+        y = y.reshape(*y.shape[:-2], self.d_inner) * jax.nn.silu(z)
+        y = _rms_norm(y, self.norm_scale_I[...])
+        return self.dropout(self.out_proj(y.astype(self.dtype)), deterministic=deterministic)
+
+    def _conv(self, xBC_BxLxC, keep_BxL):
+        """The depthwise convolution over each row's real tokens (module docstring)."""
+        length = xBC_BxLxC.shape[1]
+        order_BxL = jnp.argsort(~keep_BxL, axis=1, stable=True)  # real tokens first
+        gather = lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=1)
+        u = gather(jnp.where(keep_BxL[..., None], xBC_BxLxC, 0.0), order_BxL)
+        w_KxC = self.conv_weight_KxC[...]
+        taps = w_KxC.shape[0]
+        before = self.conv_size - 1
+        u = jnp.pad(u, [(0, 0), (before, taps - 1 - before), (0, 0)])
+        out = sum(w_KxC[j] * u[:, j:j + length] for j in range(taps)) + self.conv_bias_C[...]
+        return gather(out, jnp.argsort(order_BxL, axis=1))
+
+    # --- the contract -------------------------------------------------------------------
+
+    def __call__(self, x_BxLxE: jax.Array, mask_BxL: jax.Array | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
+        """x [B, L, E], mask [B, L] bool (True = real) -> [B, L, E] in x's dtype."""
+        keep_BxL = (jnp.ones(x_BxLxE.shape[:2], bool) if mask_BxL is None
+                    else mask_BxL.astype(bool))
+        zxbcdt = self.in_proj(ssm.masked(x_BxLxE, keep_BxL)).astype(_F32)
+        z, xBC, dt_raw = self._split_proj(zxbcdt)
+        xBC = jax.nn.silu(self._conv(xBC, keep_BxL))
+        x, q, k, v, g = self._ssd_inputs(xBC, dt_raw, keep_BxL)
+        y = gated.retain(q, k, v, g, form=self.form, causal=self.causal,
+                         chunk_size=self.chunk_size)
+        return self._finish(y, x, z, deterministic).astype(x_BxLxE.dtype)
+
+    def init_state(self, batch_size: int) -> State:
+        """The empty decoding state (zero convolution window, zero SSD state)."""
+        return State(jnp.zeros((batch_size, self.conv_size - 1, self.conv_dim), _F32),
+                     jnp.zeros((batch_size, self.num_heads, self.d_state, self.head_dim), _F32))
+
+    def step(self, state: State, x_BxE: jax.Array, mask_B: jax.Array | None,
+             position: int) -> tuple[State, jax.Array]:
+        """Decodes one token; applied to tokens 0, 1, ... it gives the causal `__call__`
+        outputs (at real tokens).
+
+        Args:
+          state: from `init_state` or the previous step.
+          x_BxE: the token's input.
+          mask_B: bool, False where the token is padding (the state passes unchanged;
+            the output there is finite and meaningless).
+          position: unused (the block is time-invariant).
+
+        Returns:
+          (new state, output [B, E] in x's dtype).
+
+        Raises:
+          ValueError: if the block is not causal.
+        """
+        del position
+        if not self.causal:
+            raise ValueError("step decodes a causal Mamba2 block; build it with causal=True")
+        keep_B = (jnp.ones(x_BxE.shape[:1], bool) if mask_B is None else mask_B.astype(bool))
+        u = jnp.where(keep_B[:, None], x_BxE, jnp.zeros((), x_BxE.dtype))
+        z, xBC, dt_raw = self._split_proj(self.in_proj(u).astype(_F32))
+        window_BxKxC = jnp.concatenate([state.conv_BxKxC, xBC[:, None]], axis=1)
+        xBC = jax.nn.silu(jnp.sum(window_BxKxC * self.conv_weight_KxC[...], axis=1)
+                          + self.conv_bias_C[...])
+        x, q, k, v, g = self._ssd_inputs(xBC, dt_raw, keep_B)
+        S, y = gated._recurrent_step(state.ssd_BxHxNxP, q, k, v, g)
+        keep = keep_B[:, None, None]
+        new_state = State(jnp.where(keep, window_BxKxC[:, 1:], state.conv_BxKxC),
+                          jnp.where(keep[..., None], S, state.ssd_BxHxNxP))
+        return new_state, self._finish(y, x, z, True).astype(x_BxE.dtype)

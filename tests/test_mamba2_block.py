@@ -1,0 +1,228 @@
+"""The Mamba2 block (lra/models/mixers/mamba2.py), the mixer `mamba2`.
+
+The block must match a float64 NumPy forward written here from the paper's equations
+(Dao & Gu, ICML 2024, the Mamba2 block: in_proj, depthwise convolution, SiLU, the
+token-by-token SSD recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t^T x_t,
+y_t = C_t h_t + D x_t, the gated RMSNorm, out_proj), causal and bidirectional (the
+module's definition: a centred convolution of 2 conv_size - 1 taps; forward inclusive
+plus reverse exclusive sums of the SSD), with masked tokens dropped from the sequence
+(the module's "skip" semantics); it must pass the shared mixer checks (masks,
+causality, token-by-token decoding) and stay finite at 16K bfloat16 tokens. "Relative"
+tolerances are relative to the largest magnitude of the expected array.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from mixer_checks import (
+    check_contract,
+    check_no_future_leak,
+    check_no_mask_leak,
+    check_step_equals_full_pass,
+    make_mixer,
+    random_x,
+)
+
+from lra.models import mixers
+from lra.models.mixers import mamba2, ssm
+
+B, L, E = 3, 11, 8
+OPTIONS = {"expand": 2, "head_dim": 4, "d_state": 4, "chunk_size": 4}
+
+
+def _block(*, causal, seed=0, **options):
+    return make_mixer("mamba2", emb_dim=E, max_len=L, causal=causal, seed=seed,
+                      **{**OPTIONS, **options})
+
+
+def _edge_mask():
+    """Row 0 all real; row 1 first token masked, a hole in the middle, right padding;
+    row 2 right padding only."""
+    mask = np.ones((B, L), bool)
+    mask[1, [0, 4, 5, 9, 10]] = False
+    mask[2, 6:] = False
+    return jnp.asarray(mask)
+
+
+def _np(param):
+    return np.asarray(param[...], np.float64)
+
+
+def assert_close_relative(actual, expected, rtol=1e-5):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
+# --- a float64 NumPy Mamba2 block from the paper's equations -----------------------------
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _softplus(x):
+    return np.log1p(np.exp(x))
+
+
+def _reference_row(block, u_TxE, causal):
+    """The block on one sequence of T real tokens (no padding), float64 [T, E]."""
+    d_inner, n, heads, p = block.d_inner, block.d_state, block.num_heads, block.head_dim
+    k_conv = block.conv_size
+    zxbcdt = u_TxE @ _np(block.in_proj.kernel)  # no bias
+    z, xbc, dt_raw = (zxbcdt[:, :d_inner], zxbcdt[:, d_inner:2 * d_inner + 2 * n],
+                      zxbcdt[:, 2 * d_inner + 2 * n:])
+    # depthwise convolution: causal sees t-K+1..t; bidirectional t-K+1..t+K-1
+    w, bias = _np(block.conv_weight_KxC), _np(block.conv_bias_C)
+    offsets = range(-(k_conv - 1), 1) if causal else range(-(k_conv - 1), k_conv)
+    assert w.shape[0] == len(offsets)
+    T = len(u_TxE)
+    conv = np.tile(bias, (T, 1))
+    for t in range(T):
+        for tap, offset in enumerate(offsets):
+            if 0 <= t + offset < T:
+                conv[t] += w[tap] * xbc[t + offset]
+    xbc = _silu(conv)
+    x = xbc[:, :d_inner].reshape(T, heads, p)
+    Bm, Cm = xbc[:, d_inner:d_inner + n], xbc[:, d_inner + n:]
+    dt = _softplus(dt_raw + _np(block.dt_bias_H))  # [T, H]
+    A = -np.exp(_np(block.A_log_H))
+    a = np.exp(dt * A)  # [T, H]
+    y = np.zeros((T, heads, p))
+    h = np.zeros((heads, n, p))
+    for t in range(T):  # forward, inclusive: h_t = a_t h_{t-1} + B_t^T dt_t x_t
+        h = a[t][:, None, None] * h + np.einsum("n,hp->hnp", Bm[t], dt[t][:, None] * x[t])
+        y[t] += np.einsum("n,hnp->hp", Cm[t], h)
+    if not causal:  # reverse, exclusive: r_t = sum_{s>t} a_{t+1}..a_s B_s^T dt_s x_s
+        r = np.zeros((heads, n, p))
+        for t in range(T - 2, -1, -1):
+            r = a[t + 1][:, None, None] * (
+                r + np.einsum("n,hp->hnp", Bm[t + 1], dt[t + 1][:, None] * x[t + 1]))
+            y[t] += np.einsum("n,hnp->hp", Cm[t], r)
+    y = (y + _np(block.D_H)[:, None] * x).reshape(T, d_inner)
+    y = y * _silu(z)
+    y = y / np.sqrt(np.mean(y**2, -1, keepdims=True) + 1e-5) * _np(block.norm_scale_I)
+    return y @ _np(block.out_proj.kernel)
+
+
+def _reference(block, x, mask, causal):
+    """Masked tokens dropped: each row's real tokens alone; NaN at masked positions."""
+    x, mask = np.asarray(x, np.float64), np.asarray(mask)
+    out = np.full(x.shape, np.nan)
+    for row in range(len(x)):
+        out[row, mask[row]] = _reference_row(block, x[row, mask[row]], causal)
+    return out
+
+
+@pytest.mark.parametrize("causal,form", [(True, "chunked"), (False, "chunked"),
+                                         (True, "parallel"), (False, "recurrent")])
+def test_matches_numpy_reference(causal, form):
+    block = _block(causal=causal, form=form)
+    x, mask = random_x((B, L, E), seed=1), _edge_mask()
+    out = np.asarray(block(x, mask, deterministic=True), np.float64)
+    expected = _reference(block, x, mask, causal)
+    real = np.asarray(mask)
+    assert_close_relative(out[real], expected[real])
+
+
+def test_masked_tokens_are_dropped_from_the_sequence():
+    """A row with holes gives, at its real tokens, the outputs of its real tokens alone."""
+    for causal in (True, False):
+        block = _block(causal=causal)
+        x, mask = random_x((B, L, E), seed=2), _edge_mask()
+        out = np.asarray(block(x, mask), np.float64)
+        real = np.asarray(mask[1])
+        alone = np.asarray(block(x[1:2, real], None), np.float64)[0]
+        assert_close_relative(out[1, real], alone)
+
+
+def test_bidirectional_sees_both_sides_and_causal_only_the_past():
+    x = random_x((1, L, E), seed=3)
+    for causal in (True, False):
+        block = _block(causal=causal)
+        grad = jax.grad(lambda x: jnp.sum(block(x)[:, 5]))(x)
+        future = np.abs(np.asarray(grad)[0, 6:]).sum()
+        assert (future == 0.0) if causal else (future > 0.0)
+
+
+# --- the shared checks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_contract_and_no_mask_leak(causal):
+    block = _block(causal=causal)
+    x, mask = random_x((B, L, E), seed=4), _edge_mask()
+    check_contract(block, x, mask)
+    check_no_mask_leak(block, x, mask)
+
+
+def test_no_future_leak():
+    check_no_future_leak(_block(causal=True), random_x((B, L, E), seed=5), _edge_mask())
+
+
+def test_step_equals_full_pass_and_masked_step_keeps_the_state():
+    block = _block(causal=True)
+    assert block.decodes and not _block(causal=False).decodes
+    x, mask = random_x((B, L, E), seed=6), _edge_mask()
+    check_step_equals_full_pass(block, x, mask)
+    state = block.init_state(B)
+    state, _ = block.step(state, x[:, 0], jnp.ones(B, bool), 0)
+    kept, _ = block.step(state, x[:, 1], jnp.zeros(B, bool), 1)
+    for before, after in zip(state, kept):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    assert np.abs(np.asarray(state.ssd_BxHxNxP)).sum() > 0  # the check can fail
+    with pytest.raises(ValueError, match="causal"):
+        _block(causal=False).step(_block(causal=False).init_state(B), x[:, 0], None, 0)
+
+
+def test_bfloat16_at_16k_tokens_is_finite():
+    block = _block(causal=False, chunk_size=64)
+    x = random_x((1, 16384, E), seed=7, dtype=jnp.bfloat16)
+    mask = jnp.arange(16384)[None] < 16000
+    out = check_contract(block, x, mask)
+    assert out.dtype == jnp.bfloat16
+
+
+# --- parameters, options, registry -------------------------------------------------------
+
+
+def test_ssm_params_are_a_log_dt_bias_and_d():
+    block = _block(causal=False)
+    ssm_params = nnx.state(block, ssm.SsmParam)
+    names = {path[-1] for path, _ in nnx.to_flat_state(ssm_params)}
+    assert names == {"A_log_H", "dt_bias_H", "D_H"}
+    a = np.exp(_np(block.A_log_H))
+    assert ((a >= 1.0) & (a <= 16.0)).all()
+    dt = _softplus(_np(block.dt_bias_H))
+    assert ((dt >= 1e-4 * 0.999) & (dt <= 0.1 * 1.001)).all()
+    np.testing.assert_array_equal(_np(block.D_H), 1.0)
+
+
+def test_shapes_from_options_and_head_dim_is_clipped():
+    block = _block(causal=True)
+    assert (block.d_inner, block.num_heads, block.d_state) == (16, 4, 4)
+    assert block.in_proj.kernel.shape == (E, 2 * 16 + 2 * 4 + 4)
+    assert block.conv_weight_KxC.shape == (4, 16 + 8)
+    assert _block(causal=False).conv_weight_KxC.shape == (7, 16 + 8)
+    assert block.in_proj.bias is None and block.out_proj.bias is None
+    wide = make_mixer("mamba2", emb_dim=E, causal=False)  # head_dim 64 > d_inner 16
+    assert (wide.head_dim, wide.num_heads) == (16, 1)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("expand", 0), ("head_dim", 3), ("head_dim", 0), ("d_state", 0), ("conv_size", 0),
+    ("chunk_size", 0), ("chunk_size", 2.5), ("form", "nope"), ("expand", True)])
+def test_bad_options_raise_naming_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        _block(causal=False, **{option: value})
+
+
+def test_registry_makes_the_block_under_mamba2():
+    assert "mamba2" in mixers.SEQUENCE_NAMES and "mamba2" not in mixers.ATTENTION_NAMES
+    assert not mixers.is_attention("mamba2")
+    assert not mixers.default_block_mlp("mamba2")
+    assert mixers.default_options("mamba2") == {
+        "expand": 2, "head_dim": 64, "d_state": 64, "conv_size": 4, "form": "chunked",
+        "chunk_size": 64}
+    assert isinstance(_block(causal=False), mamba2.Mamba2Block)
