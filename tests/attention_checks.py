@@ -104,9 +104,13 @@ def outputs_and_grads(core, q, k, v, mask):
 
 
 def assert_close_relative(actual, expected, rtol=1e-5):
-    """|actual - expected| <= rtol * max |expected| everywhere, in float64."""
+    """|actual - expected| <= rtol * max |expected| everywhere, in float64 (same shapes;
+    an all-zero expectation is refused, since then the comparison could not fail)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
 def _perturb_masked(x, mask, seed):

@@ -72,11 +72,3 @@ def finite_difference_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         grad[index] = (f(x + step) - f(x - step)) / (2 * eps)
     return grad
 
-
-def assert_close_relative(actual, expected, rtol=1e-5):
-    """|actual - expected| <= rtol * max |expected| everywhere."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = np.abs(expected).max()
-    assert scale > 0  # the comparison can fail
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)

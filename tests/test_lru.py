@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_checks import assert_close_relative
 from flax import nnx
 from mixer_checks import (
     check_contract,
@@ -25,7 +26,6 @@ from mixer_checks import (
     random_x,
 )
 from ssm_reference import (
-    assert_close_relative,
     complex_param,
     edge_mask,
     finite_difference_grad,

@@ -14,7 +14,7 @@ import pytest
 
 from configs import image, listops, pathfinder, retrieval, text
 from lra import released, report, sweep, train
-from lra.models import attention
+from lra.models import attention, mixers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lra_released_configs.json"
 CONFIGS = {"listops": listops, "text": text, "retrieval": retrieval, "image": image,
@@ -99,9 +99,9 @@ def test_settings_name_the_released_file(task, name):
 
 
 def test_attentions_without_a_published_row_keep_their_defaults():
-    for name in sorted(set(attention.NAMES) - set(PUBLISHED)):
+    for name in sorted(set(mixers.NAMES) - set(PUBLISHED)):  # mamba2: the block
         config = text.get_config(f"attention={name}")
-        assert config.model.attention_options.to_dict() == attention.default_options(name)
+        assert config.model.attention_options.to_dict() == mixers.default_options(name)
         assert released.differences(json.loads(config.to_json_best_effort())) is None
     config = listops.get_config("attention=performer")
     config.task = "pathx"  # no released per-attention config for Path-X
