@@ -17,6 +17,9 @@ from lra.models import mixers
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
 DATA_ROOT = os.path.expanduser(os.environ.get("LRA_DATA_DIR", "~/.cache/lra"))
+# The user's cache folder (XDG), for the compilation cache.
+CACHE_ROOT = os.path.join(
+    os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "lra")
 
 ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str}
 
@@ -96,6 +99,12 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.checkpoint_every = 500  # also saved at the end and on SIGTERM
     config.keep_checkpoints = 3  # the newest N are kept, so a corrupt latest one has a fallback
     config.num_devices = 0  # 0 = every device; N = the first N (for checks and debugging)
+    # Compiled programs are kept here across processes, so a requeued or resumed job does
+    # not compile again ("" = no persistent cache).
+    config.compilation_cache_dir = os.path.join(CACHE_ROOT, "jax-compilation-cache")
+    # Precision of float32 matmuls: default (the platform's: TF32/bf16 passes on GPU/TPU)
+    # | high | highest (full float32 everywhere).
+    config.matmul_precision = "default"
     # Memory and speed; only `dtype` changes results beyond float rounding (see lra/train.py).
     # Devices form a (data, fsdp) mesh: mesh_fsdp devices share each parameter and optimizer
     # array (sharded), the data axis gets the other factor; batches are split over both.

@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -68,7 +69,7 @@ CONFIG_FILE = "config.json"
 # the alias existed have no `mixer` key and still resume).
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
                      "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat",
-                     "mixer")
+                     "mixer", "compilation_cache_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,6 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     workdir = Path(workdir).expanduser()
     task = tasks.get(config.task)
+    use_compilation_cache(config.get("compilation_cache_dir", ""))
     mesh = make_mesh(config.num_devices, config.mesh_fsdp)
     validate_config(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -387,8 +389,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
     for split, arrays in splits.items():
         data.warn_if_truncated(arrays, config.max_length, split)
-    with jax.set_mesh(mesh):
+    precision = config.get("matmul_precision", "default")
+    with jax.set_mesh(mesh), jax.default_matmul_precision(
+            None if precision == "default" else precision):
         return _Trainer(config, task, mesh, workdir, splits).run()
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled programs in `directory` across processes ("" = off).
+
+    JAX reads the setting when it first compiles with the persistent cache, so it applies
+    to a process's first run (launch.py, a sweep's subprocesses), not to one that already
+    compiled with another setting.
+    """
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
 def _prepare_data(task, config: ml_collections.ConfigDict) -> None:

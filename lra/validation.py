@@ -36,6 +36,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"config.warmup_steps={config.warmup_steps} must be in [0, num_train_steps="
             f"{config.num_train_steps}): a warmup longer than training never reaches the peak"
         )
+    precisions = ("default", "high", "highest")
+    if config.get("matmul_precision", "default") not in precisions:
+        raise ValueError(f"config.matmul_precision={config.matmul_precision!r}; known: "
+                         f"{', '.join(precisions)}")
     if config.schedule not in SCHEDULES:
         raise ValueError(f"config.schedule={config.schedule!r}; known: {', '.join(SCHEDULES)}")
     for key in ("weight_decay", "grad_clip", "model.dropout", "model.attention_dropout",
