@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -55,10 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend import core as jax_core
 from jax.sharding import NamedSharding
 
-from lra import bench_output, sharding, train
+from lra import bench_flops, bench_output, sharding, train
+from lra.bench_flops import dot_flops
 from lra.models import attention, mixers
 
 SCOPES = ("layer", "step")
@@ -240,83 +239,6 @@ PROGRAMS: dict[str, Callable[[str, int, Settings], Program]] = {
 
 
 # ---------------------------------------------------------------------------------------
-# FLOPs and the device's matmul rate
-
-
-def dot_flops(fn: Callable, *args) -> int:
-    """FLOPs of the matrix products `fn(*args)` performs (2 per multiply-add), from its jaxpr.
-
-    A scan body counts `length` times, a cond its most expensive branch, a while-loop body
-    once (its trip count is unknown before running). XLA's cost analysis, by contrast,
-    counts every loop body once, which undercounts chunked and recurrent forms.
-
-    Args:
-      fn: a function of arrays (jitted or not).
-      *args: arrays or `jax.ShapeDtypeStruct`s to trace it with.
-    """
-    return _jaxpr_dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def _jaxpr_dot_flops(jaxpr: jax_core.Jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs_shape = eqn.invars[0].aval.shape
-            depth = math.prod(lhs_shape[axis] for axis in contract)
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * depth
-            continue
-        inner = [_jaxpr_dot_flops(sub) for sub in _subjaxprs(eqn.params)]
-        if not inner:
-            continue
-        if eqn.primitive.name == "scan":
-            total += eqn.params["length"] * sum(inner)
-        elif eqn.primitive.name == "cond":
-            total += max(inner)
-        else:
-            total += sum(inner)
-    return total
-
-
-def _subjaxprs(params: dict):
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax_core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax_core.Jaxpr):
-                yield item
-
-
-def matmul_flops_per_s(size: int, dtype: str, repeats: int) -> float:
-    """FLOP/s of a [size, size] @ [size, size] matmul on the default device (median)."""
-    keys = jax.random.split(jax.random.key(1), 2)
-    a, b = (jax.random.normal(key, (size, size), dtype) for key in keys)
-    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    jax.block_until_ready(compiled(a, b))
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(a, b))
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
-
-
-def _cost_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
-def _compiled_peak(compiled) -> int | None:
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
-# ---------------------------------------------------------------------------------------
 # Measuring
 
 
@@ -370,8 +292,9 @@ def prepare(entry: str, scope: str, length: int, settings: Settings,
         compiled = program.fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
         return Prepared(_oom_record(record, error))
-    peak = _compiled_peak(compiled)
-    record.update(peak_bytes=peak, compiled_peak_bytes=peak, flops=_cost_flops(compiled),
+    peak = bench_flops.compiled_peak(compiled)
+    record.update(peak_bytes=peak, compiled_peak_bytes=peak,
+                  flops=bench_flops.cost_flops(compiled),
                   dot_flops=dot_flops(program.fn, *args))
     if peak is not None and peak > settings.memory_budget_bytes:
         record.update(oom=True, error=f"compiled peak {peak:,} bytes exceeds the budget of "
@@ -588,7 +511,7 @@ def main(argv=None) -> list[dict]:
         step_emb_dim=args.step_emb_dim, step_qkv_dim=args.step_qkv_dim,
         step_heads=args.step_heads, step_mlp_dim=args.step_mlp_dim,
         step_dropout=args.step_dropout)
-    matmul_peak = matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
+    matmul_peak = bench_flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
     print(f"{device_name()}: {args.matmul_size}^2 matmul at {matmul_peak / 1e9:,.1f} GFLOP/s "
           f"({args.dtype})", file=sys.stderr, flush=True)
     records = run(entries, scopes, lengths, settings, matmul_peak)
