@@ -2,8 +2,9 @@
 
 A config file is `get_config(arg)`, where `arg` is the text after the colon in
 `--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>` (or
-its alias `mixer=<name>`), `seed=<int>`, `preset=<name>`. Every key the training loop reads gets its default here or
-in the task's file, each with a comment; `lra.train` never falls back to defaults of its own.
+its alias `mixer=<name>`), `seed=<int>`, `preset=<name>`. Every key the training loop
+reads gets its default here or in the task's file, each with a comment; `lra.train` never
+falls back to defaults of its own.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ CACHE_ROOT = os.path.join(
 ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str}
 
 
-def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
+def parse_arg(arg: str | None, presets: tuple[str, ...], *,
+              runlocal_attention: str = "softmax") -> dict:
     """Parses `runlocal,attention=linear,seed=1,preset=lra` into a dict of typed values.
 
+    `mixer=` is `attention=` under the mixer registry's name. Without either, the mixer is
+    s5 under preset=s5 (S5's released settings are for S5), `runlocal_attention` under
+    runlocal (a task file may name one its length allows) and softmax otherwise.
+
     Raises:
-      ValueError: for an unknown argument, a malformed value or an unknown preset.
+      ValueError: for an unknown argument, a malformed value, an unknown preset or mixer.
     """
-    parsed = {"runlocal": False, "attention": "softmax", "seed": 0, "preset": presets[0]}
+    parsed = {"runlocal": False, "attention": None, "seed": 0, "preset": presets[0]}
     for item in filter(None, (arg or "").split(",")):
         name, has_value, value = item.partition("=")
         name = name.strip()
@@ -45,13 +51,12 @@ def parse_arg(arg: str | None, presets: tuple[str, ...]) -> dict:
         if not has_value or not value:
             raise ValueError(f"config argument {name!r} needs a value, e.g. {name}=...")
         try:
-            parsed[name] = kind(value)
+            parsed["attention" if name == "mixer" else name] = kind(value)
         except ValueError:
             raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
-    if "mixer" in parsed:  # `mixer=` is `attention=` under the mixer registry's name
-        parsed["attention"] = parsed.pop("mixer")
-    elif parsed["preset"] == "s5" and "attention=" not in (arg or "").replace(" ", ""):
-        parsed["attention"] = "s5"  # S5's released settings are for S5
+    if parsed["attention"] is None:
+        parsed["attention"] = ("s5" if parsed["preset"] == "s5" else
+                               runlocal_attention if parsed["runlocal"] else "softmax")
     if parsed["preset"] == "s5" and parsed["attention"] != "s5":
         raise ValueError(f"preset=s5 holds S5's released settings; it runs attention=s5, "
                          f"not {parsed['attention']!r} (leave attention out)")

@@ -31,10 +31,8 @@ TRAIN_EXAMPLES = 160_000
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, PRESETS)
-    named = "attention=" in (arg or "") or "mixer=" in (arg or "")
-    if args["runlocal"] and not named and args["preset"] != "s5":
-        args["attention"] = "local"  # linear in length: a CPU can run 16,384 tokens
+    # runlocal without a named mixer: local, linear in length (a CPU runs 16,384 tokens)
+    args = common.parse_arg(arg, PRESETS, runlocal_attention="local")
     config = common.base_config("pathx", args)
     # Generator settings: LRA's 160K/20K/20K split of 200K images at 128x128.
     config.prepare.num_train = TRAIN_EXAMPLES

@@ -408,11 +408,16 @@ def apply(config) -> None:
     """
     for path, setting in settings(config.task, config.attention,
                                   max_length=config.max_length).items():
-        *parents, name = path.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[name] = setting.value
+        set_path(config, path, setting.value)
+
+
+def set_path(config, path: str, value) -> None:
+    """config.<path> = value for a dotted path such as "model.attention_options.proj_len"."""
+    *parents, name = path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lra import released
+
 SOURCE = "lindermanlab/S5 bin/run_experiments/run_lra_{}.sh"
 DEFAULTS_SOURCE = "lindermanlab/S5 run_train.py (flag default)"
 
@@ -142,8 +144,4 @@ def settings(task: str) -> dict[str, tuple[Any, str]]:
 def apply(config) -> None:
     """Sets S5's released settings on a config built by configs/<task>.py."""
     for path, (value, _) in settings(config.task).items():
-        *parents, name = path.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[name] = value
+        released.set_path(config, path, value)

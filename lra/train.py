@@ -57,10 +57,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 import lra
 from lra import data, distributed, logs, models, tasks
 from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
-from lra.validation import validate_config  # noqa: F401 (public here too)
 from lra.models.mixers.ssm import SsmParam
 from lra.sharding import batch_spec, fsdp_spec, make_mesh, state_shardings
 from lra.tasks import storage
+from lra.validation import validate_config  # noqa: F401 (public here too)
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"

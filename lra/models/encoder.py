@@ -1,8 +1,9 @@
-"""The one encoder: embeddings, positions, pre-LN blocks, pooling, heads.
+"""The one encoder: embeddings, positions, pre-norm blocks, pooling, heads.
 
 Every mixer (attention family or sequence model) shares every line here except the
-token-mixing layer, which comes from the `lra.models.mixers` registry by name. Shapes: B batch, L length (including
-the CLS position when pooling is "cls"), E emb_dim, H heads, D head_dim, K classes.
+token-mixing layer, which comes from the `lra.models.mixers` registry by name. Shapes:
+B batch, L length (including the CLS position when pooling is "cls"), E emb_dim, H heads,
+D head_dim, K classes.
 
 Causal mode (`causal=True`, pooling "last"): every block attends only to earlier
 tokens and the last real token is pooled, so the encoder reads left to right. With a
@@ -29,7 +30,6 @@ from flax import nnx
 
 from lra.models import mixers
 from lra.models.attention import Choice
-from lra.models.mixers import MultiHeadAttention  # noqa: F401  (the attention mixer)
 from lra.models.norm import make_norm
 
 

@@ -1,9 +1,9 @@
 """The normalisation of a block's sub-layers: LayerNorm (Transformers) or BatchNorm (S5).
 
 `make_norm(kind, ...)` builds a norm called as `norm(x, mask, *, deterministic)` on
-[B, L, E] or, when decoding, on one token [B, E]. BatchNorm's statistics are taken over the real tokens only
-(the mask), over the whole global batch (under `jit` with a sharded batch the mean is the
-global one); evaluation and decoding (`deterministic=True`) use the running averages,
+[B, L, E] or, when decoding, on one token [B, E]. BatchNorm's statistics are taken over
+the real tokens only (the mask), over the whole global batch (under `jit` with a sharded
+batch the mean is the global one); evaluation and decoding (`deterministic=True`) use the running averages,
 updated with `momentum` during training as S5's code (flax's BatchNorm) does:
 running = momentum * running + (1 - momentum) * batch statistic.
 """
