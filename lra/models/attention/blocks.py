@@ -35,13 +35,6 @@ def check_int(option: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_bool(option: str, value) -> bool:
-    """Returns `value` as a bool, or raises ValueError naming `option`."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{option} must be True or False; got {value!r}")
-    return bool(value)
-
-
 def num_blocks(length: int, block_size: int) -> int:
     """N = ceil(length / block_size)."""
     return -(-length // block_size)

@@ -70,8 +70,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.models.attention import Choice, positive_int
 from lra.models.attention.linear import decode_keep
+from lra.models.attention.ssd import mamba2_init
 
 NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
 _F32 = jnp.float32
@@ -305,12 +306,10 @@ class DeltaNetAttention(nnx.Module):
         chunk_size: int = 64,
     ):
         del dropout_rate  # no probabilities to drop
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
-        self.chunk_size = chunk_size
+        self.chunk_size = positive_int("chunk_size", chunk_size)
         init = nnx.initializers.normal(1.0 / math.sqrt(head_dim))
         self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), _F32))
         self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), _F32))
@@ -378,10 +377,6 @@ class DeltaNetAttention(nnx.Module):
         return State(S_BxHxDxD), out_BxHxD.astype(q_BxHxD.dtype)
 
 
-def _inverse_softplus(y: jax.Array) -> jax.Array:
-    return y + jnp.log(-jnp.expm1(-y))
-
-
 class GatedDeltaNetAttention(DeltaNetAttention):
     """Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025): the delta rule with a decay.
 
@@ -394,10 +389,8 @@ class GatedDeltaNetAttention(DeltaNetAttention):
         heads, dim = self.num_heads, self.head_dim
         init = nnx.initializers.normal(1.0 / math.sqrt(dim))
         self.alpha_w_HxD = nnx.Param(init(rngs.params(), (heads, dim), _F32))
-        log_dt_H = jax.random.uniform(rngs.params(), (heads,), _F32, math.log(1e-3), math.log(1e-1))
-        self.dt_bias_H = nnx.Param(_inverse_softplus(jnp.exp(log_dt_H)))
-        a_H = jax.random.uniform(rngs.params(), (heads,), _F32, 1.0, 16.0)
-        self.a_log_H = nnx.Param(jnp.log(a_H))
+        a_log_H, dt_bias_H = mamba2_init(rngs.params(), heads)
+        self.a_log_H, self.dt_bias_H = nnx.Param(a_log_H), nnx.Param(dt_bias_H)
 
     def log_alpha(self, k_BxLxHxD):
         logit_BxLxH = jnp.einsum("blhd,hd->blh", k_BxLxHxD, self.alpha_w_HxD[...])

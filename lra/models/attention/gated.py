@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models.attention import positive_int
 from lra.models.attention.linear import _F32, Form, _dot, decode_keep
 
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default, as RetNet's GroupNorm
@@ -258,12 +259,10 @@ class GatedAttention(nnx.Module):
         chunk_size: int,
         group_norm: bool,
     ):
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
-        self.chunk_size = chunk_size
+        self.chunk_size = positive_int("chunk_size", chunk_size)
         self.norm = GroupNorm(num_heads, head_dim) if group_norm else None
 
     def gate(self, q, k, v):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice, check_length
+from lra.models.attention import Choice, check_length, positive_int
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
@@ -225,12 +225,10 @@ class KernelizedAttention(nnx.Module):
         this one; a family without (linear, cosformer) inherits it as it is.
         """
         del dropout_rate, rngs  # no probabilities to drop; the core has no parameters
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
-        self.chunk_size = chunk_size
+        self.chunk_size = positive_int("chunk_size", chunk_size)
 
     @property
     def num_features(self) -> int:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import blocks
+from lra.models.attention import blocks, boolean
 
 
 class LocalAttention(nnx.Module):
@@ -42,7 +42,7 @@ class LocalAttention(nnx.Module):
         del num_heads, head_dim, max_len  # no parameters, no length-dependent state
         self.causal = causal
         self.block_size = blocks.check_int("block_size", block_size, 1)
-        self.overlap = blocks.check_bool("overlap", overlap)
+        self.overlap = boolean("overlap", overlap)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(

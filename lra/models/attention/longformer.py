@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention import blocks
+from lra.models.attention import blocks, boolean
 
 
 class LongformerAttention(nnx.Module):
@@ -57,7 +57,7 @@ class LongformerAttention(nnx.Module):
         global_projections: bool = False,
     ):
         self.causal = causal
-        self.global_projections = blocks.check_bool("global_projections", global_projections)
+        self.global_projections = boolean("global_projections", global_projections)
         if self.global_projections:
             init = nnx.initializers.normal(head_dim**-0.5)
             shape = (num_heads, head_dim, head_dim)

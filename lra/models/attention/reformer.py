@@ -6,10 +6,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from lra.models.attention import check_length
+from lra.models.attention import check_length, positive_int
 
 # Logit of a masked or padding key (a masked query row with no real key averages these).
 _MASKED = -1e9
@@ -21,12 +20,6 @@ _SELF = -1e5
 
 class LSHRotations(nnx.Variable):
     """The fixed random rotations of angular LSH: drawn at init, never trained."""
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 class ReformerAttention(nnx.Module):
@@ -93,8 +86,8 @@ class ReformerAttention(nnx.Module):
         num_hashes: int = 2,
         bucket_size: int = 64,
     ):
-        self.num_hashes = _positive_int("num_hashes", num_hashes)
-        self.bucket_size = _positive_int("bucket_size", bucket_size)
+        self.num_hashes = positive_int("num_hashes", num_hashes)
+        self.bucket_size = positive_int("bucket_size", bucket_size)
         self.max_len = max_len
         self.causal = causal
         max_buckets = 2 * math.ceil(max_len / (2 * self.bucket_size))

@@ -9,16 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention import check_length
+from lra.models.attention import check_length, positive_int
 
 # Logit of a key that may not be attended to (masked or padding).
 _MASKED = -1e9
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 class SinkhornAttention(nnx.Module):
@@ -72,9 +66,9 @@ class SinkhornAttention(nnx.Module):
                 "sinkhorn attention does not support causal=True (the paper's causal "
                 "variant with cumulative sorting is not implemented)"
             )
-        self.block_size = _positive_int("block_size", block_size)
-        self.sinkhorn_iters = _positive_int("sinkhorn_iters", sinkhorn_iters)
-        hidden_dim = _positive_int("hidden_dim", hidden_dim)
+        self.block_size = positive_int("block_size", block_size)
+        self.sinkhorn_iters = positive_int("sinkhorn_iters", sinkhorn_iters)
+        hidden_dim = positive_int("hidden_dim", hidden_dim)
         if isinstance(temperature, bool) or not (
             isinstance(temperature, (int, float, np.number)) and 0 < temperature < math.inf
         ):

@@ -67,12 +67,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models import attention
 from lra.models.mixers import ssm
 from lra.models.mixers.s4d import (
     DiagonalSsmLayer,
     as_complex,
-    check_number,
-    check_positive_int,
     complex_normal,
 )
 
@@ -120,9 +119,9 @@ class LRU(DiagonalSsmLayer):
           ValueError: for a bad option (the message names it).
         """
         del max_len  # a recurrence: any length
-        check_positive_int("state_size", state_size)
+        attention.positive_int("state_size", state_size)
         for name, value in (("r_min", r_min), ("r_max", r_max), ("max_phase", max_phase)):
-            check_number(name, value)
+            attention.real_number(name, value)
         if not 0 <= r_min <= r_max < 1:
             raise ValueError(f"r_min and r_max must satisfy 0 <= r_min <= r_max < 1; "
                              f"got r_min={r_min!r}, r_max={r_max!r}")

@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models import attention
 from lra.models.attention import gated, ssd
 from lra.models.attention.linear import Form
 from lra.models.mixers import ssm
@@ -84,12 +85,6 @@ class State(NamedTuple):
 
     conv_BxKxC: jax.Array
     ssd_BxHxNxP: jax.Array
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 def _rms_norm(y, scale):
@@ -141,7 +136,7 @@ class Mamba2Block(nnx.Module):
         del max_len
         for name, value in (("expand", expand), ("head_dim", head_dim), ("d_state", d_state),
                             ("conv_size", conv_size), ("chunk_size", chunk_size)):
-            _positive_int(name, value)
+            attention.positive_int(name, value)
         self.form = Form(form)
         d_inner = expand * emb_dim
         head_dim = min(head_dim, d_inner)

@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.models import attention
 from lra.models.attention import Choice
 from lra.models.mixers import ssm
 
@@ -83,24 +84,6 @@ _C64 = jnp.complex64
 
 
 # --- shared by S4D and the LRU (lru.py) ---------------------------------------------
-
-
-def check_positive_int(name: str, value) -> None:
-    """Raises ValueError unless `value` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
-def check_number(name: str, value) -> None:
-    """Raises ValueError unless `value` is a real number (int or float, not bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    """Raises ValueError unless `value` is a bool."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
 def complex_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
@@ -135,7 +118,7 @@ class DiagonalSsmLayer(nnx.Module):
 
     def _setup(self, *, emb_dim: int, causal: bool, bidirectional: bool, activation: str,
                dropout: float, dtype: Any, rngs: nnx.Rngs) -> None:
-        check_bool("bidirectional", bidirectional)
+        attention.boolean("bidirectional", bidirectional)
         self.emb_dim = emb_dim
         self.causal = causal
         self.bidirectional = bidirectional and not causal  # causal implies one direction
@@ -281,11 +264,11 @@ class S4D(DiagonalSsmLayer):
           ValueError: for a bad option (the message names it).
         """
         del max_len  # the kernel is built for each call's length
-        check_positive_int("state_size", state_size)
+        attention.positive_int("state_size", state_size)
         if state_size % 2:
             raise ValueError(f"state_size must be even (N/2 conjugate pairs); got {state_size}")
-        check_number("dt_min", dt_min)
-        check_number("dt_max", dt_max)
+        attention.real_number("dt_min", dt_min)
+        attention.real_number("dt_max", dt_max)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max; "
                              f"got dt_min={dt_min!r}, dt_max={dt_max!r}")

@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.models import attention
 from lra.models.attention import Choice
 from lra.models.mixers import ssm
 
@@ -134,15 +135,9 @@ def init_eigenbasis(state_size: int, blocks: int, conj_sym: bool
     return np.tile(Lambda, blocks), np.kron(np.eye(blocks), V)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
-
-
 def _validate(state_size, blocks, conj_sym, dt_min, dt_max) -> None:
-    _positive_int("state_size", state_size)
-    _positive_int("blocks", blocks)
+    attention.positive_int("state_size", state_size)
+    attention.positive_int("blocks", blocks)
     if state_size % blocks:
         raise ValueError(f"state_size ({state_size}) must be a multiple of blocks ({blocks})")
     if conj_sym and (state_size // blocks) % 2:
