@@ -1,26 +1,45 @@
-# Two entry points that work on a fresh machine with only python3 (and pip):
-#   make demo   a short real ListOps training run on this machine (CPU is fine)
-#   make test   the test suite
-# Each creates .venv and installs what it needs first.
+# Entry points that work on a fresh machine with only python3 (and pip):
+#   make demo       a short real ListOps training run on this machine (CPU is fine)
+#   make test       the test suite
+#   make gpu-check  on one NVIDIA GPU: attention tests, benchmark, a ListOps run (< 8 min)
+# Each creates its virtual environment and installs what it needs first: the demo only
+# lra itself (no TensorFlow), the tests the test extra, the GPU check the gpu-check extra
+# (jax[cuda12], pytest) into .venv-gpu.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+GPU_VENV := .venv-gpu
 DEMO_DIR ?= runs/listops-demo
 
-.PHONY: demo test clean
+.PHONY: demo test gpu-check clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
+$(GPU_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[gpu-check]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(PY) launch.py --config configs/listops.py:runlocal --workdir $(DEMO_DIR)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n auto --maxprocesses=4 tests
 
+gpu-check: $(GPU_VENV)/.installed
+	PYTHON=$(GPU_VENV)/bin/python scripts/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from lra import released, released_s5
+from lra import released, released_s5, released_spt
 from lra.models import mixers
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
@@ -82,6 +82,12 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.data_dir = os.path.join(DATA_ROOT, task)  # prepared data (official layout accepted)
     # Settings handed to the task's `prepare` when the data has to be generated.
     config.prepare = ml_collections.ConfigDict()
+    # Several processes (hosts): True = every host sees the same data_dir (a shared file
+    # system): process 0 prepares it and the others wait for its marker file; False = each
+    # host prepares its own copy (deterministic; the copies' manifests are compared).
+    config.shared_filesystem = True
+    # How long the other processes wait for process 0 to prepare the data (seconds).
+    config.prepare_wait_seconds = 7200.0
     config.max_length = 1000  # tokens per sequence: longer ones are truncated, shorter padded
     config.batch_size = 32  # global batch, split over the `data` mesh axis
     config.eval_batch_size = 32  # global batch for evaluation; the last one is padded
@@ -99,6 +105,23 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.ssm_learning_rate = 1e-3
     config.ssm_weight_decay = 0.0  # of the SsmParams (the papers: none)
     config.grad_clip = 0.0  # clip gradients to this global norm; 0 = no clipping
+    # What is trained (lra/objectives.py): classify (the task's labels) | causal_lm (next
+    # token, causal encoders) | masked_lm (masked tokens, bidirectional encoders), the last
+    # two on the task's own inputs (self-pretraining, Amos et al. 2024).
+    config.objective = "classify"
+    config.mask_rate = 0.15  # masked_lm: fraction of real tokens masked (Amos et al.: 10-50%)
+    # Fine-tuning (lra/pretraining.py): start the encoder from the run in this workdir
+    # ("" = from scratch), at its best-validation or last checkpoint: best | last.
+    config.init_from = ""
+    config.init_from_checkpoint = "best"
+    # The SPT protocol in one command: spt.pretrain_steps > 0 pretrains that many steps in
+    # WORKDIR/pretrain (objective: causal_lm if model.causal else masked_lm, unless
+    # spt.objective names one), then fine-tunes num_train_steps steps in WORKDIR/finetune.
+    config.spt = ml_collections.ConfigDict()
+    config.spt.pretrain_steps = 0
+    config.spt.objective = ""
+    config.spt.learning_rate = 1e-3  # pretraining's peak learning rate
+    config.spt.warmup_steps = 100  # pretraining's warmup
     config.log_every = 50  # train metrics are averaged over this many steps
     config.eval_every = 500  # full validation pass; test too whenever validation improves
     config.checkpoint_every = 500  # also saved at the end and on SIGTERM
@@ -117,6 +140,14 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1  # micro-batches per step: same steps, 1/N activation memory
     config.dtype = "float32"  # compute: float32 | bfloat16 (parameters, optimizer stay float32)
     config.remat = False  # recompute each block in the backward pass: less memory, more FLOPs
+    # The input pipeline (grain); neither changes results, so both may change on resume.
+    # Threads that gather batches ahead of the loop (grain's ReadOptions.num_threads; 0 =
+    # gather in the thread that puts batches on the devices): half this machine's cores, 1-8.
+    config.data_threads = default_data_threads()
+    # grain worker processes that gather training batches (mp_prefetch; 0 = none). They pay
+    # off only when gathering a batch is slow (GIL-bound); for memory-mapped NumPy rows, as
+    # every task here reads, threads suffice, so none by default.
+    config.data_workers = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.num_layers = 4
@@ -127,7 +158,7 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.dropout = 0.1
     config.model.attention_dropout = 0.1  # on attention probabilities, where a family has them
     config.model.pooling = "cls"  # cls | mean | last (last real token; required when causal)
-    config.model.positions = "sinusoidal"  # sinusoidal | learned | none
+    config.model.positions = "sinusoidal"  # sinusoidal | learned | rope | none
     # Token embedding table: unit_normal = N(0, 1), as every LRA encoder; flax = nnx.Embed's
     # default (variance scaling). runlocal keeps flax (its README figures were measured so).
     config.model.embedding_init = "unit_normal"
@@ -141,7 +172,17 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.model.block_mlp = mixers.default_block_mlp(args["attention"])
     config.model.norm = "layer"  # N: layer | batch (masked BatchNorm over real tokens, as S5)
     config.model.norm_momentum = 0.95  # BatchNorm's running averages (S5's default)
+    # The blocks as one stacked block run by nnx.scan: compiled once whatever num_layers
+    # (same numbers; another parameter layout, so checkpoints do not carry across).
+    config.model.scan_layers = False
     return config
+
+
+def default_data_threads() -> int:
+    """Half the cores this process may run on (its CPU affinity, e.g. a SLURM allocation),
+    at least 1 and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // 2))
 
 
 def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb_dim: int,
@@ -164,7 +205,8 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
 
 def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
     """preset=lra: the settings LRA's released code ran for this task and attention;
-    preset=s5: S5's released settings for this task (lra/released_s5.py).
+    preset=s5: S5's released settings for this task (lra/released_s5.py); preset=spt: Amos
+    et al.'s self-pretraining protocol for this task (lra/released_spt.py).
 
     These are the attention options (e.g. Performer's kernel, Linformer's proj_len) and,
     where LRA's per-attention config files changed them (Image, Pathfinder), the model
@@ -179,3 +221,5 @@ def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
         released.apply(config)
     elif args["preset"] == "s5":
         released_s5.apply(config)
+    elif args["preset"] == "spt":
+        released_spt.apply(config)

@@ -27,8 +27,9 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
-PRESETS = ("lra", "s5")  # lra = the LRA paper's CIFAR-10 hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+PRESETS = ("lra", "s5", "spt")  # lra = the LRA paper's CIFAR-10 hyperparameters
 
 TRAIN_EXAMPLES = 45_000  # images in the train split (the rest of tfds train is validation)
 

@@ -24,8 +24,9 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
-PRESETS = ("lra", "s5")  # lra = the LRA paper's Pathfinder hyperparameters
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+PRESETS = ("lra", "s5", "spt")  # lra = the LRA paper's Pathfinder hyperparameters
 
 TRAIN_EXAMPLES = 160_000
 

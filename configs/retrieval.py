@@ -26,8 +26,9 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
-PRESETS = ("lra", "s5")  # lra = the released LRA matching (AAN) hyperparameters, warmup shortened
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+PRESETS = ("lra", "s5", "spt")  # lra = the released LRA matching (AAN) hyperparameters, warmup shortened
 
 
 def get_config(arg=None):

@@ -35,8 +35,9 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5)
-PRESETS = ("lra", "s5")  # lra = the released LRA text-classification hyperparameters, at 4K bytes
+# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+PRESETS = ("lra", "s5", "spt")  # lra = the released LRA text-classification hyperparameters, at 4K bytes
 
 
 def get_config(arg=None):

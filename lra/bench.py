@@ -4,7 +4,7 @@
       --lengths 1024,2048,4096,8192,16384 [--scopes layer,step] [--batch 1 --heads 8 \
       --head_dim 64 --dtype float32|bfloat16 --causal] [--out DIR]
 
-Two scopes, each measured in this one process with compilation excluded (every
+Three scopes, each measured in this one process with compilation excluded (every
 program is compiled first, run once untimed, then timed as the median of --repeats
 runs that each wait for the result):
 
@@ -18,6 +18,10 @@ runs that each wait for the result):
          the paper's batch was 32, here --step_batch (default --batch) so that the
          quadratic baselines fit a workstation. Mean pooling, so the attention sees
          exactly L tokens (causal: last-token pooling).
+  loop   a task config's whole training loop (`--loop_config`, default ListOps runlocal):
+         steps/s through `lra.train`'s loop and the host's share of a step (time
+         outside the jitted step / total); see lra/bench_loop.py. No --attention,
+         --lengths or sizes: the config's own (`--loop_set key=value,...` changes them).
 
 An entry of --attention is a registry name, optionally with options after colons:
 `linear:form=recurrent:chunk_size=128`. The exact baselines softmax and
@@ -56,11 +60,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lra import bench_flops, bench_output, sharding, train
+from lra import bench_flops, bench_loop, bench_output, sharding, train
 from lra.bench_flops import dot_flops
 from lra.models import attention, mixers
 
-SCOPES = ("layer", "step")
+SCOPES = ("layer", "step", "loop")  # loop: lra/bench_loop.py
 EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
 DEFAULT_BUDGET_GB = 8.0  # where the device keeps no memory statistics (CPU)
 # The synthetic step task: byte-level text classification shapes (LRA's speed table task).
@@ -185,7 +189,8 @@ def step_config(entry: str, length: int, settings: Settings):
     try:
         from configs import common
     except ImportError as error:
-        raise ImportError("the step scope builds its config with configs/common.py: run "
+        raise ImportError("the step scope builds its config with the `configs` package, "
+                          "which ships with lra: install it (pip install .) or run "
                           "`python -m lra.bench` from the repository root") from error
     name, options = parse_entry(entry)
     config = common.base_config("bench", common.parse_arg(f"attention={name}", ("bench",)))
@@ -442,7 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--attention", default="all", help="comma-separated entries (name[:opt=value...]) or 'all'")
     add("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
-    add("--scopes", default="layer,step", help="comma-separated: layer, step")
+    add("--scopes", default="layer,step", help="comma-separated: layer, step, loop")
     add("--batch", type=int, default=1, help="batch of the layer scope (and default step batch)")
     add("--heads", type=int, default=8, help="heads of the layer scope")
     add("--head_dim", type=int, default=64, help="per-head width of the layer scope")
@@ -462,6 +467,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--step_mlp_dim", type=int, default=1024)
     add("--step_dropout", type=float, default=0.1, help="dropout and attention dropout")
     add("--matmul_size", type=int, default=2048, help="side of the reference matmul")
+    add("--loop_config", default=bench_loop.DEFAULT_CONFIG,
+        help="loop scope: config file[:arg] whose training loop is timed")
+    add("--loop_set", default="", help="loop scope: config overrides, key=value,...")
+    add("--loop_steps", type=int, default=200, help="loop scope: timed steps per round")
+    add("--loop_warmup", type=int, default=20, help="loop scope: untimed steps first")
     add("--out", default=None, help="folder for bench.json, bench.md and the plots")
     return parser
 
@@ -494,13 +504,8 @@ def _budget_bytes(gigabytes: float | None) -> float:
     return stats.get("bytes_limit") or DEFAULT_BUDGET_GB * 2**30
 
 
-def main(argv=None) -> list[dict]:
-    """Runs the benchmark; prints the tables, writes files to --out; returns the records."""
-    args = _parser().parse_args(argv)
-    scopes = args.scopes.split(",")
-    unknown = sorted(set(scopes) - set(SCOPES))
-    if unknown:
-        raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+def _kernel_records(args, scopes: list[str]) -> list[dict]:
+    """The layer and step scopes' records."""
     lengths = _positive_ints(args.lengths, "--lengths")
     entries = _entries(args)
     settings = Settings(
@@ -514,7 +519,36 @@ def main(argv=None) -> list[dict]:
     matmul_peak = bench_flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
     print(f"{device_name()}: {args.matmul_size}^2 matmul at {matmul_peak / 1e9:,.1f} GFLOP/s "
           f"({args.dtype})", file=sys.stderr, flush=True)
-    records = run(entries, scopes, lengths, settings, matmul_peak)
+    return run(entries, scopes, lengths, settings, matmul_peak)
+
+
+def _loop_record(args) -> dict:
+    """The loop scope's record (lra/bench_loop.py)."""
+    _positive_ints(f"{args.loop_steps},{args.loop_warmup},{args.repeats}",
+                   "--loop_steps, --loop_warmup and --repeats")
+    overrides = dict(pair.split("=", 1) for pair in filter(None, args.loop_set.split(",")))
+    config = bench_loop.load_config(args.loop_config,
+                                    {key: _literal(value) for key, value in overrides.items()})
+    record = bench_loop.measure(config, steps=args.loop_steps, warmup=args.loop_warmup,
+                                repeats=args.repeats, label=args.loop_config)
+    record.update(device=device_name(), matmul_flops_per_s=None)
+    print(f"loop {args.loop_config}: {record['steps_per_s']:,.1f} steps/s, bare step "
+          f"{record['step_steps_per_s']:,.1f} steps/s, host share "
+          f"{100 * record['host_share']:.1f}%", file=sys.stderr, flush=True)
+    return record
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the benchmark; prints the tables, writes files to --out; returns the records."""
+    args = _parser().parse_args(argv)
+    scopes = args.scopes.split(",")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+    kernel_scopes = [scope for scope in scopes if scope != "loop"]
+    records = _kernel_records(args, kernel_scopes) if kernel_scopes else []
+    if "loop" in scopes:
+        records.append(_loop_record(args))
     text = bench_output.markdown(records)
     print(text)
     if args.out:

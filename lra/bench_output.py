@@ -124,18 +124,30 @@ def markdown(records: list[dict]) -> str:
     """All scopes' tables, layer first; the matmul reference rate on the first line."""
     if not records:
         return "(no records)"
-    rate = records[0]["matmul_flops_per_s"]
+    rate = records[0].get("matmul_flops_per_s")
     head = (f"Reference: a large matmul runs at {rate / 1e9:,.1f} GFLOP/s on "
             f"{records[0]['device']}." if rate else "")
     parts = [head] if head else []
     for scope, group in _by_scope(records).items():
-        parts.append(scope_markdown(scope, group))
+        parts.append(loop_markdown(group) if scope == "loop" else scope_markdown(scope, group))
     return "\n\n".join(parts)
 
 
+def loop_markdown(records: list[dict]) -> str:
+    """The loop scope: steps/s through the training loop, of the bare step, host share."""
+    lines = [f"### Training loop ({records[0]['device']})", "",
+             "| config | task / attention | batch x length | loop steps/s | bare step steps/s "
+             "| host share |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['task']} / {r['attention']} | {r['batch']} x {r['length']} "
+              f"| {_num(r['steps_per_s'])} | {_num(r['step_steps_per_s'])} "
+              f"| {100 * r['host_share']:.1f}% |" for r in records]
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], out: str | Path) -> list[Path]:
-    """Writes OUT/bench_<scope>.png: log-log time and peak memory vs length, one line per
-    attention; an out-of-memory point is an x at the memory it would have needed."""
+    """Writes OUT/bench_<scope>.png (layer, step): log-log time and peak memory vs length,
+    one line per attention; an out-of-memory point is an x at the memory it would have
+    needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +155,8 @@ def plot(records: list[dict], out: str | Path) -> list[Path]:
 
     paths = []
     for scope, group in _by_scope(records).items():
+        if scope == "loop":  # one point per config: its table says it all
+            continue
         figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         _draw(group, *axes)
         figure.suptitle(_title(scope, group).removeprefix("### "), fontsize=9)

@@ -36,9 +36,11 @@ class Progress:
     best_val_accuracy: float = -math.inf
     best_step: int = -1
     test_accuracy_at_best: float = math.nan
-    # Train metrics of the steps since the last logged interval (non-empty only when a
-    # signal stopped the run mid-interval), so the resumed run logs the same averages.
-    unlogged: list = dataclasses.field(default_factory=list)
+    # Train metrics of the steps since the last logged interval, {"steps": n, "sums":
+    # {metric: sum}} (lra.loop.Interval.unlogged; {} when the checkpoint's step was logged),
+    # so the resumed run logs the same averages. Older checkpoints hold a list of per-step
+    # dicts, which lra.loop.start_totals reads too.
+    unlogged: dict | list = dataclasses.field(default_factory=dict)
 
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -84,6 +86,17 @@ class Checkpoints:
             progress=ocp.args.JsonSave(dataclasses.asdict(progress)),
             fingerprint=ocp.args.JsonSave(jax.device_get(fingerprint(state)).tolist()),
         ))
+
+    def replace(self, step: int, state, data_state: dict, progress: Progress) -> None:
+        """Saves `step` as the only checkpoint kept from now on (keep=1: the best-val state).
+
+        Checkpoints at `step` or later are deleted first: a resumed run that replays steps
+        reaches them again (with the same state), and orbax refuses an existing step.
+        """
+        for old in self._manager.all_steps():
+            if old >= step:
+                self._manager.delete(old)
+        self.save(step, state, data_state, progress)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -7,9 +7,11 @@ seed s+1's epoch e, as it would be with grain's own `shuffle` (which seeds epoch
 seed + e). The stream repeats forever and is batched without dropping anything (a batch
 may straddle two epochs). Rows are gathered from the
 task's (memory-mapped) NumPy arrays only after each process has picked its own slice of the
-global batch, so on several hosts every process reads just its share. The position in the
-stream is grain's iterator state, saved in every checkpoint, so a resumed run sees exactly
-the batches an uninterrupted one would.
+global batch, so on several hosts every process reads just its share. `TrainBatches` reads
+ahead (`config.data_threads` threads, `config.data_workers` processes) and puts batches on
+the devices `DEVICE_PREFETCH` ahead of the step; its position, the number of batches the
+loop took, is saved in every checkpoint, so a resumed run sees exactly the batches an
+uninterrupted one would.
 
 Model batches are dicts of `inputs` [B, L] int32, `mask` [B, L] bool (True = real token,
 from `lengths`, never from token values), `targets` [B] int32 and, for evaluation,
@@ -27,41 +29,105 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import inspect
+import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grain
+import grain.experimental
 import jax
 import numpy as np
+from absl import flags as absl_flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lra import tasks
+from lra import distributed, tasks
 from lra.tasks import storage
 
 Arrays = dict[str, np.ndarray]
 
+# Written into a shared data folder by process 0 once it is prepared (`prepare_for_processes`).
+PREPARED_MARKER = ".lra_prepared.json"
 # (token array, its lengths, the mask the model gets) for single and paired inputs.
 SEQUENCE_FIELDS = (("inputs", "lengths", "mask"), ("inputs2", "lengths2", "mask2"))
+# Batches read ahead on the host (grain's buffer), and put on the devices ahead of the step
+# that takes them (global arrays made by a background thread while the current step runs).
+HOST_PREFETCH = 4
+DEVICE_PREFETCH = 2
 
 
 def ensure_prepared(task, data_dir: str, settings: Mapping) -> None:
-    """Makes sure `data_dir` holds the task's data, generating it if the task can.
+    """Makes sure `data_dir` holds the task's data, preparing it when that needs no download.
 
-    Tasks that need a download raise a FileNotFoundError giving the command, with the
-    config's `settings` (e.g. the subset sizes of a runlocal config) as its flags.
+    A generated task is generated; a downloaded task whose sources are already at hand
+    (`task.source_at_hand`: the AAN TSVs of retrieval, a tfds data folder holding the
+    dataset) is converted. Otherwise a FileNotFoundError gives the prepare command, with
+    the config's `settings` (e.g. the subset sizes of a runlocal config) as its flags.
     """
     if task.generated:
         task.prepare(data_dir, **dict(settings))
-    elif not task.is_prepared(data_dir):
+    elif task.is_prepared(data_dir):
+        if "validation" in settings:
+            check_validation_protocol(task.name, data_dir, settings)
+    elif _source_at_hand(task, data_dir, settings):
+        logging.warning("no prepared %s data in %s: preparing it from its sources", task.name,
+                        data_dir)
+        task.prepare(data_dir, **dict(settings))
+    else:
         raise FileNotFoundError(
             f"no prepared {task.name} data in {data_dir}; prepare it with:\n  "
             f"{storage.prepare_command(task.name, data_dir, settings)}"
         )
-    elif "validation" in settings:
-        check_validation_protocol(task.name, data_dir, settings)
+
+
+def prepare_for_processes(task, data_dir: str, settings: Mapping, *, shared_filesystem: bool,
+                          wait_seconds: float) -> None:
+    """`ensure_prepared` for every process of a run, without device collectives while waiting.
+
+    One process: `ensure_prepared`. Several processes sharing `data_dir` (a shared file
+    system): process 0 prepares, then writes the marker `PREPARED_MARKER` in `data_dir`
+    holding `preparation_key`; the others poll for that marker (at most `wait_seconds`) and
+    then check the folder. Without a shared file system every process prepares its own copy
+    (preparation is deterministic) and the copies' manifests are compared once.
+
+    Raises:
+      TimeoutError: process 0's marker did not appear in time (the message says what to check).
+      ValueError: the processes' copies differ, or see `ensure_prepared`.
+      FileNotFoundError: see `ensure_prepared`.
+    """
+    if jax.process_count() == 1:
+        ensure_prepared(task, data_dir, settings)
+    elif not shared_filesystem:
+        ensure_prepared(task, data_dir, settings)
+        files = (storage.read_manifest(Path(data_dir)) or {}).get("files", {})
+        distributed.check_same_on_all_processes(
+            json.dumps(files, sort_keys=True),
+            f"the prepared {task.name} data (the files of {data_dir}/{storage.MANIFEST})")
+    else:
+        marker, key = Path(data_dir) / PREPARED_MARKER, preparation_key(task.name, settings)
+        if distributed.is_primary():
+            ensure_prepared(task, data_dir, settings)
+            distributed.write_marker(marker, key)
+        else:
+            distributed.wait_for_marker(marker, key, timeout_seconds=wait_seconds,
+                                        what=f"process 0 to prepare {task.name} in {data_dir}")
+            ensure_prepared(task, data_dir, settings)  # a check: the files are there
+
+
+def preparation_key(task_name: str, settings: Mapping) -> str:
+    """Names one preparation (task and settings), so a marker of another one is stale."""
+    text = json.dumps({"task": task_name, "settings": dict(settings)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _source_at_hand(task, data_dir: str, settings: Mapping) -> bool:
+    """Whether a downloaded task can prepare `data_dir` now, offline (False for tasks
+    without a `source_at_hand` check)."""
+    source_at_hand = getattr(task, "source_at_hand", None)
+    return source_at_hand is not None and source_at_hand(data_dir, **dict(settings))
 
 
 def check_validation_protocol(task_name: str, data_dir: str, settings: Mapping) -> None:
@@ -162,24 +228,98 @@ def train_dataset(
     )
 
 
-def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
-    """A prefetching iterator whose `get_state()`/`set_state()` go into checkpoints."""
-    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-    return iter(dataset.to_iter_dataset(options))
+def host_stream(dataset: grain.MapDataset, *, threads: int, workers: int = 0
+                ) -> grain.IterDataset:
+    """`dataset` in order, read ahead by `threads` threads (0 = in the reading thread) and,
+    with `workers` > 0, by that many grain worker processes (each gathers every
+    `workers`-th batch; the order stays the same)."""
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=HOST_PREFETCH))
+    if workers:
+        if not absl_flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults
+            absl_flags.FLAGS.mark_as_parsed()  # here, outside launch.py's absl app)
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return stream
 
 
-def eval_batches(arrays: Arrays, *, batch_size: int, max_length: int) -> Iterator[Arrays]:
-    """The whole split in order; the last batch is padded with rows of weight 0."""
+def device_batches(stream: grain.IterDataset, mesh: jax.sharding.Mesh) -> grain.IterDataset:
+    """`stream`'s batches as global device arrays (`to_global`), made by a background
+    thread `DEVICE_PREFETCH` batches ahead of the one the loop takes."""
+    on_devices = stream.map(functools.partial(to_global, mesh=mesh))
+    return grain.experimental.ThreadPrefetchIterDataset(
+        on_devices, prefetch_buffer_size=DEVICE_PREFETCH)
+
+
+class TrainBatches:
+    """The training stream from batch `next_index` on, as global device arrays prefetched
+    to the devices (`device_batches`).
+
+    Its state, saved in checkpoints, is {"next_index": batches taken by the loop}, never
+    counting the batches read ahead, so a resumed run gets exactly the batches an
+    uninterrupted one would. The state does not depend on `threads` or `workers` (the
+    stream restarts at `dataset[next_index:]`), so those may change when a run resumes.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, mesh: jax.sharding.Mesh, *, threads: int,
+                 workers: int = 0):
+        self._dataset, self._mesh = dataset, mesh
+        self._threads, self._workers = threads, workers
+        self._next_index = 0
+        self._iterator = None  # started by the first `next`
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._iterator is None:
+            stream = host_stream(self._dataset[self._next_index:], threads=self._threads,
+                                 workers=self._workers)
+            self._iterator = iter(device_batches(stream, self._mesh))
+        batch = next(self._iterator)
+        self._next_index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next_index}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._next_index = int(state["next_index"])
+
+    def close(self) -> None:
+        """Stops the read-ahead threads and worker processes."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+
+def eval_dataset(arrays: Arrays, *, batch_size: int, max_length: int) -> grain.MapDataset:
+    """The whole split in order, batch i = `dataset[i]`; the last batch is padded with rows
+    of weight 0 (`weights` [B] float32)."""
     num_examples = len(arrays["targets"])
     own = _process_slice(batch_size)
-    for start in range(0, num_examples, batch_size):
+
+    def batch(start: int) -> Arrays:
         index = np.arange(start, min(start + batch_size, num_examples))
         weights = np.ones(batch_size, np.float32)
         weights[len(index):] = 0.0
         padded = np.concatenate([index, np.zeros(batch_size - len(index), index.dtype)])
-        batch = gather(arrays, padded[own], max_length)
-        batch["weights"] = weights[own]
-        yield batch
+        return {**gather(arrays, padded[own], max_length), "weights": weights[own]}
+
+    return grain.MapDataset.source(range(0, num_examples, batch_size)).map(batch)
+
+
+def eval_batches(arrays: Arrays, *, batch_size: int, max_length: int) -> Iterator[Arrays]:
+    """The batches of `eval_dataset`, host arrays, one after another."""
+    dataset = eval_dataset(arrays, batch_size=batch_size, max_length=max_length)
+    return (dataset[i] for i in range(len(dataset)))
+
+
+def eval_device_batches(arrays: Arrays, mesh: jax.sharding.Mesh, *, batch_size: int,
+                        max_length: int, threads: int) -> Iterator[dict[str, jax.Array]]:
+    """The batches of `eval_dataset` as global device arrays, prefetched as training's."""
+    dataset = eval_dataset(arrays, batch_size=batch_size, max_length=max_length)
+    return iter(device_batches(host_stream(dataset, threads=threads), mesh))
 
 
 def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -19,18 +19,30 @@ After it, `jax.process_count()` processes each feed their share of every batch
 (`lra.data`), process 0 alone writes logs and results, and orbax writes checkpoints
 collectively. The helpers below (`is_primary`, `barrier`, `preemption_reached`) are what
 the training loop needs to stay in lockstep; on one process they cost nothing.
+
+Waiting without device collectives: `write_marker` / `wait_for_marker` let processes wait
+for a file that one of them writes atomically on a shared file system (polling, with a
+timeout), and `check_same_on_all_processes` compares one value across processes with a
+single small allgather.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
+
+from lra.tasks import storage
 
 _LOG = logging.getLogger(__name__)
 
@@ -168,3 +180,61 @@ def preemption_reached(step: int) -> bool:
     if not jax.distributed.is_initialized():
         return False
     return multihost_utils.reached_preemption_sync_point(step)
+
+
+def write_marker(path: str | os.PathLike, key: str) -> None:
+    """Writes the marker file `path` atomically, holding `key` (see `wait_for_marker`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"key": key, "process": jax.process_index(), "time": time.time()})
+    storage.replace_atomically(path, lambda file: file.write(record.encode() + b"\n"))
+
+
+def read_marker_key(path: str | os.PathLike) -> str | None:
+    """The key of the marker file `path`; None when there is none (or it is unreadable)."""
+    try:
+        return json.loads(Path(path).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def wait_for_marker(path: str | os.PathLike, key: str, *, timeout_seconds: float, what: str,
+                    poll_seconds: float = 1.0) -> None:
+    """Polls until the marker file `path` holds `key`; a marker holding another key (a
+    stale one, left by another preparation) does not count.
+
+    Args:
+      path: the marker file, on a file system every process sees.
+      key: what the awaited marker must hold.
+      timeout_seconds: how long to wait at most.
+      what: what the marker announces, for the timeout message.
+      poll_seconds: time between two reads.
+
+    Raises:
+      TimeoutError: no marker with `key` within `timeout_seconds`; the message names the
+        marker, what was found and what to check.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while (found := read_marker_key(path)) != key:
+        if time.monotonic() >= deadline:
+            state = "no marker" if found is None else f"a marker of another preparation ({found})"
+            raise TimeoutError(
+                f"process {jax.process_index()} waited {timeout_seconds:g} s for {what}, i.e. for "
+                f"{path} with key {key}, and found {state}. Check process 0's log; if every "
+                "host has its own copy of the data folder (no shared file system), set "
+                "--config.shared_filesystem=False; for a slow preparation raise "
+                "--config.prepare_wait_seconds")
+        time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
+
+
+def check_same_on_all_processes(value: str, what: str) -> None:
+    """Raises ValueError unless every process passes the same `value` (one allgather of
+    its sha256); nothing on one process."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(digest))
+    differing = [index for index, row in enumerate(gathered) if not np.array_equal(row, gathered[0])]
+    if differing:
+        raise ValueError(f"{what} differs between process 0 and process(es) "
+                         f"{', '.join(map(str, differing))}")

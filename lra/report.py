@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra import released
+from lra import released, released_spt, workdir
 from lra.released import (  # noqa: F401 (public here too)
     LRA_SOURCE, LRA_TABLE1, PUBLISHED_ROW, Published, published_for,
 )
@@ -78,6 +78,16 @@ class Run:
             return self.results[key]
         return self.config.get(key, default)
 
+    @property
+    def spt(self) -> bool:
+        """True for a self-pretraining protocol run (pretrained, then fine-tuned)."""
+        return (self.config.get("spt") or {}).get("pretrain_steps", 0) > 0
+
+    @property
+    def pretraining(self) -> bool:
+        """True for a run of a pretraining objective (no classification accuracy)."""
+        return self.get("objective", "classify") != "classify"
+
 
 def find_runs(roots: Sequence[str | Path]) -> list[Run]:
     """Every run folder below the roots (a root may itself be a run), sorted by path.
@@ -95,6 +105,8 @@ def find_runs(roots: Sequence[str | Path]) -> list[Run]:
                 path = Path(folder)
                 runs.append(load_run(path, str(path.relative_to(root)) if path != root
                                      else root.name))
+                if runs[-1].spt:  # its phases (pretrain/, finetune/) are parts of it
+                    subfolders[:] = []
     return runs
 
 
@@ -169,10 +181,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def assign_labels(runs: Sequence[Run]) -> None:
     """Labels each run with its attention plus the config settings that tell apart runs of
     the same task and attention (e.g. "softmax [model.num_layers=2]"); seeds are pooled."""
-    flat = [_flatten(run.config) for run in runs]
+    flat = [_flatten(workdir.canonical(run.config)) for run in runs]
     groups: dict[tuple, list[dict]] = {}
     for run, config in zip(runs, flat):
-        groups.setdefault((run.get("task"), run.get("attention")), []).append(config)
+        groups.setdefault((run.get("task"), run.get("attention"), run.spt), []).append(config)
     varying = set()
     for configs in groups.values():
         keys = set().union(*configs)
@@ -182,8 +194,8 @@ def assign_labels(runs: Sequence[Run]) -> None:
     varying = sorted(varying - set(POOLED_KEYS) - set(train.RESUMABLE_CHANGES))
     for run, config in zip(runs, flat):
         settings = [f"{k}={config[k]}" for k in varying if k in config]
-        run.label = str(run.get("attention", "?")) + (f" [{', '.join(settings)}]"
-                                                      if settings else "")
+        run.label = (str(run.get("attention", "?")) + (" + SPT" if run.spt else "")
+                     + (f" [{', '.join(settings)}]" if settings else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,13 +251,13 @@ def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
     """Groups the finished runs by label and task."""
     rows: dict[str, dict] = {}
     for run in runs:
-        if run.status != "finished":
+        if run.status != "finished" or run.pretraining:
             continue
         value = run.results.get(metric)
         if value is None or not math.isfinite(value):
             continue
         row = rows.setdefault(run.label, {"attention": run.get("attention"), "cells": {},
-                                          "configs": {}})
+                                          "configs": {}, "spt": run.spt})
         row["cells"].setdefault(run.get("task"), Cell([])).values.append(100.0 * value)
         row["configs"].setdefault(run.get("task"), run.config)  # seeds differ in seed only
     present = {task for row in rows.values() for task in row["cells"]}
@@ -254,6 +266,14 @@ def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
     labels = sorted(rows, key=lambda label: (order.get(rows[label]["attention"], len(order)),
                                              label))
     return Table(tasks, {label: rows[label] for label in labels}, metric)
+
+
+def reference_for(row: dict) -> Published | None:
+    """The published row a table row compares with: Amos et al.'s SPT row for "+ SPT"
+    rows of exact attention, else LRA Table 1's row of the attention."""
+    if row.get("spt"):
+        return released_spt.published_for(row["attention"])
+    return published_for(row["attention"])
 
 
 def _published_average(published: Published, tasks: Sequence[str]) -> float | None:
@@ -266,7 +286,7 @@ def table_rows(table: Table) -> list[dict]:
     """The table as records (what results.csv holds): our cells, averages and published."""
     records = []
     for label, row in table.rows.items():
-        cells, published = row["cells"], published_for(row["attention"])
+        cells, published = row["cells"], reference_for(row)
         tasks = [t for t in table.tasks if t in cells]
         for task in tasks:
             reference = published.accuracy.get(task) if published else None
@@ -309,20 +329,22 @@ def markdown_table(table: Table) -> str:
              "|---|" + "---|" * (len(titles) + 1)]
     unpublished = []
     for label, row in table.rows.items():
-        cells, published = row["cells"], published_for(row["attention"])
+        cells, published = row["cells"], reference_for(row)
         tasks = [t for t in table.tasks if t in cells]
         ours = [_ours_cell(cells.get(t), published and published.accuracy.get(t))
                 for t in table.tasks]
         average = np.mean([cells[t].mean for t in tasks])
         lines.append(f"| {label} | " + " | ".join(ours) + f" | {average:.2f} |")
         if published is None:
-            unpublished.append(row["attention"])
+            unpublished.append(row["attention"] + (" + SPT" if row.get("spt") else ""))
             continue
         values = [_published_cell(published, t) for t in table.tasks]
         published_average = _published_average(published, tasks)
         shown = "-" if published_average is None else f"{published_average:.2f}"
         lines.append(f"| ↳ published: {published.model} | " + " | ".join(values)
                      + f" | {shown} |")
+        if row.get("spt"):
+            continue
         lines.append("| ↳ LRA's released settings? | " + " | ".join(
             _released_cell(row, t) if t in cells else "-" for t in table.tasks) + " | |")
     return "\n".join(lines) + "\n\n" + _footer(table, sorted(set(unpublished)))
@@ -355,8 +377,14 @@ def _footer(table: Table, unpublished: Sequence[str]) -> str:
     if "memory_efficient" in {row["attention"] for row in table.rows.values()}:
         notes.append("memory_efficient computes exact softmax attention: its published row "
                      "is the Transformer's.")
+    if any(row.get("spt") for row in table.rows.values()):
+        notes.append("+ SPT: self-pretrained on the task's own training inputs, then "
+                     "fine-tuned (lra/pretraining.py); the published row of exact attention "
+                     f"is {released_spt.SPT_SOURCE}, at the LRA sizes (preset=spt runs Amos "
+                     "et al.'s settings; runlocal rows are not expected to match).")
     if unpublished:
-        notes.append(f"No LRA Table 1 row (not run in the LRA paper): {', '.join(unpublished)}.")
+        notes.append(f"No published row (LRA Table 1; for + SPT, Amos et al.'s): "
+                     f"{', '.join(unpublished)}.")
     return "\n".join(f"- {note}" for note in notes) + "\n"
 
 
@@ -447,7 +475,7 @@ def plot_accuracy(table: Table, path: Path, colors: dict[str, str]) -> None:
     marked = False
     for index, label in enumerate(labels):
         row = table.rows[label]
-        published = published_for(row["attention"])
+        published = reference_for(row)
         xs = [i + (index - (len(labels) - 1) / 2) * width for i in range(len(table.tasks))]
         cells = [row["cells"].get(t) for t in table.tasks]
         means = [c.mean if c else math.nan for c in cells]

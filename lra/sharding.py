@@ -4,11 +4,20 @@ The mesh has two axes, `data` and `fsdp` (`config.mesh_fsdp` devices on the latt
 Batches are split along their first axis over both. Parameter and optimizer-state arrays
 of at least `FSDP_MIN_ELEMENTS` elements are sharded over `fsdp` along their largest
 dimension that the axis size divides; the rest is replicated. The rule reads only shapes,
-so every attention family's parameters are covered without annotations.
+so every attention family's parameters are covered without annotations. Arrays under a
+`STACKED_LAYERS` node (the encoder's scanned layer stack, `model.scan_layers`) have a
+leading layer axis, which is never split: the rule applies to each layer's slice.
+
+In the train step the parameters stay sharded; inside `gathering(mesh)`, `gathered(params)`
+(which the encoder calls on each layer's parameters just before the layer runs) gathers them
+whole, an all-gather whose transpose reduce-scatters that layer's gradient. Activations keep
+the batch sharding, and the model is gathered layer by layer, not all at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -17,6 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp")
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024
+# The state node of a scanned layer stack: its arrays are [num_layers, ...].
+STACKED_LAYERS = "scanned_blocks"
+# The mesh whose `fsdp` axis `gathered` gathers over; None = gather nothing.
+_GATHER_MESH = contextvars.ContextVar("lra_gather_mesh", default=None)
 
 
 def make_mesh(num_devices: int, fsdp: int = 1) -> jax.sharding.Mesh:
@@ -47,12 +60,15 @@ def batch_spec(mesh: jax.sharding.Mesh) -> PartitionSpec:
     return PartitionSpec(mesh.axis_names)
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, *, stacked: bool = False) -> PartitionSpec:
     """How an array of `shape` is sharded over an `fsdp` axis of size `fsdp`.
 
     Its largest dimension divisible by `fsdp` is split (the first such when tied); arrays
     under `FSDP_MIN_ELEMENTS` elements or without a divisible dimension stay replicated.
+    With `stacked`, axis 0 indexes layers and stays whole; the rule applies to shape[1:].
     """
+    if stacked:
+        return PartitionSpec(None, *fsdp_spec(shape[1:], fsdp))
     divisible = [axis for axis, size in enumerate(shape) if size % fsdp == 0]
     if fsdp == 1 or math.prod(shape) < FSDP_MIN_ELEMENTS or not divisible:
         return PartitionSpec()
@@ -60,7 +76,55 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
     return PartitionSpec(*(("fsdp" if a == axis else None) for a in range(len(shape))))
 
 
+def is_stacked(path) -> bool:
+    """True if a pytree path (of `jax.tree_util`) runs through a `STACKED_LAYERS` node."""
+    return any(getattr(key, "key", None) == STACKED_LAYERS for key in path)
+
+
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
     """NamedShardings for a (possibly abstract) state pytree under the `fsdp` rule."""
     fsdp = mesh.shape.get("fsdp", 1)
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), abstract_state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, stacked=is_stacked(path))),
+        abstract_state)
+
+
+def constrain_to_fsdp(tree, mesh: jax.sharding.Mesh):
+    """`tree`'s arrays constrained to their `fsdp` shards (a reduce-scatter for gradients)."""
+    fsdp = mesh.shape.get("fsdp", 1)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, fsdp_spec(x.shape, fsdp, stacked=is_stacked(path)))), tree)
+
+
+def gather(tree, mesh: jax.sharding.Mesh):
+    """`tree`'s arrays whole on every device, from their `fsdp` shards.
+
+    The array is first constrained to its shards, then replicated, so the transpose (the
+    gradient) is reduce-scattered back to the shards right where the array was gathered.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated),
+                        constrain_to_fsdp(tree, mesh))
+
+
+@contextlib.contextmanager
+def gathering(mesh: jax.sharding.Mesh):
+    """While tracing inside it, `gathered` gathers over `mesh`'s `fsdp` axis (if > 1)."""
+    token = _GATHER_MESH.set(mesh if mesh.shape.get("fsdp", 1) > 1 else None)
+    try:
+        yield
+    finally:
+        _GATHER_MESH.reset(token)
+
+
+def is_gathering() -> bool:
+    """True inside `gathering` over an `fsdp` axis of size > 1."""
+    return _GATHER_MESH.get() is not None
+
+
+def gathered(params):
+    """`params` (a pytree of one layer's or unstacked arrays) whole on every device inside
+    `gathering`; unchanged outside it."""
+    mesh = _GATHER_MESH.get()
+    return params if mesh is None else gather(params, mesh)

@@ -11,7 +11,8 @@ changes the config's defaults, or any config key (`model.num_layers=1,2`,
 every run unchanged. Each run lives in `WORKDIR/<settings>`, e.g.
 `runs/sweep/attention=linear,seed=1`, the settings in the order the --sweep flags give them.
 
-Runs are launched as `python launch.py ...` subprocesses, one at a time: a run whose
+Runs are launched as subprocesses, one at a time, with the command that started the sweep
+(`python launch.py ...` from a checkout, `python -m lra.launch ...` otherwise): a run whose
 `results.json` belongs to its config is skipped, any other run is launched with the same
 command, which resumes it from its last checkpoint. A failed run does not stop the sweep:
 its exit status and the tail of its stderr go to `<run>/failed.json` (removed when the run
@@ -109,7 +110,7 @@ def parse_sweep(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def _config_arg_names() -> tuple[str, ...]:
-    from configs import common  # the repository's configs package (launch.py's folder)
+    from configs import common  # the configs package (installed, or the checkout's)
 
     return tuple(common.ARG_TYPES)
 
@@ -243,7 +244,14 @@ def is_finished(workdir: Path, config) -> bool:
     return results is not None and results.get("config_hash") == train.config_hash(config)
 
 
-def plan(runs: Sequence[Run], root: Path, launch_script: Path,
+def launch_command(launch_script: Path | None) -> tuple[str, ...]:
+    """How a run is started: `python <launch_script>`, or `python -m lra.launch` for None."""
+    if launch_script is None:
+        return (sys.executable, "-m", "lra.launch")
+    return (sys.executable, str(launch_script))
+
+
+def plan(runs: Sequence[Run], root: Path, launch_script: Path | None,
          other_flags: Sequence[str] = ()) -> list[Job]:
     """Builds every run's command and checks whether it has finished.
 
@@ -252,7 +260,7 @@ def plan(runs: Sequence[Run], root: Path, launch_script: Path,
     Args:
       runs: from `expand`.
       root: the sweep root (--workdir); run `name` lives in `root/name`.
-      launch_script: launch.py, as the commands should name it.
+      launch_script: launch.py, as the commands should name it; None = `-m lra.launch`.
       other_flags: flags for launch.py other than `--config.KEY=V` (e.g. --debug).
 
     Returns:
@@ -265,7 +273,7 @@ def plan(runs: Sequence[Run], root: Path, launch_script: Path,
     for run in runs:
         config = resolve_config(run)
         workdir = root / run.name if run.name else root
-        command = (sys.executable, str(launch_script), "--config", run.config_arg,
+        command = (*launch_command(launch_script), "--config", run.config_arg,
                    "--workdir", str(workdir), *run.overrides, *other_flags)
         jobs.append(Job(run.name, workdir, command, is_finished(workdir, config)))
     return jobs
@@ -465,12 +473,12 @@ exit "$status"
 
 
 # ---------------------------------------------------------------------------------------
-# Command line (reached through launch.py)
+# Command line (reached through lra.launch)
 
 
-def _parser(launch_script: Path) -> argparse.ArgumentParser:
+def _parser(launch_script: Path | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=launch_script.name, allow_abbrev=False,
+        prog=launch_script.name if launch_script else "python -m lra.launch", allow_abbrev=False,
         description="Run the cartesian product of --sweep settings, one folder per run.")
     parser.add_argument("--config", required=True, help="configs/<task>.py[:args]")
     parser.add_argument("--workdir", required=True, help="sweep root: one subfolder per run")
@@ -482,12 +490,13 @@ def _parser(launch_script: Path) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str], launch_script: Path) -> int:
+def main(argv: Sequence[str], launch_script: Path | None = None) -> int:
     """The sweep command: `launch.py ... --sweep K=V,... [--dry_run] [--emit slurm]`.
 
     Args:
       argv: the arguments after the program name.
-      launch_script: path of launch.py, which every run executes.
+      launch_script: path of launch.py, which every run executes; None = every run is
+        `python -m lra.launch` (the installed package).
 
     Returns:
       The exit status (2 for a bad sweep or config, see `execute` otherwise).
@@ -495,7 +504,9 @@ def main(argv: Sequence[str], launch_script: Path) -> int:
     args, extra = _parser(launch_script).parse_known_args(argv)
     overrides, other_flags = split_flags(extra)
     root = Path(args.workdir).expanduser()
-    launch = Path(os.path.relpath(launch_script)) if launch_script.is_absolute() else launch_script
+    launch = launch_script
+    if launch_script is not None and launch_script.is_absolute():
+        launch = Path(os.path.relpath(launch_script))
     try:
         jobs = plan(expand(args.config, args.sweep, overrides), root, launch, other_flags)
         script = slurm_script(jobs, root) if args.emit == "slurm" else None

@@ -11,8 +11,10 @@ Memory and speed options (each leaves the results unchanged up to float rounding
   * `config.mesh_fsdp`: size of the `fsdp` mesh axis; the `data` axis gets the remaining
     devices. Batches are split over both axes. Every parameter and optimizer-state array of
     at least `FSDP_MIN_ELEMENTS` elements is sharded over `fsdp` along its largest dimension
-    that the axis size divides (the rest is replicated); XLA gathers a parameter where it is
-    used and reduce-scatters its gradient. The rule is computed from the abstract state's
+    that the axis size divides (the rest is replicated). The state stays sharded in the
+    step: each encoder block gathers its parameters just before it runs (lra/models/
+    stack.py), the rest is gathered before the forward pass, and gradients are
+    reduce-scattered to the shards. The rule is computed from the abstract state's
     shapes, so every attention family's parameters are covered without annotations.
   * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
     many micro-batches (`lax.scan`), whose gradients are averaged before one optimizer
@@ -24,6 +26,8 @@ Memory and speed options (each leaves the results unchanged up to float rounding
   * `config.dtype`: compute dtype (float32 or bfloat16); parameters, gradients, optimizer
     state, logits and loss stay float32.
   * `config.remat`: recompute each encoder block's activations in the backward pass.
+  * `config.model.scan_layers`: the blocks as one stacked block under `nnx.scan` (compiled
+    once whatever the depth; another parameter layout).
 
 Workdir layout (see docs/architecture.md): config.json, metrics.jsonl, results.json, checkpoints/
 (orbax: model + optimizer state, data iterator position, best-val bookkeeping), TensorBoard
@@ -34,14 +38,9 @@ stored results.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
-import json
 import logging
-import math
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -54,23 +53,16 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import lra
-from lra import data, distributed, logs, models, tasks
+from lra import data, distributed, logs, loop, models, objectives, pretraining, sharding, tasks
 from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
+from lra.models import stack
 from lra.models.mixers.ssm import SsmParam
-from lra.sharding import batch_spec, fsdp_spec, make_mesh, state_shardings
-from lra.tasks import storage
+from lra.sharding import batch_spec, make_mesh, state_shardings
 from lra.validation import validate_config  # noqa: F401 (public here too)
-
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"
-# Keys that may change between a run and its resumption without changing its results
-# (`mixer` is `attention` under a second name, compared as `attention`; runs from before
-# the alias existed have no `mixer` key and still resume).
-RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
-                     "data_dir", "eval_batch_size", "mesh_fsdp", "grad_accum_steps", "remat",
-                     "mixer", "compilation_cache_dir")
-
+from lra.workdir import (  # noqa: F401 (public here too)
+    CONFIG_FILE, RESULTS_FILE, RESUMABLE_CHANGES, check_and_write_config, config_hash,
+    read_finished_results, versions, write_results,
+)
 
 # ---------------------------------------------------------------------------------------
 # Optimizer and state (config checks: lra/validation.py)
@@ -128,9 +120,18 @@ def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Opt
         config.model, attention=config.attention, vocab_size=task.vocab_size,
         num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
         paired=task.paired, dtype=config.dtype, remat=config.remat,
+        language_model=objective_spec(config).is_lm,
+        mask_token=pretraining.uses_mask_token(config),
     )
     tx = make_optimizer(config, ssm_labels(model))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def _abstract_state(config: ml_collections.ConfigDict, mesh):
+    """(abstract parameters + optimizer state, their shardings) of the run `config`."""
+    abstract = nnx.eval_shape(lambda: _build(config, tasks.get(config.task)))
+    _, _, abstract_state = nnx.split(abstract, nnx.RngState, ...)
+    return abstract_state, state_shardings(abstract_state, mesh)
 
 
 def create_state(config, task, mesh):
@@ -161,12 +162,12 @@ def create_state(config, task, mesh):
 # Steps
 
 
-# What the model is called with, in order; a paired task (retrieval) adds the second document.
-MODEL_INPUTS = ("inputs", "mask", "inputs2", "mask2")
-
-
-def _logits(model, batch, *, deterministic: bool) -> jax.Array:
-    return model(*(batch[key] for key in MODEL_INPUTS if key in batch), deterministic=deterministic)
+def objective_spec(config: ml_collections.ConfigDict) -> objectives.Spec:
+    """The run's objective (lra/objectives.py); masked_lm's mask token is the id after the
+    task's vocabulary."""
+    if config.get("objective", "classify") != "masked_lm":
+        return objectives.from_config(config, 0)  # no mask token
+    return objectives.from_config(config, tasks.get(config.task).vocab_size)
 
 
 def _micro_batches(batch, accum: int, mesh: jax.sharding.Mesh):
@@ -184,26 +185,35 @@ def _micro_batches(batch, accum: int, mesh: jax.sharding.Mesh):
     return jax.tree.map(split, batch)
 
 
-def _mean_grads(model, batch, key, *, accum: int, mesh: jax.sharding.Mesh):
+def _gather_all_but_layers(params):
+    """Inside `sharding.gathering`: every parameter outside the encoder's layers gathered
+    whole (`stack.LAYER_NODES` gather their own, one layer at a time)."""
+    def gather(path, x):
+        in_layers = any(getattr(key, "key", None) in stack.LAYER_NODES for key in path)
+        return x if in_layers else sharding.gathered(x)
+
+    return jax.tree_util.tree_map_with_path(gather, params)
+
+
+def _mean_grads(model, batch, key, *, accum: int, mesh: jax.sharding.Mesh,
+                spec: objectives.Spec = objectives.Spec()):
     """Gradients of the mean loss over `batch`, over `accum` micro-batches, + metrics."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    fsdp = mesh.shape.get("fsdp", 1)
 
     def loss_fn(params, micro, index):
-        # FSDP: gather each parameter whole where it is used, so activations keep the batch
-        # sharding (without this XLA may split them along a parameter's sharded axis).
-        params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
-        micro_model = nnx.merge(graphdef, params, rest, copy=True)
-        nnx.reseed(micro_model, dropout=jax.random.fold_in(key, index))  # distinct per micro-batch
-        logits = _logits(micro_model, micro, deterministic=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"])
-        return losses.mean(), jnp.mean(jnp.argmax(logits, -1) == micro["targets"])
+        # FSDP: parameters stay sharded; those outside the layers (embeddings, final norm,
+        # head) are gathered whole here, each layer's where it runs (lra/models/stack.py),
+        # so activations keep the batch sharding and the model is gathered layer by layer.
+        with sharding.gathering(mesh):
+            micro_model = nnx.merge(graphdef, _gather_all_but_layers(params), rest, copy=True)
+            nnx.reseed(micro_model, dropout=jax.random.fold_in(key, index),  # per micro-batch
+                       policy="match_shape")  # a scanned layer stack: one key per layer
+            return objectives.train_loss(micro_model, micro, jax.random.fold_in(key, index),
+                                         spec)
 
     def micro_step(micro, index):
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, index)
-        grads = jax.tree.map(  # reduce-scattered to the parameters' fsdp shards
-            lambda g: jax.lax.with_sharding_constraint(
-                g, NamedSharding(mesh, fsdp_spec(g.shape, fsdp))), grads)
+        grads = sharding.constrain_to_fsdp(grads, mesh)  # reduce-scattered to the fsdp shards
         return grads, loss, accuracy
 
     if accum == 1:
@@ -232,12 +242,13 @@ def make_train_step(graphdef, state_shardings, config):
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     mesh = jax.tree.leaves(state_shardings)[0].mesh
     accum = config.grad_accum_steps
+    spec = objective_spec(config)
 
     def train_step(state, rng_state, batch):
         model, optimizer = nnx.merge(graphdef, rng_state, state)
         step = optimizer.step[...]
         grads, metrics = _mean_grads(model, batch, jax.random.fold_in(dropout_key, step),
-                                     accum=accum, mesh=mesh)
+                                     accum=accum, mesh=mesh, spec=spec)
         optimizer.update(model, grads)
         metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
         return nnx.state((model, optimizer), nnx.Not(nnx.RngState)), metrics
@@ -248,82 +259,31 @@ def make_train_step(graphdef, state_shardings, config):
                    out_shardings=(state_shardings, None))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, spec: objectives.Spec = objectives.Spec(), seed: int = 0):
+    """The jitted (state, rng_state, batch, index) -> sums of loss, correct, count.
+
+    `masked_lm` draws batch `index`'s masked tokens from (`seed`, index): an evaluation
+    sees the same masks every time.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), 2)
+
     @jax.jit
-    def eval_step(state, rng_state, batch):
+    def eval_step(state, rng_state, batch, index=0):
         model, _ = nnx.merge(graphdef, rng_state, state)
-        logits = _logits(model, batch, deterministic=True)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        weights = batch["weights"]
-        correct = (jnp.argmax(logits, -1) == batch["targets"]) * weights
-        return {"loss": jnp.sum(losses * weights), "correct": jnp.sum(correct),
-                "count": jnp.sum(weights)}
+        return objectives.eval_sums(model, batch, jax.random.fold_in(key, index), spec)
 
     return eval_step
 
 
 def evaluate(eval_step, state, rng_state, arrays, *, config, mesh) -> dict[str, float]:
-    """Loss and accuracy over a whole split (no example dropped, padding weighted out)."""
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in data.eval_batches(arrays, batch_size=config.eval_batch_size,
-                                   max_length=config.max_length):
-        sums = jax.device_get(eval_step(state, rng_state, data.to_global(batch, mesh)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    """Loss and accuracy over a whole split (no example dropped, padding weighted out);
+    batches prefetched to the devices, the sums read once, after the last batch."""
+    batches = data.eval_device_batches(arrays, mesh, batch_size=config.eval_batch_size,
+                                       max_length=config.max_length, threads=config.data_threads)
+    sums = jax.device_get([eval_step(state, rng_state, batch, np.uint32(index))
+                           for index, batch in enumerate(batches)])
+    totals = {k: sum(float(batch_sums[k]) for batch_sums in sums) for k in sums[0]}
     return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
-
-
-# ---------------------------------------------------------------------------------------
-# Workdir files
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-    """A short hash of everything that can change a run's results."""
-    relevant = {k: v for k, v in _config_dict(config).items() if k not in RESUMABLE_CHANGES}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_and_write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    path = workdir / CONFIG_FILE
-    new = _config_dict(config)
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(
-            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-        )
-        if changed:
-            raise ValueError(
-                f"{workdir} holds a run with a different config (changed: {', '.join(changed)}); "
-                "use another --workdir to start a new run"
-            )
-    if distributed.is_primary():
-        _write_atomically(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    storage.replace_atomically(path, lambda file: file.write(text.encode()))
-
-
-def _versions() -> dict[str, str]:
-    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
-    versions = {"python": sys.version.split()[0], "lra": lra.__version__}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def read_finished_results(workdir: str | Path, config) -> dict | None:
-    path = Path(workdir) / RESULTS_FILE
-    if not path.exists():
-        return None
-    results = json.loads(path.read_text())
-    return results if results.get("step") == config.num_train_steps else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,7 +340,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = make_mesh(config.num_devices, config.mesh_fsdp)
     validate_config(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_and_write_config(workdir, config)
+    check_and_write_config(workdir, config)
+    if pretraining.spt_enabled(config):  # pretrain, then fine-tune (lra/pretraining.py)
+        return pretraining.run_protocol(config, workdir, train_and_evaluate,
+                                        check=lambda c: validate_config(c, mesh.size),
+                                        write_results=write_results,
+                                        config_hash=config_hash(config))
     finished = read_finished_results(workdir, config)
     if finished is not None:
         logging.info("%s holds a finished run; nothing to do", workdir)
@@ -407,12 +372,10 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def _prepare_data(task, config: ml_collections.ConfigDict) -> None:
-    """Process 0 prepares (generates) the data first; the others then find it ready."""
-    if distributed.is_primary():
-        data.ensure_prepared(task, config.data_dir, config.prepare)
-    distributed.barrier("lra:data-prepared")
-    if not distributed.is_primary():  # a no-op check on a shared file system
-        data.ensure_prepared(task, config.data_dir, config.prepare)
+    """The data ready on every process (see `data.prepare_for_processes`)."""
+    data.prepare_for_processes(task, config.data_dir, config.prepare,
+                               shared_filesystem=config.shared_filesystem,
+                               wait_seconds=config.prepare_wait_seconds)
 
 
 class _Trainer:
@@ -421,16 +384,26 @@ class _Trainer:
             config, task, mesh, workdir, splits)
         self.graphdef, self.rng_state, self.state, shardings = create_state(config, task, mesh)
         self.train_step = make_train_step(self.graphdef, shardings, config)
-        self.eval_step = make_eval_step(self.graphdef)
+        self.loop_step = loop.make_loop_step(self.train_step, self.state, self.rng_state,
+                                             shardings, mesh)
+        self.eval_step = make_eval_step(self.graphdef, objective_spec(config), config.seed)
         self.checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+        # The state at the best validation accuracy: what `init_from` fine-tunes from.
+        self.best_checkpoint = Checkpoints(
+            workdir / pretraining.CHECKPOINT_FOLDERS["best"], keep=1)
         self.progress = Progress()
         dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,
                                      max_length=config.max_length, seed=config.seed)
-        self.batches = data.train_iterator(dataset)
+        self.batches = data.TrainBatches(dataset, mesh, threads=config.data_threads,
+                                         workers=config.data_workers)
         restored = self.checkpoints.restore_latest(self.state)
         if restored is not None:
             self.state, data_state, self.progress = restored
             self.batches.set_state(data_state)
+        elif config.get("init_from"):
+            self.state = pretraining.start_from(
+                self.state, config, workdir,
+                lambda source: _abstract_state(source, mesh))
 
     def run(self) -> dict | None:
         config, progress = self.config, self.progress
@@ -456,25 +429,28 @@ class _Trainer:
             results = self._results()
         finally:
             preemption.restore()
+            self.batches.close()
             log.close()
             self.checkpoints.close()
-        if distributed.is_primary():
-            _write_atomically(self.workdir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+            self.best_checkpoint.close()
+        write_results(self.workdir, results)
         return results
 
     def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
-        """Runs the remaining steps; True if a signal stopped it (after saving)."""
+        """Runs the remaining steps; True if a signal stopped it (after saving).
+
+        Metrics stay on the devices (`lra.loop`) and are read only at a log, eval or
+        checkpoint step, the last step or a stop, always before a checkpoint is saved, so
+        no checkpoint holds a state that followed a non-finite loss.
+        """
         config, progress = self.config, self.progress
-        interval = list(progress.unlogged)  # host copies of this log interval's metrics
-        pending = None  # the last step's device metrics, read one step late
+        totals = loop.start_totals(progress.step, progress.unlogged, self.mesh)
+        leaves, state_def = jax.tree.flatten(self.state)  # self.state again where read
+        rng_leaves = jax.tree.leaves(self.rng_state)
         started = time.perf_counter()
         while progress.step < config.num_train_steps:
-            batch = data.to_global(next(self.batches), self.mesh)
-            self.state, metrics = self.train_step(self.state, self.rng_state, batch)
-            if pending is not None:
-                interval.append(self._read(*pending))
+            leaves, totals = self.loop_step(leaves, rng_leaves, next(self.batches), totals)
             progress.step += 1
-            pending = (progress.step, metrics)
             step = progress.step
             stop = preemption.check(step)
             due = {name: step % every == 0 for name, every in (
@@ -483,39 +459,23 @@ class _Trainer:
             last = step == config.num_train_steps
             if not (any(due.values()) or last or stop):
                 continue
-            interval.append(self._read(*pending))
-            pending = None
-            summary = _mean(interval)
-            log.progress(step, summary)
+            self.state = state_def.unflatten(leaves)
+            interval = loop.read(totals, self.checkpoints)  # raises for a non-finite loss
+            log.progress(step, interval.means())
             if due["log"] or last:
-                log.write(step, "train", summary)
-                interval = []
+                log.write(step, "train", interval.means())
+                interval = loop.Interval(steps=0, sums={})
+                totals = loop.start_totals(step, {}, self.mesh)
             progress.train_seconds += time.perf_counter() - started
             if due["eval"]:
                 self._evaluate(log)
             if due["checkpoint"] or last or stop:
-                progress.unlogged = interval
+                progress.unlogged = interval.unlogged()
                 self.checkpoints.save(step, self.state, self.batches.get_state(), progress)
             if stop:
                 return True
             started = time.perf_counter()
         return False
-
-    def _read(self, step: int, metrics) -> dict[str, float]:
-        """Host copies of a step's metrics; a non-finite loss or gradient stops the run.
-
-        Checked before the step's checkpoint is saved, so no checkpoint holds such a state.
-        """
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            last = self.checkpoints.latest_step()
-            kept = ("no checkpoint was saved yet" if last is None else
-                    f"the last good checkpoint, step {last}, is kept in {self.checkpoints.directory}")
-            raise FloatingPointError(
-                f"loss is {values['loss']} (gradient norm {values['grad_norm']}) at step {step}; "
-                f"{kept} (lower config.learning_rate or set config.grad_clip)"
-            )
-        return values
 
     def _eval_split(self, split: str) -> dict[str, float]:
         return evaluate(self.eval_step, self.state, self.rng_state, self.splits[split],
@@ -534,6 +494,8 @@ class _Trainer:
             progress.best_val_accuracy, progress.best_step = progress.val_accuracy, progress.step
             self._record(log, "test", self._eval_split("test"))
             progress.test_accuracy_at_best = progress.test_accuracy
+            self.best_checkpoint.replace(progress.step, self.state, self.batches.get_state(),
+                                         progress)
 
     def _num_params(self) -> int:
         model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)
@@ -557,9 +519,8 @@ class _Trainer:
             "steps_per_second": progress.step / max(progress.train_seconds, 1e-9),
             "config_hash": config_hash(config),
             "device": f"{self.mesh.size} x {self.mesh.devices.flat[0].device_kind}",
-            "versions": _versions(),
+            "objective": config.get("objective", "classify"),
+            "init_from": pretraining.start_record(self.workdir),
+            "versions": versions(),
         }
 
-
-def _mean(records: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}

@@ -13,6 +13,8 @@ from flax import nnx
 
 from lra import models
 from lra.models import mixers
+from lra.objectives import Objective
+from lra.pretraining import CHECKPOINT_FOLDERS
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -63,7 +65,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         if config[key] % num_devices:
             raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
     _validate_scaling(config, num_devices)
+    _validate_input_pipeline(config)
+    _validate_data_preparation(config)
     _validate_option_names(config)
+    _validate_objective(config)
     _validate_cudnn(config)  # before the constructors, whose message names no config key
     _validate_model(config)
 
@@ -100,6 +105,70 @@ def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> No
         raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
     if config.remat not in (True, False):
         raise ValueError(f"config.remat must be True or False, got {config.remat!r}")
+    scan_layers = config.model.get("scan_layers", False)
+    if scan_layers not in (True, False):
+        raise ValueError(f"config.model.scan_layers must be True or False, got {scan_layers!r}")
+
+
+def _validate_input_pipeline(config: ml_collections.ConfigDict) -> None:
+    for key in ("data_threads", "data_workers"):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"config.{key} must be an integer >= 0, got {value!r}")
+
+
+def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    """The objective fits the encoder; fine-tuning and SPT settings are coherent."""
+    objective = config.get("objective", "classify")
+    names = tuple(o.value for o in Objective)
+    if objective not in names:
+        raise ValueError(f"config.objective={objective!r}; known: {', '.join(names)}")
+    causal = config.model.causal
+    if objective == "causal_lm" and not causal:
+        raise ValueError("config.objective='causal_lm' predicts the next token, so it needs a "
+                         "causal encoder (config.model.causal=True, model.pooling='last'); "
+                         "a bidirectional one pretrains with objective='masked_lm'")
+    if objective == "masked_lm" and causal:
+        raise ValueError("config.objective='masked_lm' needs a bidirectional encoder "
+                         "(config.model.causal=False); a causal one pretrains with "
+                         "objective='causal_lm'")
+    if objective == "masked_lm" and not 0 < config.mask_rate < 1:
+        raise ValueError(f"config.mask_rate must be in (0, 1), got {config.mask_rate}")
+    if config.get("init_from_checkpoint", "best") not in CHECKPOINT_FOLDERS:
+        raise ValueError(f"config.init_from_checkpoint={config.init_from_checkpoint!r}; "
+                         f"known: {', '.join(CHECKPOINT_FOLDERS)}")
+    _validate_spt(config)
+
+
+def _validate_spt(config: ml_collections.ConfigDict) -> None:
+    spt = config.get("spt")
+    if spt is None:
+        return
+    steps = spt.pretrain_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"config.spt.pretrain_steps must be an integer >= 0, got {steps!r}")
+    if steps == 0:
+        return
+    if config.get("objective", "classify") != "classify" or config.get("init_from"):
+        raise ValueError("config.spt.pretrain_steps > 0 runs pretraining and fine-tuning "
+                         "itself: leave config.objective='classify' and config.init_from=''")
+    if spt.objective not in ("", "causal_lm", "masked_lm"):
+        raise ValueError(f"config.spt.objective={spt.objective!r}; known: '' (by the "
+                         "encoder: causal_lm if causal, else masked_lm), causal_lm, masked_lm")
+    if not spt.learning_rate > 0:
+        raise ValueError(f"config.spt.learning_rate must be > 0, got {spt.learning_rate}")
+    if not 0 <= spt.warmup_steps < steps:
+        raise ValueError(f"config.spt.warmup_steps={spt.warmup_steps} must be in [0, "
+                         f"spt.pretrain_steps={steps})")
+
+
+def _validate_data_preparation(config: ml_collections.ConfigDict) -> None:
+    if config.shared_filesystem not in (True, False):
+        raise ValueError(f"config.shared_filesystem must be True or False, got "
+                         f"{config.shared_filesystem!r}")
+    if not config.prepare_wait_seconds > 0:
+        raise ValueError(f"config.prepare_wait_seconds must be > 0, got "
+                         f"{config.prepare_wait_seconds!r}")
 
 
 def _validate_option_names(config: ml_collections.ConfigDict) -> None:

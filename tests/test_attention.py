@@ -106,6 +106,23 @@ def test_cudnn_lengths_give_the_masked_attention_on_real_rows():
     assert softmax.seq_lengths_of(None) == {}
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU "
+                    "(scripts/gpu_check.sh runs this file there)")
+def test_cudnn_equals_xla_attention_on_real_rows():
+    """On a GPU: cuDNN's fused attention (bfloat16, right padding) gives XLA's outputs."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 64)), jnp.bfloat16) for _ in range(3))
+    lengths = np.array([128, 77])
+    mask_BxL = jnp.asarray(np.arange(128)[None] < lengths[:, None])
+    outputs = {implementation: softmax.SoftmaxAttention(
+        num_heads=2, head_dim=64, max_len=128, rngs=nnx.Rngs(0),
+        implementation=implementation)(q, k, v, mask_BxL)
+        for implementation in ("xla", "cudnn")}
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(np.float32(outputs["cudnn"][row, :length]),
+                                   np.float32(outputs["xla"][row, :length]), atol=3e-2, rtol=3e-2)
+
+
 def test_cudnn_rejects_attention_dropout():
     with pytest.raises(ValueError, match="cudnn.*no attention dropout"):
         softmax.SoftmaxAttention(num_heads=2, head_dim=8, max_len=16, dropout_rate=0.1,

@@ -192,9 +192,36 @@ def test_step_config_overrides_sizes_and_options():
         bench.step_config("linear", 256, bench.Settings(step_qkv_dim=30, step_heads=4))
 
 
+def test_loop_scope_times_the_training_loop_of_a_config(tmp_path):
+    """The real loop of a tiny ListOps config: steps/s, the bare step's and the host share."""
+    from configs import listops
+    from lra import data, tasks
+    from tests.test_train import TINY
+
+    data_dir = tmp_path / "listops"
+    config = listops.get_config("runlocal")
+    for key, value in TINY.items():
+        if key.startswith("prepare."):
+            config.prepare[key.split(".")[1]] = value
+    data.ensure_prepared(tasks.get("listops"), str(data_dir), config.prepare)
+    overrides = {**TINY, "data_dir": str(data_dir)}
+    (record,) = bench.main(["--scopes", "loop", "--loop_steps", "3", "--loop_warmup", "2",
+                            "--repeats", "2", "--out", str(tmp_path / "out"), "--loop_set",
+                            ",".join(f"{key}={value}" for key, value in overrides.items())])
+    assert (record["scope"], record["task"], record["batch"], record["length"]) == (
+        "loop", "listops", 16, 64)
+    assert len(record["rounds"]) == 2 and record["steps_per_s"] > 0
+    assert record["time_ms"] == pytest.approx(1e3 / record["steps_per_s"])
+    assert record["step_steps_per_s"] > 0 and 0 <= record["host_share"] < 1
+    assert json.loads((tmp_path / "out" / "bench.json").read_text()) == [record]
+    assert "| configs/listops.py:runlocal | listops / softmax | 16 x 64 |" in (
+        tmp_path / "out" / "bench.md").read_text()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--scopes", "layer,epoch"], "unknown scope"),
     (["--lengths", "64,-1"], "positive integers"),
+    (["--scopes", "loop", "--loop_steps", "0"], "--loop_steps.*positive integers"),
     (["--attention", "softmx"], "unknown attention"),
 ])
 def test_bad_arguments_fail_before_measuring(argv, match):

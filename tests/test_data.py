@@ -3,12 +3,13 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lra import data
+from lra import data, sharding
 
 
 def _arrays(num_examples=10, width=6):
@@ -33,20 +34,30 @@ def test_train_stream_sees_every_example_once_per_epoch_in_a_new_order():
     assert not np.array_equal(other_seed[0]["targets"], dataset[0]["targets"])
 
 
-def test_iterator_state_resumes_the_exact_stream():
+def _targets(batches, count: int) -> list[np.ndarray]:
+    return [np.asarray(next(batches)["targets"]) for _ in range(count)]
+
+
+@pytest.mark.parametrize("threads, workers", [(2, 0), (0, 1)])
+def test_prefetched_stream_resumes_exactly_from_the_batches_taken(threads, workers):
+    """The state counts the batches the loop took, not those read ahead: after 3 taken
+    (and up to 2 + 4 read ahead), a new iterator at that state yields batch 3 on."""
     arrays = _arrays(num_examples=10)
     dataset = data.train_dataset(arrays, batch_size=4, max_length=6, seed=0)
-    uninterrupted = data.train_iterator(dataset)
-    expected = [next(uninterrupted)["targets"] for _ in range(8)]
-    first = data.train_iterator(dataset)
-    for _ in range(3):
-        next(first)
+    mesh = sharding.make_mesh(0)
+    expected = [np.asarray(dataset[i]["targets"]) for i in range(8)]
+    first = data.TrainBatches(dataset, mesh, threads=threads, workers=workers)
+    np.testing.assert_array_equal(_targets(first, 3), expected[:3])
+    time.sleep(0.2)  # let the read-ahead run
     state = first.get_state()
-    resumed = data.train_iterator(dataset)
-    resumed.set_state(state)
-    got = [next(resumed)["targets"] for _ in range(5)]
-    for a, b in zip(got, expected[3:]):
-        np.testing.assert_array_equal(a, b)
+    first.close()
+    assert state == {"next_index": 3}
+    resumed = data.TrainBatches(dataset, mesh, threads=1, workers=0)  # other settings
+    resumed.set_state(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    batches = [next(resumed) for _ in range(5)]
+    resumed.close()
+    np.testing.assert_array_equal([np.asarray(b["targets"]) for b in batches], expected[3:])
+    assert all(b["inputs"].sharding.spec == sharding.batch_spec(mesh) for b in batches)
 
 
 def test_mask_comes_from_lengths_not_token_values():
@@ -75,6 +86,15 @@ def test_eval_batches_cover_the_split_once_with_padding_weighted_out():
     targets = np.concatenate([b["targets"] for b in batches])
     assert weights.sum() == 10
     np.testing.assert_array_equal(targets[weights > 0], np.arange(10))
+    mesh = sharding.make_mesh(0)
+    prefetched = list(data.eval_device_batches(arrays, mesh, batch_size=4, max_length=6,
+                                               threads=2))
+    assert len(prefetched) == 3
+    for host, device in zip(batches, prefetched):
+        assert set(host) == set(device)
+        for key, value in host.items():
+            np.testing.assert_array_equal(np.asarray(device[key]), value)
+            assert device[key].sharding.spec == sharding.batch_spec(mesh)
 
 
 def test_pair_inputs_get_their_own_mask():

@@ -40,6 +40,7 @@ def _batch(seed=0):
         ("performer", {"num_features": 16}, "learned"),
         ("cosformer", {}, "none"),
         ("taylor", {"feature_dim": 2, "form": "recurrent"}, "sinusoidal"),
+        ("retnet", {"chunk_size": 4}, "rope"),  # rotary q, k at each step's position
     ],
 )
 def test_stepwise_logits_equal_parallel_pass(attention, options, positions):

@@ -140,6 +140,49 @@ def test_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(data
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
+BAD_FROM = 5  # between the checkpoint at 4 and the next read (log and checkpoint at 6)
+
+
+def _diverging_from(step: int):
+    """make_train_step whose loss, gradient norm and parameters are NaN from `step` on."""
+    make = train.make_train_step
+
+    def make_diverging(graphdef, shardings, config):
+        train_step = make(graphdef, shardings, config)
+
+        def diverging(state, rng_state, batch):
+            state, metrics = train_step(state, rng_state, batch)
+            bad = state[1]["step"][...] >= step  # the optimizer's count: steps done
+            poison = lambda x: jax.numpy.where(bad, jax.numpy.nan, x)
+            state[0] = jax.tree.map(poison, state[0])  # the model's parameters
+            return state, {**metrics, "loss": poison(metrics["loss"]),
+                           "grad_norm": poison(metrics["grad_norm"])}
+
+        return diverging
+
+    return make_diverging
+
+
+def test_first_non_finite_step_is_named_though_read_later(data_dir, tmp_path, monkeypatch):
+    """Metrics are read only at steps 6 and 12 (log, checkpoint); a loss that turns NaN at
+    step 5 is reported as step 5, and checkpoint 6, whose state is NaN, is never saved."""
+    monkeypatch.setattr(train, "make_train_step", _diverging_from(BAD_FROM))
+    config = _config(data_dir, log_every=6, checkpoint_every=2, eval_every=12)
+    with pytest.raises(FloatingPointError, match=r"loss is nan \(gradient norm nan\) at step "
+                       rf"{BAD_FROM}; the last good checkpoint, step 4, is kept"):
+        train.train_and_evaluate(config, tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+    assert not _train_records(tmp_path)  # the first log (step 6) was not written
+    mesh = sharding.make_mesh(0)
+    with jax.set_mesh(mesh):
+        _, _, state, _ = train.create_state(config, tasks.get("listops"), mesh)
+        manager = checkpoints.Checkpoints(tmp_path / "checkpoints", config.keep_checkpoints)
+        state, _, progress = manager.restore_latest(state)
+        manager.close()
+    assert progress.step == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
 # ---------------------------------------------------------------------------------------
 # Bad config values: rejected before anything is compiled, with the key in the message.
 
@@ -153,6 +196,8 @@ BAD_CONFIGS = [
     ({"model.qkv_dim": 32, "model.num_heads": 3}, {},
      r"config\.model\.qkv_dim=32 is not divisible by config\.model\.num_heads=3"),
     ({"attention": "nonesuch"}, {}, r"config\.attention='nonesuch' is unknown; known: softmax"),
+    ({"data_threads": -1}, {}, r"config\.data_threads must be an integer >= 0, got -1"),
+    ({"data_workers": -2}, {}, r"config\.data_workers must be an integer >= 0, got -2"),
     ({}, {"implementation": "xla", "nonesuch": 1},
      r"config\.model\.attention_options has unknown option\(s\) nonesuch"),
     # cuDNN attention: no dropout on probabilities, 16-bit only; caught on CPU, before a GPU run.

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,98 @@ def test_each_process_reads_only_its_share_of_every_batch(data_dir, monkeypatch)
             parts = [share[step][key] for share in shares]
             assert all(len(part) == batch_size // NUM_PROCESSES for part in parts)
             np.testing.assert_array_equal(np.concatenate(parts), rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Data preparation across processes: a marker file, or per-host copies compared once.
+
+# One process of a 2-process run that only prepares tiny ListOps (process 0 starts late, so
+# process 1 has to wait for it); prints what happened as JSON.
+PREPARE_SCRIPT = """
+import json, sys, time
+from lra import data, distributed, tasks
+port, index, data_dir, mode, seed = sys.argv[1:]
+distributed.initialize(f"localhost:{port}", 2, int(index))
+settings = {"num_train": 32, "num_val": 8, "num_test": 8, "seed": int(seed),
+            "min_length": 10, "max_length": 30}
+if index == "0":
+    time.sleep(1.5)
+try:
+    data.prepare_for_processes(tasks.get("listops"), data_dir, settings,
+                               shared_filesystem=mode == "shared", wait_seconds=120)
+    print(json.dumps({"done": time.time()}))
+except ValueError as error:
+    print(json.dumps({"error": str(error)}))
+"""
+
+
+def _prepare_in_two_processes(data_dirs: list, mode: str, seeds=(0, 0)) -> list[dict]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", PREPARE_SCRIPT, str(port), str(index), str(data_dirs[index]), mode,
+         str(seeds[index])], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for index in range(NUM_PROCESSES)]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_on_a_shared_file_system_process_0_prepares_and_the_other_waits_for_its_marker(tmp_path):
+    shared = tmp_path / "listops"
+    first, second = _prepare_in_two_processes([shared, shared], "shared")
+    marker = shared / data.PREPARED_MARKER
+    assert distributed.read_marker_key(marker) == data.preparation_key(
+        "listops", {"num_train": 32, "num_val": 8, "num_test": 8, "seed": 0, "min_length": 10,
+                    "max_length": 30})
+    written = json.loads(marker.read_text())["time"]
+    assert second["done"] >= written and tasks.get("listops").is_prepared(shared)
+
+
+def test_without_a_shared_file_system_each_host_prepares_a_copy_and_they_are_compared(tmp_path):
+    results = _prepare_in_two_processes([tmp_path / "a", tmp_path / "b"], "local")
+    assert all("done" in result for result in results)
+    assert not (tmp_path / "a" / data.PREPARED_MARKER).exists()
+    differing = _prepare_in_two_processes([tmp_path / "c", tmp_path / "d"], "local", seeds=(0, 1))
+    assert all("differs between process 0 and process(es) 1" in r["error"] for r in differing)
+
+
+def test_marker_of_another_preparation_does_not_release_the_waiters(tmp_path):
+    marker = tmp_path / "data" / data.PREPARED_MARKER
+    distributed.write_marker(marker, "another-preparation")
+    later = threading.Timer(0.3, distributed.write_marker, (marker, "this-preparation"))
+    later.start()
+    start = time.monotonic()
+    distributed.wait_for_marker(marker, "this-preparation", timeout_seconds=60, what="the data",
+                                poll_seconds=0.02)
+    assert time.monotonic() - start >= 0.25
+
+
+@pytest.mark.parametrize("stale, found", [(None, "found no marker"),
+                                          ("old", r"found a marker of another preparation \(old\)")])
+def test_marker_wait_times_out_with_a_message_saying_what_to_check(tmp_path, stale, found):
+    marker = tmp_path / data.PREPARED_MARKER
+    if stale:
+        distributed.write_marker(marker, stale)
+    with pytest.raises(TimeoutError, match=found) as error:
+        distributed.wait_for_marker(marker, "new", timeout_seconds=0.1,
+                                    what="process 0 to prepare listops", poll_seconds=0.02)
+    message = str(error.value)
+    assert str(marker) in message and "process 0 to prepare listops" in message
+    assert "--config.shared_filesystem=False" in message
+    assert "--config.prepare_wait_seconds" in message
+
+
+def test_preparation_key_names_the_task_and_settings():
+    key = data.preparation_key("listops", {"seed": 0, "num_train": 8})
+    assert key == data.preparation_key("listops", {"num_train": 8, "seed": 0})
+    assert key != data.preparation_key("listops", {"seed": 1, "num_train": 8})
+    assert key != data.preparation_key("pathfinder", {"seed": 0, "num_train": 8})
 
 
 # ---------------------------------------------------------------------------------------

@@ -183,3 +183,46 @@ def test_s5_preset_validates_for_every_task_and_refuses_another_mixer():
     with pytest.raises(ValueError, match="preset=s5 .* not 'lru'"):
         listops.get_config("preset=s5,attention=lru")
     assert listops.get_config("preset=s5,runlocal").attention == "s5"  # runlocal sizes
+
+
+# --- preset=spt: Amos et al.'s self-pretraining --------------------------------------------
+
+# Transcribed here by hand, independently of lra/released_spt.py: Amos, Berant & Gupta,
+# ICLR 2024 (section 2 masking ratios; Table 4 "Rotary + Masked SPT" learning rates as
+# (FT, PT)) and IdoAmos/not-from-scratch (commit f919137)
+# configs/experiment/lra/transformer-lra-{listops,aan}[-mlm].yaml.
+SPT_EXPECTED = {
+    "listops": {  # 96,000 training lists, batch 32; max_epochs 100 (FT) and 100 (PT)
+        "mask_rate": 0.10, "learning_rate": 1e-4, "spt.learning_rate": 1e-3,
+        "model.num_layers": 6, "model.emb_dim": 512, "model.num_heads": 8,
+        "model.mlp_dim": 2048, "batch_size": 32, "weight_decay": 0.0,
+        "warmup_steps": 2000, "spt.warmup_steps": 2000,
+        "num_train_steps": 100 * 3000, "spt.pretrain_steps": 100 * 3000,
+    },
+    "retrieval": {  # 147,086 training pairs, batch 32; max_epochs 32 (FT) and 32 (PT)
+        "mask_rate": 0.15, "learning_rate": 5e-4, "spt.learning_rate": 5e-3,
+        "model.num_layers": 4, "model.emb_dim": 128, "model.num_heads": 4,
+        "model.mlp_dim": 512, "warmup_steps": 5000, "spt.warmup_steps": 2000,
+        "num_train_steps": 32 * (147_086 // 32), "spt.pretrain_steps": 32 * (147_086 // 32),
+    },
+}
+
+
+@pytest.mark.parametrize("task", sorted(SPT_EXPECTED))
+def test_spt_preset_runs_amos_et_al_settings(task):
+    config = CONFIGS[task].get_config("preset=spt")
+    assert config.model.positions == "rope" and config.model.pooling == "mean"
+    assert config.spt.objective == "masked_lm" and config.schedule == "constant"
+    for path, expected in SPT_EXPECTED[task].items():
+        value = functools.reduce(lambda node, key: node[key], path.split("."), config)
+        assert value == pytest.approx(expected), path
+    train.validate_config(config, 2)
+
+
+def test_spt_preset_validates_for_every_task():
+    from configs import pathx
+
+    for module in (*CONFIGS.values(), pathx):
+        config = module.get_config("preset=spt")
+        assert config.mask_rate in (0.10, 0.15, 0.50)  # the paper's three rates
+        train.validate_config(config, 1)

@@ -278,3 +278,26 @@ def test_runlocal_rows_say_which_settings_differ(written):
                 if line.startswith("| ↳ LRA's released settings? |"))
     assert "settings differ: model.num_layers, model.emb_dim" in line
     assert "LRA's released settings?: \"comparable\"" in summary
+
+
+def test_spt_runs_are_their_own_rows_beside_scratch_with_amos_et_al_as_reference(tmp_path):
+    for seed, (scratch, spt) in enumerate([(0.30, 0.40), (0.32, 0.42)]):
+        make_run(tmp_path / f"scratch/seed={seed}", "listops", "softmax", seed, scratch)
+        protocol = tmp_path / f"spt/seed={seed}"
+        make_run(protocol, "listops", "softmax", seed, spt, **{"spt.pretrain_steps": 50})
+        # Its phases, as lra.pretraining writes them: not runs of the table themselves.
+        make_run(protocol / "pretrain", "listops", "softmax", seed, 0.9, objective="masked_lm")
+        make_run(protocol / "finetune", "listops", "softmax", seed, spt,
+                 init_from=str(protocol / "pretrain"))
+    runs = report.find_runs([tmp_path])
+    assert sorted(run.name for run in runs) == [
+        "scratch/seed=0", "scratch/seed=1", "spt/seed=0", "spt/seed=1"]
+    report.assign_labels(runs)
+    assert {run.label for run in runs} == {"softmax", "softmax + SPT"}
+    table = report.summarize(runs)
+    assert table.rows["softmax + SPT"]["cells"]["listops"].mean == pytest.approx(41.0)
+    assert table.rows["softmax"]["cells"]["listops"].mean == pytest.approx(31.0)
+    text = report.markdown_table(table)
+    assert "| ↳ published: Transformers + Causal SPT (Amos et al. 2024) | 59.15 |" in text
+    assert "| ↳ published: Transformer | 36.37 |" in text
+    assert "Parnichkun et al. 2024" in text

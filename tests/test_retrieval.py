@@ -234,6 +234,18 @@ def test_command_line_prepares_and_explains_missing_files_without_a_traceback(re
     assert retrieval.load("val", tmp_path / "out")["inputs"].shape == (20, 16)
 
 
+def test_a_run_prepares_retrieval_itself_when_the_tsvs_are_at_hand(release, prepared, tmp_path):
+    """Missing prepared data, the TSVs in prepare.source_dir: a launch converts them."""
+    settings = {"source_dir": str(release[0]), "max_length": MAX_LENGTH}
+    data.ensure_prepared(retrieval.TASK, str(tmp_path / "out"), settings)
+    made = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert made["files"] == prepared[1]["files"]
+    nowhere = {**settings, "source_dir": str(tmp_path / "nowhere")}
+    with pytest.raises(FileNotFoundError, match="python -m lra.data prepare retrieval"):
+        data.ensure_prepared(retrieval.TASK, str(tmp_path / "other"), nowhere)
+    assert not (tmp_path / "other").exists()
+
+
 def test_registry_entry():
     task = tasks.get("retrieval")
     assert task is retrieval.TASK
@@ -244,11 +256,12 @@ def test_registry_entry():
 
 # --- the dual encoder -------------------------------------------------------------------
 
-def _tiny_model(pooling="cls", seed=0):
+def _tiny_model(pooling="cls", seed=0, norm="layer"):
     config = retrieval_config.get_config("runlocal")
     model_config = config.model
     model_config.num_layers, model_config.emb_dim, model_config.qkv_dim = 1, 16, 16
     model_config.num_heads, model_config.mlp_dim, model_config.pooling = 2, 24, pooling
+    model_config.norm = norm
     return models.build_model(model_config, attention="softmax", vocab_size=257, num_classes=2,
                               max_len=12, rngs=nnx.Rngs(params=seed, dropout=seed + 1), paired=True)
 
@@ -327,6 +340,49 @@ def test_both_documents_go_through_one_tower():
 
 def _num_params(module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _two_tower_calls(model, tokens, mask, tokens2, mask2, *, deterministic=True):
+    """The pair as LRA's released code encodes it: the tower called once per document."""
+    u = model.encoder(tokens, mask, deterministic=deterministic)
+    v = model.encoder(tokens2, mask2, deterministic=deterministic)
+    return model.head(u, v)
+
+
+@nnx.jit
+def _logits_and_gradients(model, tokens, mask, tokens2, mask2):
+    """(one-pass logits, their gradient, two-call logits, their gradient)."""
+    one_pass = lambda m: m(tokens, mask, tokens2, mask2)
+    two_calls = lambda m: _two_tower_calls(m, tokens, mask, tokens2, mask2)
+    gradient = lambda f: nnx.grad(lambda m: (f(m) * jnp.arange(1.0, 3.0)).sum())(model)
+    return one_pass(model), gradient(one_pass), two_calls(model), gradient(two_calls)
+
+
+def test_one_pass_over_both_documents_equals_two_tower_calls():
+    """Both documents go through the tower as one batch of 2B rows: with LayerNorm the
+    logits and every parameter's gradient equal those of two calls of B rows."""
+    model = _tiny_model(pooling="mean")
+    one_pass, one_pass_grads, two_calls, two_call_grads = _logits_and_gradients(
+        model, *_documents())
+    np.testing.assert_allclose(one_pass, two_calls, rtol=1e-5, atol=1e-6)
+    expected = dict(jax.tree.leaves_with_path(two_call_grads))
+    for path, value in jax.tree.leaves_with_path(one_pass_grads):
+        np.testing.assert_allclose(value, expected[path], rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_batch_norm_statistics_span_both_documents_of_the_batch():
+    """With model.norm=batch the one pass normalises with statistics over all 2B documents
+    (as S5's released retrieval model), which two calls of B rows would not."""
+    tokens, mask, tokens2, mask2 = _documents()
+    logits = _tiny_model(norm="batch")(tokens, mask, tokens2, mask2, deterministic=False)
+    model = _tiny_model(norm="batch")
+    pooled = model.encoder(np.concatenate([tokens, tokens2]), np.concatenate([mask, mask2]),
+                           deterministic=False)
+    np.testing.assert_allclose(logits, model.head(pooled[:3], pooled[3:]), rtol=1e-5, atol=1e-6)
+    separate = _two_tower_calls(_tiny_model(norm="batch"), tokens, mask, tokens2, mask2,
+                                deterministic=False)
+    assert not np.allclose(logits, separate, rtol=1e-3)
 
 
 def test_padding_of_either_document_does_not_change_the_logits():

@@ -7,6 +7,7 @@ float32 loosely. Runs use 4 fake CPU devices and random ListOps-shaped batches.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,51 @@ def test_fsdp_run_matches_the_data_parallel_run_and_shards_its_state(tmp_path):
     restored_kernel = restored[0]["encoder"]["blocks"][0]["attention"]["query"]["kernel"][...]
     assert restored_kernel.sharding.spec == PartitionSpec("fsdp", None)
     _assert_states_close(restored, state, rtol=0)
+
+
+# Two blocks of width 64: nearly all bytes are in arrays of >= 1,024 elements that the rule
+# shards 4 ways (the 64- and 256-wide biases and LayerNorms stay replicated).
+WIDE = {"model.num_layers": 2, "model.emb_dim": 64, "model.qkv_dim": 64, "model.mlp_dim": 256}
+
+
+def _compiled_run(config):
+    """Compiles the train step on `config`'s mesh and runs NUM_STEPS steps with it.
+
+    Returns:
+      (compiled step, losses per step, shapes of every parameter of one device's view).
+    """
+    mesh = sharding.make_mesh(0, config.mesh_fsdp)
+    with jax.set_mesh(mesh):
+        graphdef, rng_state, state, shardings = train.create_state(config, TASK, mesh)
+        step = train.make_train_step(graphdef, shardings, config)
+        batches = [data.to_global(data.gather(ARRAYS, np.arange(i * 16, (i + 1) * 16), 64), mesh)
+                   for i in range(NUM_STEPS)]
+        compiled = step.lower(state, rng_state, batches[0]).compile()
+        parameter_shapes = {tuple(x.shape) for x in jax.tree.leaves(state[0])}
+        losses = []
+        for batch in batches:
+            state, metrics = compiled(state, rng_state, batch)
+            losses.append(float(metrics["loss"]))
+    return compiled, losses, parameter_shapes
+
+
+def test_fsdp_step_keeps_the_state_sharded_and_gathers_each_layer_where_it_runs():
+    plain, plain_losses, parameter_shapes = _compiled_run(_config(**WIDE))
+    fsdp, fsdp_losses, _ = _compiled_run(_config(mesh_fsdp=4, **WIDE))
+    np.testing.assert_allclose(fsdp_losses, plain_losses, rtol=1e-5)
+    # The step's outputs are the new parameters + optimizer state and a few scalar metrics:
+    # their bytes per device, from XLA's analysis of the compiled step (measured 0.26x).
+    plain_bytes = plain.memory_analysis().output_size_in_bytes
+    fsdp_bytes = fsdp.memory_analysis().output_size_in_bytes
+    assert fsdp_bytes <= 0.3 * plain_bytes, (fsdp_bytes, plain_bytes)
+    # Only parameters are gathered, never an activation (they keep the batch sharding), and
+    # each layer's where it runs: every [64, 64] attention kernel (4 per block) is gathered
+    # in the forward pass and again in the backward pass, not kept whole in between.
+    gathered = re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} all-gather\(", fsdp.as_text())
+    gathered_shapes = {tuple(int(n) for n in shape.split(",")) for shape in gathered}
+    assert gathered_shapes <= parameter_shapes, gathered_shapes
+    assert gathered.count("64,64") == 2 * 4 * WIDE["model.num_layers"], gathered
+    assert "all-gather" not in plain.as_text()
 
 
 def test_batches_are_split_over_both_mesh_axes():

@@ -274,6 +274,36 @@ def test_unprepared_folder_names_the_prepare_command(task, tmp_path):
         task.load("dev", tmp_path)
 
 
+def _tfds_folder_holding(tfds_name: str, folder: Path) -> Path:
+    """A tfds data folder where tfds finds `tfds_name` built (its dataset_info.json and
+    features.json; the records themselves come from `tfds.testing.mock_data`)."""
+    builder = tfds.builder(tfds_name, data_dir=str(folder))
+    Path(builder.data_path).mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    return folder
+
+
+def test_a_run_prepares_text_itself_when_tfds_holds_the_dataset(tmp_path, text_dir, monkeypatch):
+    """Missing prepared data with imdb_reviews in the tfds folder: prepared, no command."""
+    settings = {"max_length": 16, "num_val": 3, "seed": 5,
+                "tfds_data_dir": str(_tfds_folder_holding(text.TFDS_NAME, tmp_path / "tfds"))}
+    assert text.source_at_hand(tmp_path / "out", **settings)
+    # mock_data points builders at tfds's own metadata folder: keep the answer found above.
+    monkeypatch.setattr(text.Text, "source_at_hand", staticmethod(lambda *args, **kwargs: True))
+    with tfds.testing.mock_data(as_dataset_fn=_reviews_as_dataset):
+        data.ensure_prepared(text.TASK, str(tmp_path / "out"), settings)
+    made = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert made["files"] == json.loads((text_dir / "manifest.json").read_text())["files"]
+
+
+def test_without_the_tfds_dataset_a_run_still_names_the_prepare_command(tmp_path):
+    settings = {"tfds_data_dir": str(tmp_path / "empty-tfds")}
+    assert not text.source_at_hand(tmp_path / "out", **settings)
+    with pytest.raises(FileNotFoundError, match="python -m lra.data prepare text"):
+        data.ensure_prepared(text.TASK, str(tmp_path / "out"), settings)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_tfds_is_one_message_with_the_pip_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if absent
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lra\[tfds\]'"):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -90,7 +91,8 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
     results = train.train_and_evaluate(config, tmp_path)
     expected_keys = {"task", "attention", "mixer", "seed", "step", "val_accuracy", "test_accuracy",
                      "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
-                     "train_seconds", "steps_per_second", "config_hash", "versions", "device"}
+                     "train_seconds", "steps_per_second", "config_hash", "versions", "device",
+                     "objective", "init_from"}
     assert set(results) == expected_keys
     assert results["step"] == 12 and results["task"] == "listops"
     assert results["best_step"] in (6, 12)
@@ -107,6 +109,44 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
     before = (tmp_path / "metrics.jsonl").read_text()
     assert train.train_and_evaluate(config, tmp_path) == results
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_from_before_a_config_key_existed_still_resumes(data_dir, tmp_path):
+    """config.json of an earlier lra lacks keys added since (lra.workdir.ADDED_DEFAULTS):
+    at their defaults they change nothing, neither the check nor the config hash."""
+    from lra import workdir
+
+    config = _config(data_dir)
+    old = workdir.config_dict(config)
+    for key in ("objective", "mask_rate", "init_from", "init_from_checkpoint", "spt"):
+        del old[key]
+    del old["model"]["scan_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    workdir.check_and_write_config(tmp_path, config)  # no error: the same run
+    assert workdir.config_hash(ml_collections.ConfigDict(old)) == workdir.config_hash(config)
+    config.spt.pretrain_steps = 5  # a new key away from its default is a change
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"different config \(changed: spt\)"):
+        workdir.check_and_write_config(tmp_path, config)
+
+
+def test_logged_train_metrics_are_the_means_of_their_steps(data_dir, tmp_path):
+    """Metrics are summed on the devices and read at eval and checkpoint steps too; each
+    logged record must still be the mean of its interval's per-step values (log_every=1)."""
+    every_step = _config(data_dir, log_every=1)
+    train.train_and_evaluate(every_step, tmp_path / "every_step")
+    per_step = {r["step"]: r for r in _train_records(tmp_path / "every_step")
+                if r["split"] == "train"}
+    # Reads mid-interval: eval at 6, checkpoints at 3, 6, 9 (kept in Progress.unlogged).
+    train.train_and_evaluate(_config(data_dir, log_every=4, checkpoint_every=3),
+                             tmp_path / "every_4")
+    logged = [r for r in _train_records(tmp_path / "every_4") if r["split"] == "train"]
+    assert [r["step"] for r in logged] == [4, 8, 12]
+    for record in logged:
+        steps = range(record["step"] - 3, record["step"] + 1)
+        for key in ("loss", "accuracy", "grad_norm", "learning_rate"):
+            mean = np.mean([per_step[step][key] for step in steps])
+            assert record[key] == pytest.approx(mean, rel=1e-5, abs=1e-7), (key, record)
 
 
 def test_workdir_of_another_config_is_refused(data_dir, tmp_path):

@@ -17,8 +17,15 @@ from lra.models import mixers
 
 @pytest.mark.parametrize("name", mixers.NAMES)
 def test_padding_tokens_never_change_encoder_logits(name):
+    check_padding_never_changes_logits(name)
+
+
+def check_padding_never_changes_logits(name: str, positions: str | None = None) -> None:
+    """Mixer `name` in the 1-layer runlocal ListOps encoder (with `positions` if given):
+    tokens at padded positions never change the logits."""
     config = listops_config.get_config(f"attention={name},runlocal")
     config.model.num_layers = 1
+    config.model.positions = positions or config.model.positions
     task = tasks.get("listops")
     model = models.build_model(config.model, attention=name, vocab_size=task.vocab_size,
                                num_classes=task.num_classes, max_len=config.max_length,

@@ -16,6 +16,8 @@ dtype of the embeddings, projections, LayerNorms (statistics in float32) and MLP
 bfloat16 the attention cores get bfloat16 q/k/v. The pooled vector, the head and the logits
 are float32. `remat=True` recomputes each block's activations in the backward pass
 (`nnx.remat`): only a block's input is kept between forward and backward.
+`scan_layers=True` holds the blocks as one block with a leading layer axis run by
+`nnx.scan` (lra/models/stack.py): compile time no longer grows with the depth.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models import mixers
+from lra.models import mixers, stack
 from lra.models.attention import Choice
+from lra.models.language_model import LanguageModel
 from lra.models.norm import make_norm
 
 
@@ -46,6 +49,7 @@ class Positions(Choice):
 
     SINUSOIDAL = "sinusoidal"  # fixed sin/cos table
     LEARNED = "learned"  # trained table, one row per position
+    ROPE = "rope"  # nothing added: every block rotates q and k (lra/models/rotary.py)
     NONE = "none"  # no positions (the attention itself may encode order)
 
 
@@ -105,6 +109,7 @@ class Block(nnx.Module):
         attention: str,
         attention_options: dict[str, Any],
         causal: bool = False,
+        rotary: bool = False,
         block_mlp: bool = True,
         norm: str = "layer",
         norm_momentum: float = 0.95,
@@ -123,6 +128,7 @@ class Block(nnx.Module):
             dropout=dropout,
             attention_dropout=attention_dropout,
             causal=causal,
+            rotary=rotary,
             dtype=dtype,
             rngs=rngs,
             **attention_options,
@@ -184,6 +190,7 @@ class Encoder(nnx.Module):
         norm_momentum: float = 0.95,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         """Builds the encoder.
@@ -200,7 +207,8 @@ class Encoder(nnx.Module):
           attention_dropout: dropout on attention probabilities (families that
             have them).
           pooling: a `Pooling` value, "cls", "mean" or "last"; "last" if causal.
-          positions: a `Positions` value, "sinusoidal", "learned" or "none".
+          positions: a `Positions` value, "sinusoidal", "learned", "rope" (rotary, in
+            every attention block) or "none".
           attention: a mixer name from `lra.models.mixers.NAMES`.
           attention_options: options of that mixer.
           causal: if True, every block's attention sees only earlier tokens.
@@ -210,6 +218,9 @@ class Encoder(nnx.Module):
           norm_momentum: BatchNorm's running-average momentum.
           dtype: compute dtype (float32 or bfloat16); parameters stay float32.
           remat: if True, each block is rematerialised (recomputed in the backward pass).
+          scan_layers: if True, the blocks are one stacked block run by `nnx.scan`
+            (attribute `scanned_blocks`, arrays [num_layers, ...]) instead of a list
+            (`blocks`); see lra/models/stack.py.
           rngs: streams ``params`` and ``dropout``.
 
         Raises:
@@ -243,8 +254,7 @@ class Encoder(nnx.Module):
             nnx.Param(init(rngs.params(), (length, emb_dim))) if learned else None
         )
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.blocks = nnx.List(
-            Block(
+        new_block = lambda rngs: Block(
                 emb_dim=emb_dim,
                 qkv_dim=qkv_dim,
                 num_heads=num_heads,
@@ -255,14 +265,17 @@ class Encoder(nnx.Module):
                 attention=attention,
                 attention_options=attention_options,
                 causal=causal,
+                rotary=self.positions is Positions.ROPE,
                 block_mlp=block_mlp,
                 norm=norm,
                 norm_momentum=norm_momentum,
                 dtype=self.dtype,
                 rngs=rngs,
             )
-            for _ in range(num_layers)
-        )
+        self.scan_layers = scan_layers
+        blocks = stack.make_blocks(new_block, num_layers, scan=scan_layers, rngs=rngs)
+        self.blocks = None if scan_layers else blocks
+        self.scanned_blocks = blocks if scan_layers else None
         self.final_norm = nnx.LayerNorm(emb_dim, dtype=self.dtype, rngs=rngs)
 
     def _embed(
@@ -307,28 +320,42 @@ class Encoder(nnx.Module):
         Returns:
           Pooled vectors [B, emb_dim], float32 whatever the compute dtype.
         """
+        x_BxLxE, mask_BxL = self._encode(tokens_BxL, mask_BxL, deterministic=deterministic)
+        return self._pool(x_BxLxE, mask_BxL).astype(jnp.float32)
+
+    def tokens(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
+        """Per-token outputs [B, L, E] (after the final norm, CLS dropped), in the compute
+        dtype: what a language-model head reads (lra/models/language_model.py)."""
+        x_BxLxE, _ = self._encode(tokens_BxL, mask_BxL, deterministic=deterministic)
+        return x_BxLxE[:, 1:] if self.cls_E is not None else x_BxLxE
+
+    def _encode(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """Embeddings, blocks and final norm: ([B, L(+1), E], the mask over that length)."""
         if tokens_BxL.shape[1] > self.max_len:
             raise ValueError(
                 f"sequence length {tokens_BxL.shape[1]} exceeds max_len={self.max_len}"
             )
         x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
         x_BxLxE = self.dropout(x_BxLxE, deterministic=deterministic)
-
-        def run_block(block: Block, x_BxLxE: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-            return block(x_BxLxE, mask_BxL, deterministic=deterministic)
-
-        if self.remat:
-            run_block = nnx.remat(run_block)
-        for block in self.blocks:
-            x_BxLxE = run_block(block, x_BxLxE, mask_BxL)
-        return self._pool(self.final_norm(x_BxLxE), mask_BxL).astype(jnp.float32)
+        x_BxLxE = stack.run_blocks(
+            self.scanned_blocks if self.scan_layers else self.blocks, x_BxLxE, mask_BxL,
+            scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
+        return self.final_norm(x_BxLxE), mask_BxL
 
     def init_decode(self, batch_size: int) -> tuple:
         """The empty decoding state of every block (constant size in the length).
 
         Raises:
-          ValueError: if the encoder is not causal or its attention has no `step`.
+          ValueError: if the encoder is not causal, its attention has no `step`, or its
+            layers are scanned.
         """
+        if self.scan_layers:
+            raise ValueError("decoding token by token needs unrolled layers "
+                             "(model.scan_layers=False): each block keeps its own state")
         if not self.causal:
             raise ValueError("decoding token by token needs a causal encoder (causal=True)")
         if not getattr(self.blocks[0].attention, "decodes", False):
@@ -429,10 +456,30 @@ class DualEncoderClassifier(nnx.Module):
         *,
         deterministic: bool = True,
     ) -> jax.Array:
-        """Returns float32 logits [B, num_classes]; see `Encoder.__call__`."""
-        u_BxE = self.encoder(tokens_BxL, mask_BxL, deterministic=deterministic)
-        v_BxE = self.encoder(tokens2_BxL, mask2_BxL, deterministic=deterministic)
-        return self.head(u_BxE, v_BxE)
+        """Returns float32 logits [B, num_classes]; see `Encoder.__call__`.
+
+        Both documents go through the tower in one call of 2B rows, interleaved (row 2i is
+        pair i's first document, 2i + 1 its second) so that each device's rows stay on it
+        under a batch-sharded mesh. With LayerNorm this equals two calls of B rows up to
+        float rounding; dropout masks are drawn once for the 2B rows. With BatchNorm
+        (`norm="batch"`) the statistics and the running-average update are over both
+        documents together, as in S5's released retrieval model (its BatchNorm's
+        `axis_name` spans the 2B rows), not over each document's B rows.
+        """
+        tokens_2BxL, mask_2BxL = _interleave(tokens_BxL, tokens2_BxL, mask_BxL, mask2_BxL)
+        pooled_2BxE = self.encoder(tokens_2BxL, mask_2BxL, deterministic=deterministic)
+        pooled_Bx2xE = pooled_2BxE.reshape(tokens_BxL.shape[0], 2, -1)
+        return self.head(pooled_Bx2xE[:, 0], pooled_Bx2xE[:, 1])
+
+
+def _interleave(tokens_BxL, tokens2_BxL, mask_BxL, mask2_BxL):
+    """Two documents per pair -> (tokens [2B, L], mask [2B, L]), rows 2i and 2i + 1 = pair i;
+    the shorter document is padded (masked) to the longer length."""
+    length = max(tokens_BxL.shape[1], tokens2_BxL.shape[1])
+    pad = lambda x_BxL: jnp.pad(x_BxL, ((0, 0), (0, length - x_BxL.shape[1])))
+    rows = lambda a_BxL, b_BxL: jnp.stack([pad(a_BxL), pad(b_BxL)], 1).reshape(-1, length)
+    return (rows(tokens_BxL, tokens2_BxL),
+            rows(mask_BxL.astype(bool), mask2_BxL.astype(bool)))
 
 
 def build_model(
@@ -446,14 +493,16 @@ def build_model(
     paired: bool = False,
     dtype: Any = jnp.float32,
     remat: bool = False,
-) -> Classifier | DualEncoderClassifier:
-    """Builds the classifier that a task's config describes.
+    language_model: bool = False,
+    mask_token: bool = False,
+) -> Classifier | DualEncoderClassifier | LanguageModel:
+    """Builds the classifier (or the pretraining language model) that a config describes.
 
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal, embedding_init; block_mlp, norm and norm_momentum
-        where present, else True, "layer" and 0.95).
+        attention_options, causal, embedding_init; block_mlp, norm, norm_momentum and
+        scan_layers where present, else True, "layer", 0.95 and False).
       attention: a mixer name from `lra.models.mixers.NAMES` (an attention family or a
         sequence model).
       vocab_size: number of token ids.
@@ -464,15 +513,19 @@ def build_model(
       dtype: compute dtype of the encoder, float32 or bfloat16 (parameters and logits
         stay float32).
       remat: if True, recompute each block's activations in the backward pass.
+      language_model: if True, a `LanguageModel` (token head over `vocab_size` tokens,
+        one sequence per document) for the pretraining objectives (lra/objectives.py).
+      mask_token: if True, the embedding has one more row, id `vocab_size`: the mask
+        token of `masked_lm` (kept when fine-tuning from such a run, so shapes match).
 
     Returns:
-      A `Classifier`, or a `DualEncoderClassifier` when `paired`.
+      A `Classifier`, a `DualEncoderClassifier` when `paired`, or a `LanguageModel`.
 
     Raises:
       ValueError: for an invalid setting, naming it.
     """
     encoder = Encoder(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size + int(mask_token),
         max_len=max_len,
         num_layers=model_config.num_layers,
         emb_dim=model_config.emb_dim,
@@ -492,8 +545,11 @@ def build_model(
         norm_momentum=model_config.get("norm_momentum", 0.95),
         dtype=dtype,
         remat=remat,
+        scan_layers=model_config.get("scan_layers", False),
         rngs=rngs,
     )
+    if language_model:
+        return LanguageModel(encoder, vocab_size=vocab_size, rngs=rngs)
     model_class = DualEncoderClassifier if paired else Classifier
     return model_class(
         encoder, num_classes=num_classes, mlp_dim=model_config.mlp_dim, rngs=rngs

@@ -15,7 +15,11 @@ A task is an object with
   padded with 0, ``lengths`` [N], ``targets`` [N] (retrieval adds ``inputs2`` and
   ``lengths2``), memory-mapped where large. Missing files raise ``FileNotFoundError``
   naming the ``python -m lra.data prepare ...`` command that makes them;
-- ``is_prepared(data_dir) -> bool``.
+- ``is_prepared(data_dir) -> bool``;
+- optionally, for a task that needs a download, ``source_at_hand(data_dir, **settings) ->
+  bool``: True when ``prepare`` can run now without one (retrieval: the AAN TSVs are in
+  ``source_dir``; text, image: tfds's data folder holds the built dataset). A run then
+  prepares missing data itself (`lra.data.ensure_prepared`).
 
 Adding a task is one module in this package plus one line in ``_TASKS``. Modules are
 imported only when their task is requested.

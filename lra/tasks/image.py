@@ -111,6 +111,12 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return tfds_source.load_task(NAME, split, data_dir, ARRAYS)[0]
 
 
+def source_at_hand(data_dir: str | os.PathLike, *, tfds_data_dir: str | os.PathLike | None = None,
+                   **settings) -> bool:
+    """True when `prepare` needs no download: tfds's data folder holds cifar10 built."""
+    return tfds_source.dataset_at_hand(TFDS_NAME, tfds_data_dir)
+
+
 def is_prepared(data_dir: str | os.PathLike) -> bool:
     """True when `data_dir` holds prepared Image data."""
     return tfds_source.is_prepared(NAME, data_dir)
@@ -129,6 +135,7 @@ class Image:
     prepare = staticmethod(prepare)
     load = staticmethod(load)
     is_prepared = staticmethod(is_prepared)
+    source_at_hand = staticmethod(source_at_hand)
 
 
 TASK = Image()

@@ -211,6 +211,17 @@ def is_prepared(data_dir: str | os.PathLike) -> bool:
             and all(path.is_file() for path in _output_paths(Path(data_dir))))
 
 
+def source_at_hand(data_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
+                   **settings) -> bool:
+    """True when the three AAN TSVs are in `source_dir` (default `data_dir`), so `prepare`
+    can run without a download."""
+    try:
+        find_sources(data_dir if source_dir is None else source_dir, data_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def prepare(data_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
             max_length: int = MAX_LENGTH, num_train: int | None = None, num_val: int | None = None,
             num_test: int | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -308,6 +319,7 @@ class Retrieval:
     prepare = staticmethod(prepare)
     load = staticmethod(load)
     is_prepared = staticmethod(is_prepared)
+    source_at_hand = staticmethod(source_at_hand)
 
 
 TASK = Retrieval()

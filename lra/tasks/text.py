@@ -108,6 +108,12 @@ def load(split: str, data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
+def source_at_hand(data_dir: str | os.PathLike, *, tfds_data_dir: str | os.PathLike | None = None,
+                   **settings) -> bool:
+    """True when `prepare` needs no download: tfds's data folder holds imdb_reviews built."""
+    return tfds_source.dataset_at_hand(TFDS_NAME, tfds_data_dir)
+
+
 def is_prepared(data_dir: str | os.PathLike) -> bool:
     """True when `data_dir` holds prepared Text data."""
     return tfds_source.is_prepared(NAME, data_dir)
@@ -126,6 +132,7 @@ class Text:
     prepare = staticmethod(prepare)
     load = staticmethod(load)
     is_prepared = staticmethod(is_prepared)
+    source_at_hand = staticmethod(source_at_hand)
 
 
 TASK = Text()

@@ -78,6 +78,17 @@ def import_tfds():
     return tfds
 
 
+def dataset_at_hand(tfds_name: str, tfds_data_dir: str | os.PathLike | None) -> bool:
+    """True when tfds's data folder already holds `tfds_name` built, so preparing needs no
+    download (tfds's own check, `builder.is_prepared()`); False without tensorflow-datasets."""
+    try:
+        tfds = import_tfds()
+    except ModuleNotFoundError:
+        return False
+    data_dir = None if tfds_data_dir is None else str(Path(tfds_data_dir).expanduser())
+    return tfds.builder(tfds_name, data_dir=data_dir).is_prepared()
+
+
 def _download_help(builder, tfds_name: str) -> str:
     manual_dir = Path(builder.data_dir_root) / "downloads" / "manual"
     try:

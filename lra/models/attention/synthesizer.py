@@ -107,6 +107,19 @@ class SynthesizerAttention(nnx.Module):
             self.r1_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank)))
             self.r2_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank)))
 
+    @property
+    def rotary_error(self) -> str | None:
+        """Why rotary positions do not apply (read by the multi-head mixer), or None.
+
+        RoPE rotates q and k for their dot product; the dense mode's synthetic logits
+        read q itself, and without `with_dot_product` there is no q k^T to rotate.
+        """
+        if self.mode is Mode.DENSE:
+            return "its dense synthetic logits are computed from q itself, not from q k^T"
+        if not self.with_dot_product:
+            return "without with_dot_product its logits do not use q or k"
+        return None
+
     def __call__(
         self,
         q: jax.Array,

@@ -103,6 +103,7 @@ def make(
     dropout: float,
     attention_dropout: float,
     causal: bool = False,
+    rotary: bool = False,
     dtype: Any,
     rngs: nnx.Rngs,
     **options,
@@ -116,6 +117,7 @@ def make(
       max_len: the longest sequence the mixer will see.
       dropout: dropout on the mixer's output (and inside it where its paper has it).
       causal: if True, position i sees only positions <= i.
+      rotary: rotary positions on q and k (attention mixers only; lra/models/rotary.py).
       dtype: compute dtype; parameters stay float32.
       rngs: streams ``params`` and ``dropout``.
       **options: the mixer's options; see `family_options(name)`.
@@ -128,7 +130,11 @@ def make(
         return MultiHeadAttention(
             emb_dim=emb_dim, qkv_dim=qkv_dim, num_heads=num_heads, max_len=max_len,
             dropout=dropout, attention_dropout=attention_dropout, attention=name,
-            attention_options=options, causal=causal, dtype=dtype, rngs=rngs)
+            attention_options=options, causal=causal, rotary=rotary, dtype=dtype, rngs=rngs)
+    if rotary:
+        raise ValueError(f"positions='rope' rotates attention queries and keys; mixer {name!r} "
+                         "has none (sequence models encode order themselves: use "
+                         "positions='none')")
     accepted = family_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:

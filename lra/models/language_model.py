@@ -1,0 +1,37 @@
+"""The encoder with a token head, for self-pretraining (lra/objectives.py).
+
+Amos et al. (2024, "Never Train from Scratch") pretrain the task's own encoder on the
+task's own inputs, then fine-tune it with a fresh classifier head: the encoder here is
+the classifier's (`Encoder`, same parameter names), so `config.init_from` can carry it
+over, and only the head differs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+if TYPE_CHECKING:
+    from lra.models.encoder import Encoder
+
+
+class LanguageModel(nnx.Module):
+    """Encoder + linear token head: tokens [B, L], mask [B, L] -> logits [B, L, V].
+
+    Every position gets logits over the task's `vocab_size` tokens (the mask token, an
+    extra embedding row, is never a target); which positions enter the loss is the
+    objective's business. Logits are float32 whatever the compute dtype.
+    """
+
+    def __init__(self, encoder: Encoder, *, vocab_size: int, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.lm_head = nnx.Linear(encoder.emb_dim, vocab_size, rngs=rngs)
+
+    def __call__(
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
+        x_BxLxE = self.encoder.tokens(tokens_BxL, mask_BxL, deterministic=deterministic)
+        return self.lm_head(x_BxLxE.astype(jnp.float32))
