@@ -129,14 +129,18 @@ def test_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(data
     assert not (tmp_path / "results.json").exists()
 
     # What it kept reads back (check sums included) and holds only finite numbers.
-    config = _config(data_dir, **DIVERGING)
+    _assert_latest_checkpoint_is_finite(tmp_path, _config(data_dir, **DIVERGING), kept)
+
+
+def _assert_latest_checkpoint_is_finite(workdir, config, step: int) -> None:
+    """The newest checkpoint in `workdir` is `step`, reads back and holds finite numbers."""
     mesh = sharding.make_mesh(0)
     with jax.set_mesh(mesh):
         _, _, state, _ = train.create_state(config, tasks.get("listops"), mesh)
-        manager = checkpoints.Checkpoints(tmp_path / "checkpoints", config.keep_checkpoints)
+        manager = checkpoints.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
         state, _, progress = manager.restore_latest(state)
         manager.close()
-    assert progress.step == kept
+    assert progress.step == step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
@@ -173,14 +177,7 @@ def test_first_non_finite_step_is_named_though_read_later(data_dir, tmp_path, mo
         train.train_and_evaluate(config, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
     assert not _train_records(tmp_path)  # the first log (step 6) was not written
-    mesh = sharding.make_mesh(0)
-    with jax.set_mesh(mesh):
-        _, _, state, _ = train.create_state(config, tasks.get("listops"), mesh)
-        manager = checkpoints.Checkpoints(tmp_path / "checkpoints", config.keep_checkpoints)
-        state, _, progress = manager.restore_latest(state)
-        manager.close()
-    assert progress.step == 4
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    _assert_latest_checkpoint_is_finite(tmp_path, config, 4)
 
 
 # ---------------------------------------------------------------------------------------
