@@ -76,7 +76,12 @@ class Checkpoints:
 
     def __init__(self, directory: Path, keep: int):
         self.directory = directory.absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Processes synchronise each save under keys named after the folder, so managers
+        # of several folders (checkpoints/, checkpoints_best/) can save the same step.
+        sync = ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=self.directory.name)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               multiprocessing_options=sync)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, data_state: dict, progress: Progress) -> None:

@@ -7,8 +7,8 @@ then fine-tune it on the labels. Two pieces make that a config option here:
 * `config.init_from=WORKDIR` starts a run from another run's encoder (embeddings, blocks,
   final norm: the `encoder` node of both the classifier and the language model), taken
   from its best (`config.init_from_checkpoint="best"`, highest validation accuracy, as
-  Amos et al. fine-tune) or last checkpoint, with a freshly initialised head and
-  optimizer. Shapes must match, parameter by parameter; a mismatch fails before training
+  Amos et al. fine-tune; pretraining runs keep it in `checkpoints_best/`) or last
+  checkpoint, with a freshly initialised head and optimizer. Shapes must match, parameter by parameter; a mismatch fails before training
   and names the parameter. Only a fresh run is initialised so: a fine-tune that resumes
   from its own checkpoint continues it.
 * `config.spt.pretrain_steps=P > 0` runs the protocol in one workdir tree:
@@ -87,8 +87,10 @@ def load_encoder(state, config: ml_collections.ConfigDict, build_abstract_state,
     finally:
         checkpoints.close()
     if restored is None:
+        hint = ("only pretraining runs keep one; set config.init_from_checkpoint=last"
+                if which == "best" else "has it trained?")
         raise FileNotFoundError(f"config.init_from={str(source)!r} has no {which} checkpoint "
-                                f"(in {source / CHECKPOINT_FOLDERS[which]}); has it trained?")
+                                f"(in {source / CHECKPOINT_FOLDERS[which]}); {hint}")
     source_state, _, progress = restored
     encoder = _matching_encoder(source_state[0]["encoder"], state[0]["encoder"], source)
     state[0]["encoder"] = encoder

@@ -388,9 +388,11 @@ class _Trainer:
                                              shardings, mesh)
         self.eval_step = make_eval_step(self.graphdef, objective_spec(config), config.seed)
         self.checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
-        # The state at the best validation accuracy: what `init_from` fine-tunes from.
-        self.best_checkpoint = Checkpoints(
-            workdir / pretraining.CHECKPOINT_FOLDERS["best"], keep=1)
+        # Pretraining runs keep their best-validation state: what `init_from` fine-tunes
+        # from by default (classifiers skip the extra saves; `init_from_checkpoint=last`).
+        self.best_checkpoint = (Checkpoints(workdir / pretraining.CHECKPOINT_FOLDERS["best"],
+                                            keep=1)
+                                if objective_spec(config).is_lm else None)
         self.progress = Progress()
         dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,
                                      max_length=config.max_length, seed=config.seed)
@@ -432,7 +434,8 @@ class _Trainer:
             self.batches.close()
             log.close()
             self.checkpoints.close()
-            self.best_checkpoint.close()
+            if self.best_checkpoint is not None:
+                self.best_checkpoint.close()
         write_results(self.workdir, results)
         return results
 
@@ -494,8 +497,9 @@ class _Trainer:
             progress.best_val_accuracy, progress.best_step = progress.val_accuracy, progress.step
             self._record(log, "test", self._eval_split("test"))
             progress.test_accuracy_at_best = progress.test_accuracy
-            self.best_checkpoint.replace(progress.step, self.state, self.batches.get_state(),
-                                         progress)
+            if self.best_checkpoint is not None:
+                self.best_checkpoint.replace(progress.step, self.state,
+                                             self.batches.get_state(), progress)
 
     def _num_params(self) -> int:
         model, _ = nnx.merge(self.graphdef, self.rng_state, self.state)

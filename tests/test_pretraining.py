@@ -39,9 +39,28 @@ def _initial_state(config, mesh):
     return state
 
 
-def test_init_from_restores_exactly_the_saved_encoder_with_a_fresh_head(data_dir, tmp_path):
-    source = tmp_path / "pretrain"
-    _, results = _pretrain(data_dir, source)
+def _protocol_config(data_dir):
+    return _config(data_dir, **SMALL, **{"spt.pretrain_steps": 6, "spt.warmup_steps": 1,
+                                         "mask_rate": 0.3})
+
+
+def _comparable(results: dict) -> dict:
+    """Results without timings and the pretraining run's folder (tmp_path here)."""
+    drop = {*TIMING_KEYS, "init_from"}
+    comparable = {k: v for k, v in results.items() if k not in drop}
+    comparable["spt"] = {k: v for k, v in results["spt"].items() if k not in TIMING_KEYS}
+    return comparable
+
+
+@pytest.fixture(scope="module")
+def protocol(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("spt")
+    return workdir, train.train_and_evaluate(_protocol_config(data_dir), workdir)
+
+
+def test_init_from_restores_exactly_the_saved_encoder_with_a_fresh_head(data_dir, protocol):
+    source = protocol[0] / "pretrain"  # the protocol's masked_lm run
+    results = json.loads((source / "results.json").read_text())
     config = _config(data_dir, **SMALL, init_from=str(source), init_from_checkpoint="last")
     mesh = sharding.make_mesh(config.num_devices, config.mesh_fsdp)
     with jax.set_mesh(mesh):
@@ -77,25 +96,6 @@ def test_mismatched_shapes_fail_before_training_naming_the_parameter(data_dir, t
     with pytest.raises(FileNotFoundError, match="holds no run"):
         train.train_and_evaluate(_config(data_dir, **SMALL, init_from=str(tmp_path / "none")),
                                  tmp_path / "other")
-
-
-def _protocol_config(data_dir):
-    return _config(data_dir, **SMALL, **{"spt.pretrain_steps": 6, "spt.warmup_steps": 1,
-                                         "mask_rate": 0.3})
-
-
-def _comparable(results: dict) -> dict:
-    """Results without timings and the pretraining run's folder (tmp_path here)."""
-    drop = {*TIMING_KEYS, "init_from"}
-    comparable = {k: v for k, v in results.items() if k not in drop}
-    comparable["spt"] = {k: v for k, v in results["spt"].items() if k not in TIMING_KEYS}
-    return comparable
-
-
-@pytest.fixture(scope="module")
-def protocol(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("spt")
-    return workdir, train.train_and_evaluate(_protocol_config(data_dir), workdir)
 
 
 def test_protocol_pretrains_then_fine_tunes_in_one_workdir_tree(protocol):

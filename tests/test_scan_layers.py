@@ -77,9 +77,8 @@ def _loss(model, tokens, mask):
     return model(tokens, mask, deterministic=False).sum()
 
 
-@pytest.mark.parametrize("attention, norm, remat", [
-    ("softmax", "layer", False), ("softmax", "batch", True), ("performer", "layer", True),
-    ("s5", "batch", False)])
+@pytest.mark.parametrize("attention, norm, remat", [  # outputs alone: test_mixers_scan
+    ("softmax", "batch", True), ("s5", "batch", False)])
 def test_scanned_layers_give_the_unrolled_outputs_gradients_and_statistics(attention, norm,
                                                                           remat):
     unrolled = _model(attention, norm=norm, remat=remat)
@@ -107,15 +106,23 @@ def _logits(model, tokens, mask):
     return model(tokens, mask)
 
 
-def test_every_mixer_scans():
+# One mixer per kind of state a scanned stack must carry: parameters only, non-trainable
+# random features (performer), fixed random logits (synthesizer), hashing rngs (reformer),
+# sorting (sinkhorn), length projections (linformer), gated and delta-rule cores, and every
+# sequence model (SsmParams, BatchNorm-free blocks, the Mamba2 block's convolution).
+SCANNED_MIXERS = ("softmax", "local", "performer", "synthesizer", "reformer", "sinkhorn",
+                  "linformer", "gla", "deltanet", *mixers.SEQUENCE_NAMES)
+
+
+@pytest.mark.parametrize("attention", SCANNED_MIXERS)
+def test_mixers_scan(attention):
     tokens, mask = _batch(1)
-    for attention in mixers.NAMES:
-        options = {"block_mlp": mixers.default_block_mlp(attention), "num_layers": 2}
-        unrolled = _model(attention, **options)
-        scanned = _model(attention, seed=1, scan_layers=True, **options)
-        _load_unrolled_into(scanned, unrolled)
-        np.testing.assert_allclose(_logits(scanned, tokens, mask), _logits(unrolled, tokens, mask),
-                                   rtol=1e-5, atol=1e-6, err_msg=attention)
+    options = {"block_mlp": mixers.default_block_mlp(attention), "num_layers": 2}
+    unrolled = _model(attention, **options)
+    scanned = _model(attention, seed=1, scan_layers=True, **options)
+    _load_unrolled_into(scanned, unrolled)
+    np.testing.assert_allclose(_logits(scanned, tokens, mask), _logits(unrolled, tokens, mask),
+                               rtol=1e-5, atol=1e-6, err_msg=attention)
 
 
 def test_scanned_dropout_is_one_stream_per_layer_and_remat_recomputes_the_same_masks():
