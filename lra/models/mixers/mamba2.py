@@ -249,8 +249,7 @@ class Mamba2Block(nnx.Module):
         del position
         if not self.causal:
             raise ValueError("step decodes a causal Mamba2 block; build it with causal=True")
-        keep_B = (jnp.ones(x_BxE.shape[:1], bool) if mask_B is None else mask_B.astype(bool))
-        u = jnp.where(keep_B[:, None], x_BxE, jnp.zeros((), x_BxE.dtype))
+        keep_B, u = ssm.step_input(x_BxE, mask_B)
         z, xBC, dt_raw = self._split_proj(self.in_proj(u).astype(_F32))
         window_BxKxC = jnp.concatenate([state.conv_BxKxC, xBC[:, None]], axis=1)
         xBC = jax.nn.silu(jnp.sum(window_BxKxC * self.conv_weight_KxC[...], axis=1)

@@ -321,9 +321,8 @@ class S5(nnx.Module):
         del position
         if not self.causal:
             raise ValueError("step decodes a causal S5; build it with causal=True")
-        keep_Bx1 = (jnp.ones((x_BxE.shape[0], 1), bool) if mask_B is None
-                    else mask_B.astype(bool)[:, None])
-        u_BxE = jnp.where(keep_Bx1, x_BxE, jnp.zeros((), x_BxE.dtype)).astype(_F32)
+        keep_B, u_BxE = ssm.step_input(x_BxE, mask_B)
+        keep_Bx1, u_BxE = keep_B[:, None], u_BxE.astype(_F32)
         Lambda_bar_N, B_bar_NxE = self.discretize()
         x_BxN = Lambda_bar_N * state.x_BxN + self._inputs(u_BxE, B_bar_NxE)
         x_BxN = jnp.where(keep_Bx1, x_BxN, state.x_BxN)

@@ -37,6 +37,13 @@ def masked(x_BxLxE: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
     return jnp.where(mask_BxL[..., None], x_BxLxE, jnp.zeros((), x_BxLxE.dtype))
 
 
+def step_input(x_BxE: jax.Array, mask_B: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """One decoding step's (keep_B, x with zeros at padding): keep_B is bool [B], True at
+    real tokens (all True when mask is None); a recurrence keeps its state where False."""
+    keep_B = jnp.ones(x_BxE.shape[:1], bool) if mask_B is None else mask_B.astype(bool)
+    return keep_B, masked(x_BxE, keep_B)
+
+
 def linear_recurrence(a_xLxN: jax.Array, b_xLxN: jax.Array, *, axis: int = 1,
                       reverse: bool = False) -> jax.Array:
     """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, every t at once (parallel scan).
