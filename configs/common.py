@@ -3,8 +3,21 @@
 A config file is `get_config(arg)`, where `arg` is the text after the colon in
 `--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>` (or
 its alias `mixer=<name>`), `seed=<int>`, `preset=<name>`. Every key the training loop
-reads gets its default here or in the task's file, each with a comment; `lra.train` never
+reads gets its default here or in the task's file, each with a comment; `lra.training.train` never
 falls back to defaults of its own.
+
+The mixer is chosen in the argument, before anything else is built, because it decides
+other keys: `model.attention_options` holds its options with their defaults,
+`model.block_mlp` its paper's block, and a preset its values. launch.py moves
+`--config.mixer=NAME` and `--config.attention=NAME` into the argument (lra/experiments/launch.py), so
+those flags build the same config as `mixer=NAME`. The rule for presets: a preset is applied
+for the run's final mixer, wherever it was named, never for the mixer the file would have
+picked: preset=lra gives it LRA's released settings for that mixer on the task (its
+defaults where LRA did not run it), preset=spt the same settings for every mixer, and
+preset=s5, S5's settings, runs s5 alone (another mixer is refused). `--config.KEY=VALUE`
+flags apply last, over defaults and presets. A mixer changed in Python after `get_config`
+keeps the options of the one the file built (`lra.training.validation` rejects the names the new
+mixer does not take): build the config for the mixer instead.
 """
 
 from __future__ import annotations
@@ -13,8 +26,10 @@ import os
 
 import ml_collections
 
-from lra import released, released_s5, released_spt
 from lra.models import mixers
+from lra.presets import long_range_arena
+from lra.presets import s5 as s5_preset
+from lra.presets import spt as spt_preset
 
 # Where prepared data lives unless `config.data_dir` says otherwise.
 DATA_ROOT = os.path.expanduser(os.environ.get("LRA_DATA_DIR", "~/.cache/lra"))
@@ -23,6 +38,7 @@ CACHE_ROOT = os.path.join(
     os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "lra")
 
 ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str}
+ARG_ALIASES = {"mixer": "attention"}  # an argument set under another name
 
 
 def parse_arg(arg: str | None, presets: tuple[str, ...], *,
@@ -51,15 +67,15 @@ def parse_arg(arg: str | None, presets: tuple[str, ...], *,
         if not has_value or not value:
             raise ValueError(f"config argument {name!r} needs a value, e.g. {name}=...")
         try:
-            parsed["attention" if name == "mixer" else name] = kind(value)
+            parsed[ARG_ALIASES.get(name, name)] = kind(value)
         except ValueError:
             raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
     if parsed["attention"] is None:
         parsed["attention"] = ("s5" if parsed["preset"] == "s5" else
                                runlocal_attention if parsed["runlocal"] else "softmax")
     if parsed["preset"] == "s5" and parsed["attention"] != "s5":
-        raise ValueError(f"preset=s5 holds S5's released settings; it runs attention=s5, "
-                         f"not {parsed['attention']!r} (leave attention out)")
+        raise ValueError(f"preset=s5 holds S5's released settings, for mixer s5 alone, not "
+                         f"{parsed['attention']!r}: leave the mixer out or choose another preset")
     if parsed["attention"] not in mixers.NAMES:
         raise ValueError(
             f"unknown attention {parsed['attention']!r}; known: {', '.join(mixers.NAMES)} "
@@ -105,12 +121,12 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     config.ssm_learning_rate = 1e-3
     config.ssm_weight_decay = 0.0  # of the SsmParams (the papers: none)
     config.grad_clip = 0.0  # clip gradients to this global norm; 0 = no clipping
-    # What is trained (lra/objectives.py): classify (the task's labels) | causal_lm (next
+    # What is trained (lra/training/objectives.py): classify (the task's labels) | causal_lm (next
     # token, causal encoders) | masked_lm (masked tokens, bidirectional encoders), the last
     # two on the task's own inputs (self-pretraining, Amos et al. 2024).
     config.objective = "classify"
     config.mask_rate = 0.15  # masked_lm: fraction of real tokens masked (Amos et al.: 10-50%)
-    # Fine-tuning (lra/pretraining.py): start the encoder from the run in this workdir
+    # Fine-tuning (lra/training/pretraining.py): start the encoder from the run in this workdir
     # ("" = from scratch), at its best-validation or last checkpoint: best | last.
     config.init_from = ""
     config.init_from_checkpoint = "best"
@@ -133,7 +149,7 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # Precision of float32 matmuls: default (the platform's: TF32/bf16 passes on GPU/TPU)
     # | high | highest (full float32 everywhere).
     config.matmul_precision = "default"
-    # Memory and speed; only `dtype` changes results beyond float rounding (see lra/train.py).
+    # Memory and speed; only `dtype` changes results beyond float rounding (see lra/training/train.py).
     # Devices form a (data, fsdp) mesh: mesh_fsdp devices share each parameter and optimizer
     # array (sharded), the data axis gets the other factor; batches are split over both.
     config.mesh_fsdp = 1  # must divide the number of devices; 1 = plain data parallelism
@@ -205,21 +221,21 @@ def set_runlocal_model(model: ml_collections.ConfigDict, *, num_layers: int, emb
 
 def apply_released(config: ml_collections.ConfigDict, args: dict) -> None:
     """preset=lra: the settings LRA's released code ran for this task and attention;
-    preset=s5: S5's released settings for this task (lra/released_s5.py); preset=spt: Amos
-    et al.'s self-pretraining protocol for this task (lra/released_spt.py).
+    preset=s5: S5's released settings for this task (lra/presets/s5.py); preset=spt: Amos
+    et al.'s self-pretraining protocol for this task (lra/presets/spt.py).
 
     These are the attention options (e.g. Performer's kernel, Linformer's proj_len) and,
     where LRA's per-attention config files changed them (Image, Pathfinder), the model
-    sizes; see lra/released.py for each value's released file and key. Attentions without
+    sizes; see lra/presets/long_range_arena.py for each value's released file and key. Attentions without
     a published LRA row keep their defaults, and so does `runlocal` (a smoke test of the
     pipeline, not the LRA comparison). Called last in get_config; command-line
     `--config.model.attention_options.<option>=...` flags still override.
     """
     if args["runlocal"]:
         return
-    if args["preset"] == "lra" and config.task in released.TASKS:
-        released.apply(config)
+    if args["preset"] == "lra" and config.task in long_range_arena.TASKS:
+        long_range_arena.apply(config)
     elif args["preset"] == "s5":
-        released_s5.apply(config)
+        s5_preset.apply(config)
     elif args["preset"] == "spt":
-        released_spt.apply(config)
+        spt_preset.apply(config)

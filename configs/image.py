@@ -27,8 +27,8 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
-# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+# s5 = S5's released settings for this task (lra/presets/s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/presets/spt.py; pretrain + fine-tune)
 PRESETS = ("lra", "s5", "spt")  # lra = the LRA paper's CIFAR-10 hyperparameters
 
 TRAIN_EXAMPLES = 45_000  # images in the train split (the rest of tfds train is validation)
@@ -45,7 +45,7 @@ def get_config(arg=None):
     # no weight decay, learned positions, CLS pooling: LRA's image/configs/cifar10/
     # transformer_base.py (the model sizes) over base_cifar10_config.py (the rest; its own
     # model is width 32, 1 head, MLP 64). Other attentions get the sizes of their own
-    # released files (lra/released.py, applied at the end).
+    # released files (lra/presets/long_range_arena.py, applied at the end).
     steps_per_epoch = TRAIN_EXAMPLES // 256
     config.max_length = 1024  # 32 x 32 pixels
     config.batch_size = 256
@@ -85,5 +85,5 @@ def get_config(arg=None):
         config.log_every = 25
         common.set_runlocal_model(config.model, num_layers=1, emb_dim=32, qkv_dim=32,
                                   num_heads=1, mlp_dim=64)
-    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
+    common.apply_released(config, args)  # LRA's released settings (lra/presets/long_range_arena.py)
     return config

@@ -24,8 +24,8 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
-# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+# s5 = S5's released settings for this task (lra/presets/s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/presets/spt.py; pretrain + fine-tune)
 PRESETS = ("lra", "s5", "spt")  # lra = the LRA paper's Pathfinder hyperparameters
 
 TRAIN_EXAMPLES = 160_000
@@ -48,7 +48,7 @@ def get_config(arg=None):
     # width 32, qkv 16, MLP 32, dropout 0.2) over base_pathfinder32_config.py, which holds
     # the training settings, attention dropout 0.1, MEAN pooling and learn_pos_emb=False
     # (its own model: 1 layer, 2 heads, dropout 0.1). Other attentions get the sizes of
-    # their own released files (lra/released.py, applied at the end).
+    # their own released files (lra/presets/long_range_arena.py, applied at the end).
     steps_per_epoch = TRAIN_EXAMPLES // 512
     config.max_length = 1024  # 32 x 32 pixels
     config.batch_size = 512
@@ -89,5 +89,5 @@ def get_config(arg=None):
         config.log_every = 20
         common.set_runlocal_model(config.model, num_layers=1, emb_dim=32, qkv_dim=32,
                                   num_heads=2, mlp_dim=64)
-    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
+    common.apply_released(config, args)  # LRA's released settings (lra/presets/long_range_arena.py)
     return config

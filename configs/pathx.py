@@ -24,8 +24,8 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
-# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+# s5 = S5's released settings for this task (lra/presets/s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/presets/spt.py; pretrain + fine-tune)
 PRESETS = ("lra", "s5", "spt")  # lra = the LRA paper's Path-X hyperparameters
 
 TRAIN_EXAMPLES = 160_000

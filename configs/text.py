@@ -35,8 +35,8 @@ import os
 
 from configs import common
 
-# s5 = S5's released settings for this task (lra/released_s5.py; runs attention=s5);
-# spt = Amos et al. 2024's self-pretraining protocol (lra/released_spt.py; pretrain + fine-tune)
+# s5 = S5's released settings for this task (lra/presets/s5.py; runs attention=s5);
+# spt = Amos et al. 2024's self-pretraining protocol (lra/presets/spt.py; pretrain + fine-tune)
 PRESETS = ("lra", "s5", "spt")  # lra = the released LRA text-classification hyperparameters, at 4K bytes
 
 
@@ -91,5 +91,5 @@ def get_config(arg=None):
         config.log_every = 25
         common.set_runlocal_model(config.model, num_layers=2, emb_dim=64, qkv_dim=64,
                                   num_heads=2, mlp_dim=128)
-    common.apply_released(config, args)  # LRA's released settings (lra/released.py)
+    common.apply_released(config, args)  # LRA's released settings (lra/presets/long_range_arena.py)
     return config

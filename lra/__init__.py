@@ -2,7 +2,7 @@
 
 Entry points: `python -m lra.launch` = `lra-train` = the checkout's `launch.py` (training
 runs from config files), `python -m lra.data prepare` (data), `python -m lra.report`,
-`python -m lra.bench`, `lra.train.train_and_evaluate`, the registries `lra.models.attention`
+`python -m lra.bench`, `lra.training.train.train_and_evaluate`, the registries `lra.models.attention`
 and `lra.tasks`.
 """
 

@@ -20,7 +20,9 @@ import numpy as np
 
 from configs import listops as listops_config
 from configs import retrieval as retrieval_config
-from lra import data, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import data, train
 from lra.models import encoder
 
 

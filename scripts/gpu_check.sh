@@ -109,7 +109,7 @@ bench() {
   ((DRY_RUN)) || JAX_PLATFORMS=cpu "$PYTHON" -c '
 import json, sys
 from pathlib import Path
-from lra import bench_output
+from lra.bench import output as bench_output
 out = Path(sys.argv[1])
 records = [r for p in ("layer", "step") if (out / p / "bench.json").is_file()
            for r in json.loads((out / p / "bench.json").read_text())]

@@ -3,10 +3,12 @@
 The references read a layer's parameters as NumPy arrays and recompute its output from
 the papers' equations: a recurrence per token in each direction (written in the test
 files), then D u and the output gate (`output_gate`, from S5's/LRU's block, not from
-the module's code).
+the module's code), with the GELU each model's released code uses.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +40,23 @@ def edge_mask(batch: int, length: int) -> jax.Array:
     return jnp.asarray(mask)
 
 
-def _gelu(x):
-    """GELU, tanh approximation (jax.nn.gelu's default)."""
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+def gelu(x, *, approximate: bool):
+    """GELU: the tanh approximation (flax's `nn.gelu`, S5's and the LRU's code) if
+    `approximate`, else exact x Phi(x) (PyTorch's `nn.GELU()`, S4's code)."""
+    if approximate:
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / np.sqrt(2.0)))
 
 
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def output_gate(y, gate) -> np.ndarray:
+def output_gate(y, gate, *, approximate_gelu: bool) -> np.ndarray:
     """S5's output nonlinearities (deterministic): g = gelu(y), then
     full_glu: W1 g * sigmoid(W2 g); half_glu1: g * sigmoid(W2 g);
     half_glu2: y * sigmoid(W2 g); gelu: g."""
-    g = _gelu(y)
+    g = gelu(y, approximate=approximate_gelu)
     dense = lambda linear, z: z @ param(linear.kernel) + param(linear.bias)
     activation = gate.activation.value
     if activation == "gelu":

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lra import bench, bench_output
+from lra.bench import layers as bench, output
 
 TINY = ["--heads", "2", "--head_dim", "8", "--step_layers", "1", "--step_emb_dim", "16",
         "--step_qkv_dim", "16", "--step_heads", "2", "--step_mlp_dim", "32", "--repeats", "2",
@@ -153,7 +153,7 @@ def test_speedups_against_softmax_and_the_fastest_exact_attention():
     assert linear["speedup_vs_softmax"] == 5.0 and linear["speedup_vs_exact"] == 2.5
     assert linear["exact_baseline"] == "memory_efficient:chunk_size=128"
     assert records[4]["speedup_vs_softmax"] is None and records[4]["speedup_vs_exact"] is None
-    assert "softmax OOM" in bench_output._speed_cell(records[4], records[3])
+    assert "softmax OOM" in output._speed_cell(records[4], records[3])
 
 
 def test_device_peak_counts_only_when_the_program_raised_it():
@@ -195,7 +195,8 @@ def test_step_config_overrides_sizes_and_options():
 def test_loop_scope_times_the_training_loop_of_a_config(tmp_path):
     """The real loop of a tiny ListOps config: steps/s, the bare step's and the host share."""
     from configs import listops
-    from lra import data, tasks
+    from lra import tasks
+    from lra.training import data
     from tests.test_train import TINY
 
     data_dir = tmp_path / "listops"

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from configs import listops
-from lra import tasks, train
+from lra import tasks
+from lra.training import train
 
 
 def test_lra_preset_is_the_released_listops_config():
@@ -56,6 +57,7 @@ def test_runlocal_is_small_and_valid():
     ("preset=paper", "unknown preset 'paper'; known: lra"),
     ("attention=nonesuch", "unknown attention 'nonesuch'; known: .*softmax"),
     ("runlocl", "unknown config argument 'runlocl'"),
+    ("preset=s5,mixer=lru", "preset=s5 holds S5's released settings, for mixer s5 alone"),
 ])
 def test_bad_config_arguments_list_what_is_known(arg, message):
     with pytest.raises(ValueError, match=message):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lra import data, sharding
+from lra.parallel import sharding
+from lra.training import data
 
 
 def _arrays(num_examples=10, width=6):

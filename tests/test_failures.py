@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lra import checkpoints, data, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import checkpoints, data, train
 from lra.models import attention
 from tests.test_train import TINY, _comparable, _config, _flags, _train_records
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lra import bench
+from lra.bench import layers as bench
 from lra.models import mixers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -42,7 +42,8 @@ import numpy as np
 import pytest
 
 from configs import listops as listops_config
-from lra import data, sharding, train
+from lra.parallel import sharding
+from lra.training import data, train
 from lra.models import mixers
 
 SEQ_LEN = 64  # padded length; real lengths are MIN_LEN..SEQ_LEN
@@ -112,6 +113,8 @@ SETTINGS: dict[str, Setting] = {
     # 0.1]): most heads keep under 0.1% of a token 48 positions away, and with 4 heads some
     # seeds have no head that reaches the far bit, hence no gradient towards it (measured:
     # 2 of 4 seeds at chance after 300-400 steps). 8 heads make a slow head likely.
+    "ssd": Setting(num_heads=8, why="8 heads so that one starts with a slow decay; "
+                                  "measured 67 steps"),
     # The mixer `mamba2` is the whole Mamba2 block (mixers/mamba2.py): its heads come from
     # its own head_dim (d_inner = 2 * 32 = 64), not from num_heads.
     "mamba2": Setting({"head_dim": 8}, max_steps=800,

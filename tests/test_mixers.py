@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import listops as listops_config
-from lra import train, validation
+from lra.training import train, validation
 from lra.models import attention, mixers
 from lra.models.mixers.ssm import SsmParam
 

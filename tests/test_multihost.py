@@ -1,8 +1,11 @@
 """Multi-host: two launch.py processes with a real coordinator on localhost (2 CPU devices
-each) against one process with 4 devices; preemption of one process; cluster detection."""
+each) against one process with 4 devices; preemption of one process; restoring when the
+hosts see different checkpoints; data preparation's marker; cluster detection."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from lra import data, distributed, tasks, train
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lra import tasks
+from lra.parallel import distributed, sharding
+from lra.training import checkpoints, data, train
+from lra.tasks import storage
+from tests.test_failures import _progress_cut_short
 from tests.test_train import TINY, _comparable, _config, _flags, _train_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,52 +158,185 @@ def test_each_process_reads_only_its_share_of_every_batch(data_dir, monkeypatch)
 # ---------------------------------------------------------------------------------------
 # Data preparation across processes: a marker file, or per-host copies compared once.
 
-# One process of a 2-process run that only prepares tiny ListOps (process 0 starts late, so
-# process 1 has to wait for it); prints what happened as JSON.
-PREPARE_SCRIPT = """
-import json, sys, time
-from lra import data, distributed, tasks
-port, index, data_dir, mode, seed = sys.argv[1:]
-distributed.initialize(f"localhost:{port}", 2, int(index))
-settings = {"num_train": 32, "num_val": 8, "num_test": 8, "seed": int(seed),
-            "min_length": 10, "max_length": 30}
-if index == "0":
-    time.sleep(1.5)
-try:
-    data.prepare_for_processes(tasks.get("listops"), data_dir, settings,
-                               shared_filesystem=mode == "shared", wait_seconds=120)
-    print(json.dumps({"done": time.time()}))
-except ValueError as error:
-    print(json.dumps({"error": str(error)}))
-"""
+def _run_two_processes(script: str, arguments: list[list[str]], *, devices: int = 1,
+                      timeout: float = 60.0) -> list[dict]:
+    """Runs `script` as processes 0 and 1 of one run (a real coordinator on localhost), each
+    with `devices` CPU devices and its own `arguments` after the port and its index.
 
+    Returns:
+      The JSON object each process printed last, with its stderr under "log".
 
-def _prepare_in_two_processes(data_dirs: list, mode: str, seeds=(0, 0)) -> list[dict]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    Raises:
+      subprocess.TimeoutExpired: after `timeout` seconds in all (a hang fails the test).
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     port = _free_port()
     processes = [subprocess.Popen(
-        [sys.executable, "-c", PREPARE_SCRIPT, str(port), str(index), str(data_dirs[index]), mode,
-         str(seeds[index])], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for index in range(NUM_PROCESSES)]
+        [sys.executable, "-c", script, str(port), str(index), *map(str, arguments[index])],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(NUM_PROCESSES)]
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [process.communicate(timeout=120) for process in processes]
+        outputs = [process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                   for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    return [{**json.loads(out.strip().splitlines()[-1]), "log": err} for out, err in outputs]
+
+
+# ---------------------------------------------------------------------------------------
+# Restoring on several hosts: the step is chosen together from every host's verdict.
+
+# One process of a 2-process run that restores the newest checkpoint of its folder (a host's
+# view of the shared checkpoints) into 4 devices; prints what it restored as JSON.
+RESTORE_SCRIPT = """
+import json, sys
+from pathlib import Path
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from lra.parallel import distributed, sharding
+from lra.training import checkpoints
+port, index, directory = sys.argv[1:]
+distributed.initialize(f"localhost:{port}", 2, int(index))
+mesh = sharding.make_mesh(0)
+abstract = {"w": jax.ShapeDtypeStruct((8, 2), np.float32,
+                                      sharding=NamedSharding(mesh, PartitionSpec("data")))}
+with jax.set_mesh(mesh):
+    manager = checkpoints.Checkpoints(Path(directory), keep=3)
+    state, data_state, progress = manager.restore_latest(abstract)
+    total = float(jax.numpy.sum(state["w"]))
+    manager.close()
+print(json.dumps({"step": progress.step, "data": data_state, "sum": total}))
+"""
+
+
+def _checkpoint_state(step: int) -> np.ndarray:
+    return np.arange(16, dtype=np.float32).reshape(8, 2) + step
+
+
+def _save_checkpoints(directory: Path, steps: tuple[int, ...]) -> None:
+    """Checkpoints of a small state sharded over this process's 4 devices."""
+    mesh = sharding.make_mesh(0)
+    with jax.set_mesh(mesh):
+        manager = checkpoints.Checkpoints(directory, keep=len(steps))
+        for step in steps:
+            w = jax.device_put(_checkpoint_state(step), NamedSharding(mesh, PartitionSpec("data")))
+            manager.save(step, {"w": w}, {"next_index": step}, checkpoints.Progress(step=step))
+        manager.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's asyncio
+def test_hosts_restore_the_same_older_step_when_one_sees_the_newest_corrupt(tmp_path):
+    """Host 1 sees checkpoint 2 cut short, host 0 sees it whole (each reads its own copy of
+    the folder): both set 2 aside and restore 1, with no process left in a collective."""
+    _save_checkpoints(tmp_path / "host0" / "checkpoints", steps=(1, 2))
+    shutil.copytree(tmp_path / "host0", tmp_path / "host1")
+    _progress_cut_short(tmp_path / "host1" / "checkpoints" / "2")
+    results = _run_two_processes(
+        RESTORE_SCRIPT, [[tmp_path / f"host{index}" / "checkpoints"] for index in range(2)],
+        devices=2)
+    assert [(r["step"], r["data"], r["sum"]) for r in results] == [
+        (1, {"next_index": 1}, float(_checkpoint_state(1).sum()))] * NUM_PROCESSES
+    assert "checkpoint at step 2 is unreadable (on process(es) 1)" in results[0]["log"]
+    assert "checkpoint at step 2 is unreadable (" in results[1]["log"]
+    aside = tmp_path / "host0" / "checkpoints_unreadable"
+    assert [path.name.split("-")[0] for path in aside.iterdir()] == ["2"]
+
+
+# ---------------------------------------------------------------------------------------
+# Data preparation across processes: a marker file, or per-host copies compared once.
+
+# One process of a 2-process run that only prepares tiny ListOps (process 0 prepares slowly,
+# so process 1 has to wait for it); prints what happened as JSON, with the start and end
+# times of each call of the task's `prepare` in this process. `hide`: a file the preparing
+# process removes when done (one that the other hosts do not see yet).
+PREPARE_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from lra import tasks
+from lra.parallel import distributed
+from lra.training import data
+port, index, data_dir, mode, seed, hide = sys.argv[1:]
+distributed.initialize(f"localhost:{port}", 2, int(index))
+settings = {"num_train": 32, "num_val": 8, "num_test": 8, "seed": int(seed),
+            "min_length": 10, "max_length": 30}
+
+
+class Spy:
+    def __init__(self, task):
+        self.task, self.calls = task, []
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def prepare(self, data_dir, **settings):
+        start = time.time()
+        if index == "0":
+            time.sleep(1.5)
+        manifest = self.task.prepare(data_dir, **settings)
+        if hide:
+            (Path(data_dir) / hide).unlink()
+        self.calls.append([start, time.time()])
+        return manifest
+
+
+task = Spy(tasks.get("listops"))
+try:
+    data.prepare_for_processes(task, data_dir, settings, shared_filesystem=mode == "shared",
+                               wait_seconds=60)
+    outcome = {"done": time.time()}
+except (ValueError, FileNotFoundError) as error:
+    outcome = {"error": str(error)}
+print(json.dumps({**outcome, "prepared": task.calls}))
+"""
+SETTINGS = {"num_train": 32, "num_val": 8, "num_test": 8, "seed": 0, "min_length": 10,
+            "max_length": 30}
+
+
+def _prepare_in_two_processes(data_dirs: list, mode: str, seeds=(0, 0), hide="") -> list[dict]:
+    return _run_two_processes(PREPARE_SCRIPT, [[data_dirs[index], mode, seeds[index], hide]
+                                               for index in range(NUM_PROCESSES)])
 
 
 def test_on_a_shared_file_system_process_0_prepares_and_the_other_waits_for_its_marker(tmp_path):
     shared = tmp_path / "listops"
     first, second = _prepare_in_two_processes([shared, shared], "shared")
     marker = shared / data.PREPARED_MARKER
-    assert distributed.read_marker_key(marker) == data.preparation_key(
-        "listops", {"num_train": 32, "num_val": 8, "num_test": 8, "seed": 0, "min_length": 10,
-                    "max_length": 30})
+    key, _, token = distributed.read_marker_key(marker).partition(".")
+    assert key == data.preparation_key("listops", SETTINGS) and len(token) == 32
     written = json.loads(marker.read_text())["time"]
     assert second["done"] >= written and tasks.get("listops").is_prepared(shared)
+    assert len(first["prepared"]) == 1 and second["prepared"] == []
+
+
+def test_a_stale_marker_of_the_same_preparation_does_not_release_the_waiting_host(tmp_path):
+    shared = tmp_path / "listops"
+    # What an earlier preparation of the same task and settings left (its data since removed).
+    distributed.write_marker(shared / data.PREPARED_MARKER, data.preparation_key("listops",
+                                                                                 SETTINGS))
+    first, second = _prepare_in_two_processes([shared, shared], "shared")
+    assert "error" not in second and second["prepared"] == []
+    assert second["done"] >= first["prepared"][0][1]  # released once process 0 had prepared
+
+
+def test_a_waiting_host_missing_a_file_names_it_and_prepares_nothing(tmp_path):
+    shared = tmp_path / "listops"
+    first, second = _prepare_in_two_processes([shared, shared], "shared", hide="basic_test.tsv")
+    assert "done" in first and second["prepared"] == []
+    assert str(shared / "basic_test.tsv") in second["error"]
+    assert not (shared / "basic_test.tsv").exists()  # nobody prepared it again
+
+
+def test_the_waiting_hosts_check_names_what_is_missing_and_writes_nothing(data_dir, tmp_path):
+    task = tasks.get("listops")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / storage.MANIFEST))):
+        data.check_prepared(task, str(tmp_path), {})
+    assert not any(tmp_path.iterdir())
+    data.check_prepared(task, str(data_dir), {})  # a prepared folder passes
 
 
 def test_without_a_shared_file_system_each_host_prepares_a_copy_and_they_are_compared(tmp_path):

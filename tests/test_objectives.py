@@ -1,4 +1,4 @@
-"""Pretraining objectives (lra/objectives.py): targets and losses against NumPy written from
+"""Pretraining objectives (lra/training/objectives.py): targets and losses against NumPy written from
 the definitions, padding never counted, masked_lm never masking padding, both documents of
 a pair, and the encoder's per-token outputs."""
 
@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import listops as listops_config
-from lra import models, objectives
+from lra import models
+from lra.training import objectives
 
 VOCAB = 11
 MASK_ID = VOCAB  # the extra embedding row
@@ -51,10 +52,16 @@ CAUSAL = objectives.Spec(objectives.Objective.CAUSAL_LM, 0.0, MASK_ID)
 MASKED = objectives.Spec(objectives.Objective.MASKED_LM, 0.3, MASK_ID)
 
 
+def _mean_loss(model, batch, key, spec):
+    """(mean loss, accuracy) over the batch's targets, masks drawn from `key`."""
+    sums = objectives.loss_sums(model, objectives.draw_masks(spec, batch, key), spec,
+                                deterministic=True)
+    return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
+
+
 def test_causal_lm_predicts_the_next_real_token():
     model, batch = _language_model(causal=True), _batch()
-    loss, accuracy = objectives.train_loss(model, batch, jax.random.key(0), CAUSAL,
-                                           deterministic=True)
+    loss, accuracy = _mean_loss(model, batch, jax.random.key(0), CAUSAL)
     tokens, mask = np.asarray(batch["inputs"]), np.asarray(batch["mask"])
     logits = np.asarray(model(batch["inputs"], batch["mask"]))
     # Position t predicts token t + 1 where both are real (written out row by row).
@@ -73,9 +80,10 @@ def test_causal_lm_predicts_the_next_real_token():
 def test_masked_lm_loss_is_on_the_masked_real_tokens_only():
     model, batch = _language_model(causal=False), _batch(1)
     key = jax.random.key(3)
-    loss, _ = objectives.train_loss(model, batch, key, MASKED, deterministic=True)
+    loss, _ = _mean_loss(model, batch, key, MASKED)
     tokens, mask = batch["inputs"], batch["mask"]
-    inputs, _, picked = objectives.lm_example(MASKED, tokens, mask, key)
+    rows = objectives.lm_sequences(objectives.draw_masks(MASKED, batch, key))
+    inputs, _, picked = objectives.lm_example(MASKED, rows)
     inputs, picked = np.asarray(inputs), np.asarray(picked)
     # The corrupted input says where the masks are: the mask id, at real tokens only.
     np.testing.assert_array_equal(picked, inputs == MASK_ID)
@@ -101,8 +109,8 @@ def test_padding_tokens_change_no_loss(spec):
     other = dict(batch, inputs=jnp.where(batch["mask"], batch["inputs"], noise))
     assert not np.array_equal(np.asarray(other["inputs"]), np.asarray(batch["inputs"]))
     key = jax.random.key(4)
-    first = objectives.train_loss(model, batch, key, spec, deterministic=True)
-    second = objectives.train_loss(model, other, key, spec, deterministic=True)
+    first = _mean_loss(model, batch, key, spec)
+    second = _mean_loss(model, other, key, spec)
     np.testing.assert_allclose(np.asarray(first), np.asarray(second), rtol=1e-6)
     sums = objectives.eval_sums(model, dict(batch, weights=jnp.asarray([1.0, 1.0, 0.0])),
                                 key, spec)
@@ -110,14 +118,19 @@ def test_padding_tokens_change_no_loss(spec):
     assert float(sums["count"]) < float(full["count"])  # the padding row counts nothing
 
 
-def test_pair_tasks_pretrain_on_both_documents():
+def test_pair_tasks_pretrain_on_both_documents_interleaved():
+    """Row 2i is pair i's first document, 2i + 1 its second (the dual encoder's order, so
+    no row changes device), with masked_lm's draws following their tokens."""
     first, second = _batch(5, (12, 4)), _batch(6, (9, 2))
     batch = {"inputs": first["inputs"], "mask": first["mask"],
              "inputs2": second["inputs"][:, :10], "mask2": second["mask"][:, :10]}
-    tokens, mask, weights = objectives.lm_sequences(batch)
-    assert tokens.shape == (4, 12) and weights.shape == (4,)
-    np.testing.assert_array_equal(np.asarray(mask).sum(1), [12, 4, 9, 2])
-    np.testing.assert_array_equal(np.asarray(tokens)[2, :9], np.asarray(second["inputs"])[0, :9])
+    rows = objectives.lm_sequences(objectives.draw_masks(MASKED, batch, jax.random.key(2)))
+    assert rows["tokens"].shape == (4, 12) and rows["weights"].shape == (4,)
+    np.testing.assert_array_equal(np.asarray(rows["mask"]).sum(1), [12, 9, 4, 2])
+    tokens, picked = np.asarray(rows["tokens"]), np.asarray(rows["picked"])
+    np.testing.assert_array_equal(tokens[1, :9], np.asarray(second["inputs"])[0, :9])
+    np.testing.assert_array_equal(tokens[2], np.asarray(first["inputs"])[1])
+    assert not picked[~np.asarray(rows["mask"])].any() and picked.any()
 
 
 def test_encoder_tokens_are_the_pooled_outputs_per_position():
@@ -135,7 +148,7 @@ def test_encoder_tokens_are_the_pooled_outputs_per_position():
 
 
 def test_objective_must_fit_the_encoder():
-    from lra import validation
+    from lra.training import validation
     config = listops_config.get_config("runlocal")
     config.objective = "causal_lm"
     with pytest.raises(ValueError, match="needs a causal encoder"):

@@ -14,7 +14,8 @@ import pytest
 
 from configs import pathfinder as pathfinder_config
 from configs import pathx as pathx_config
-from lra import data, tasks, train
+from lra import tasks
+from lra.training import data, train
 from lra.tasks import pathfinder, storage
 from lra.tasks import pathfinder_generator as generator
 
@@ -266,7 +267,7 @@ def test_prepare_again_other_settings_other_task_and_tampering(prepared, tmp_pat
 def test_prepare_command_takes_resolution(tmp_path, capsys):
     argv = ["prepare", "pathx", "--data_dir", str(tmp_path), "--num_train", "4", "--num_val", "2",
             "--num_test", "2", "--resolution", "64", "--num_workers", "1"]
-    assert data._prepare_main(argv) == 0, capsys.readouterr().err
+    assert data.command_main(argv) == 0, capsys.readouterr().err
     assert pathfinder.PATHX.load("val", tmp_path)["inputs"].shape == (2, 64 * 64)
 
 

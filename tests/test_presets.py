@@ -2,7 +2,7 @@
 
 The expected values come from tests/fixtures/lra_released_configs.json, transcribed by
 hand from the released files of google-research/long-range-arena (each entry names its
-file and key), not from lra/released.py.
+file and key), not from lra/presets/long_range_arena.py.
 """
 
 import functools
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from configs import image, listops, pathfinder, retrieval, text
-from lra import released, report, sweep, train
+from lra.experiments import report, sweep
+from lra.presets import long_range_arena, s5 as s5_preset
+from lra.training import train
 from lra.models import attention, mixers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lra_released_configs.json"
@@ -65,7 +67,7 @@ def test_preset_runs_the_released_settings(task, name):
     for path, entry in expected.items():
         where = f"{task}/{name} {path} ({entry['file']}: {entry['key']})"
         if entry.get("not_transcribed"):
-            assert path not in released.settings(task, name, max_length=config.max_length)
+            assert path not in long_range_arena.settings(task, name, max_length=config.max_length)
         elif isinstance(entry["value"], dict):
             assert _num_buckets(config) == entry["value"]["num_buckets"], where
         else:
@@ -77,7 +79,7 @@ def test_preset_runs_the_released_settings(task, name):
         if f"model.attention_options.{option}" not in expected:
             assert value == defaults[option], f"{task}/{name} {option}"
     train.validate_config(config, num_devices=1)  # the constructors accept the options
-    assert released.differences(json.loads(config.to_json_best_effort())) == [
+    assert long_range_arena.differences(json.loads(config.to_json_best_effort())) == [
         f"{e['released_only']} (released only)" for e in _entries()
         if e.get("released_only") and _applies(e, task, name)]
 
@@ -85,7 +87,7 @@ def test_preset_runs_the_released_settings(task, name):
 @pytest.mark.parametrize("task, name", PAIRS)
 def test_settings_name_the_released_file(task, name):
     config = CONFIGS[task].get_config(f"preset=lra,attention={name}")
-    found = released.settings(task, name, max_length=config.max_length)
+    found = long_range_arena.settings(task, name, max_length=config.max_length)
     for path, entry in _expected(task, name).items():
         if entry.get("not_transcribed") or (entry["attention"] == "*"
                                             and entry["file"].startswith("models/")):
@@ -95,24 +97,24 @@ def test_settings_name_the_released_file(task, name):
         p for p, e in _expected(task, name).items() if e.get("not_transcribed")}
     only = {e["released_only"] for e in _entries() if e.get("released_only")
             and _applies(e, task, name)}
-    assert set(released.released_only(task, name)) == only
+    assert set(long_range_arena.released_only(task, name)) == only
 
 
 def test_attentions_without_a_published_row_keep_their_defaults():
-    for name in sorted(set(mixers.NAMES) - set(PUBLISHED)):  # mamba2: the block
+    for name in sorted(set(mixers.NAMES) - set(PUBLISHED)):  # ssd, the sequence models, ...
         config = text.get_config(f"attention={name}")
         assert config.model.attention_options.to_dict() == mixers.default_options(name)
-        assert released.differences(json.loads(config.to_json_best_effort())) is None
+        assert long_range_arena.differences(json.loads(config.to_json_best_effort())) is None
     config = listops.get_config("attention=performer")
     config.task = "pathx"  # no released per-attention config for Path-X
-    assert released.differences(json.loads(config.to_json_best_effort())) is None
+    assert long_range_arena.differences(json.loads(config.to_json_best_effort())) is None
 
 
 def test_runlocal_keeps_the_family_defaults():
     config = pathfinder.get_config("runlocal,attention=performer")
     assert config.model.num_layers == 1 and config.model.num_heads == 2  # runlocal's model
     assert config.model.attention_options.to_dict() == attention.default_options("performer")
-    differ = released.differences(json.loads(config.to_json_best_effort()))
+    differ = long_range_arena.differences(json.loads(config.to_json_best_effort()))
     assert {"model.num_layers", "model.attention_options.kernel"} <= set(differ)
 
 
@@ -123,7 +125,7 @@ def test_command_line_overrides_the_released_options():
          "--config.model.attention_options.num_features=16")))
     options = config.model.attention_options
     assert (options.kernel, options.num_features) == ("relu", 16)
-    differ = released.differences(json.loads(config.to_json_best_effort()))
+    differ = long_range_arena.differences(json.loads(config.to_json_best_effort()))
     assert differ == ["model.attention_options.kernel", "model.attention_options.num_features",
                       "redraw_features (released only)"]
     config = sweep.resolve_config(sweep.Run(
@@ -131,14 +133,14 @@ def test_command_line_overrides_the_released_options():
         ("--config.model.attention_options.global_positions=(0,)",
          "--config.model.attention_options.global_projections=True")))
     assert config.model.attention_options.global_positions == (0,)
-    assert released.differences(json.loads(config.to_json_best_effort())) == [
+    assert long_range_arena.differences(json.loads(config.to_json_best_effort())) == [
         "model.attention_options.global_positions"]
 
 
 # --- preset=s5: S5's released settings ----------------------------------------------------
 
 # Transcribed here by hand from lindermanlab/S5 (commit 3c18fdb), independently of
-# lra/released_s5.py: the flags of bin/run_experiments/run_lra_{listops,pathx}.sh, with
+# lra/presets/s5.py: the flags of bin/run_experiments/run_lra_{listops,pathx}.sh, with
 # steps = epochs x (train size // bsz) and learning_rate = lr_factor x ssm_lr_base.
 S5_EXPECTED = {
     "listops": {  # run_lra_listops.sh; ListOps train size 96,000
@@ -177,6 +179,23 @@ def test_s5_preset_runs_the_released_flags(task):
     train.validate_config(config, 2)
 
 
+def test_s5_preset_is_comparable_with_s5s_published_row_and_other_runs_are_not():
+    """The report's "S5's released settings?" line: [] for preset=s5 on every task, the
+    differing keys otherwise, None for runs that are not S5's."""
+    from configs import pathx
+
+    for module in (*CONFIGS.values(), pathx):
+        config = json.loads(module.get_config("preset=s5").to_json_best_effort())
+        assert s5_preset.differences(config) == [], config["task"]
+    config = json.loads(listops.get_config("preset=s5").to_json_best_effort())
+    config["model"]["attention_options"]["state_size"] = 32
+    config["weight_decay"] = 0.0
+    assert s5_preset.differences(config) == ["weight_decay",
+                                               "model.attention_options.state_size"]
+    assert s5_preset.differences(json.loads(
+        listops.get_config("attention=s4d").to_json_best_effort())) is None
+
+
 def test_s5_preset_validates_for_every_task_and_refuses_another_mixer():
     for module in CONFIGS.values():
         train.validate_config(module.get_config("preset=s5"), 1)
@@ -187,7 +206,7 @@ def test_s5_preset_validates_for_every_task_and_refuses_another_mixer():
 
 # --- preset=spt: Amos et al.'s self-pretraining --------------------------------------------
 
-# Transcribed here by hand, independently of lra/released_spt.py: Amos, Berant & Gupta,
+# Transcribed here by hand, independently of lra/presets/spt.py: Amos, Berant & Gupta,
 # ICLR 2024 (section 2 masking ratios; Table 4 "Rotary + Masked SPT" learning rates as
 # (FT, PT)) and IdoAmos/not-from-scratch (commit f919137)
 # configs/experiment/lra/transformer-lra-{listops,aan}[-mlm].yaml.

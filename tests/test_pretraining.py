@@ -1,4 +1,4 @@
-"""Fine-tuning from another run (`init_from`) and the SPT protocol (lra/pretraining.py) on tiny
+"""Fine-tuning from another run (`init_from`) and the SPT protocol (lra/training/pretraining.py) on tiny
 ListOps: the encoder restored exactly, a fresh head, shape mismatches named, the protocol
 end to end, and resuming in the middle of either phase."""
 
@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from lra import pretraining, sharding, train
+from lra.parallel import sharding
+from lra.training import pretraining, train
 from test_train import TIMING_KEYS, _config, data_dir  # noqa: F401 (a fixture)
 
 SMALL = {"num_train_steps": 6, "eval_every": 3, "checkpoint_every": 3, "log_every": 3,

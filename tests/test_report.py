@@ -11,8 +11,8 @@ import pytest
 from matplotlib import image
 
 from configs import listops as listops_config
-from lra import report
-from lra.models import attention
+from lra.experiments import report
+from lra.models import attention, mixers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # test_accuracy_at_best per (attention, task), one per seed: softmax on ListOps lies within
@@ -47,7 +47,7 @@ def _metrics(path, val_accuracies, steps):
 
 
 def make_run(folder, task, attention_name, seed, test_accuracy=None, *, failed=None, **changes):
-    """A run folder as lra.train writes it; finished when test_accuracy is given."""
+    """A run folder as lra.training.train writes it; finished when test_accuracy is given."""
     folder.mkdir(parents=True)
     config = _config(task, attention_name, seed, **changes)
     (folder / "config.json").write_text(json.dumps(config))
@@ -58,7 +58,8 @@ def make_run(folder, task, attention_name, seed, test_accuracy=None, *, failed=N
                 {"returncode": 2, "stderr_tail": ["", failed, ""]}))
         return
     _metrics(folder / "metrics.jsonl", [0.2, test_accuracy + 0.01], [50, STEPS])
-    results = {"task": task, "attention": attention_name, "seed": seed, "step": STEPS,
+    results = {"task": task, "attention": attention_name, "mixer": attention_name,
+               "mixer_kind": mixers.kind(attention_name), "seed": seed, "step": STEPS,
                "val_accuracy": test_accuracy + 0.01, "test_accuracy": test_accuracy - 0.02,
                "best_val_accuracy": test_accuracy + 0.01, "best_step": STEPS,
                "test_accuracy_at_best": test_accuracy, "num_params": 12345 + seed,
@@ -159,8 +160,9 @@ def test_failed_and_unfinished_runs_are_listed(written):
     assert finished["num_params"] == "12347" and float(finished["train_seconds"]) == 52.0
     assert float(finished["steps_per_second"]) == pytest.approx(STEPS / 52.0)
     runs_section = paths[0].read_text().split("## Runs")[1]
-    assert "| text/attention=softmax,seed=2 | finished | text | softmax | 2 | 100 | 12,347 | " \
-           "1.92 | 0:00:52 | 56.00 | 55.00 |" in runs_section
+    assert ("| text/attention=softmax,seed=2 | finished | text | softmax | attention | 2 | 100 "
+            "| 12,347 | 1.92 | 0:00:52 | 56.00 | 55.00 |") in runs_section
+    assert finished["mixer_kind"] == "attention"
 
 
 def test_plots_are_valid_pngs(written):
@@ -219,8 +221,12 @@ def test_within_seed_noise_is_two_standard_deviations():
     assert not report.Cell([37.0]).within_noise(37.0)  # one seed: no noise estimate
 
 
-def _preset_run(folder, task_config, arg, accuracy, **changes):
-    """A finished run whose config.json is `task_config.get_config(arg)` plus changes."""
+AS_TRAINED = "the kind lra.training.train records"
+
+
+def _preset_run(folder, task_config, arg, accuracy, *, mixer_kind=AS_TRAINED, **changes):
+    """A finished run whose config.json is `task_config.get_config(arg)` plus changes;
+    results.json records `mixer_kind` (None: a run from before it was recorded)."""
     config = json.loads(task_config.get_config(arg).to_json_best_effort())
     for key, value in changes.items():
         *parents, name = key.split(".")
@@ -233,6 +239,10 @@ def _preset_run(folder, task_config, arg, accuracy, **changes):
     results = {"task": config["task"], "attention": config["attention"], "seed": 0,
                "step": config["num_train_steps"], "test_accuracy": accuracy,
                "test_accuracy_at_best": accuracy}
+    if mixer_kind is not None:
+        results["mixer"] = config["attention"]
+        results["mixer_kind"] = (mixers.kind(config["attention"]) if mixer_kind == AS_TRAINED
+                                 else mixer_kind)
     (folder / "results.json").write_text(json.dumps(results))
 
 
@@ -249,7 +259,7 @@ def test_published_row_is_comparable_only_with_the_released_settings(tmp_path):
     _preset_run(tmp_path / "sweep" / "a", listops_config, "attention=performer", 0.2)
     _preset_run(tmp_path / "sweep" / "b", text_config, "attention=performer", 0.6)
     summary, _ = report.write_report([tmp_path / "sweep"], tmp_path / "report")
-    # Text: LRA's relu "generalized" attention, as released. ListOps: FAVOR+ with 2 features
+    # Text: LRA's relu "generalized" attention, as long_range_arena. ListOps: FAVOR+ with 2 features
     # as released, but LRA drew new features on every call.
     assert _released_cells(summary, "performer") == [
         "↳ LRA's released settings?", "settings differ: redraw_features (released only)",
@@ -285,7 +295,7 @@ def test_spt_runs_are_their_own_rows_beside_scratch_with_amos_et_al_as_reference
         make_run(tmp_path / f"scratch/seed={seed}", "listops", "softmax", seed, scratch)
         protocol = tmp_path / f"spt/seed={seed}"
         make_run(protocol, "listops", "softmax", seed, spt, **{"spt.pretrain_steps": 50})
-        # Its phases, as lra.pretraining writes them: not runs of the table themselves.
+        # Its phases, as lra.training.pretraining writes them: not runs of the table themselves.
         make_run(protocol / "pretrain", "listops", "softmax", seed, 0.9, objective="masked_lm")
         make_run(protocol / "finetune", "listops", "softmax", seed, spt,
                  init_from=str(protocol / "pretrain"))
@@ -301,3 +311,114 @@ def test_spt_runs_are_their_own_rows_beside_scratch_with_amos_et_al_as_reference
     assert "| ↳ published: Transformers + Causal SPT (Amos et al. 2024) | 59.15 |" in text
     assert "| ↳ published: Transformer | 36.37 |" in text
     assert "Parnichkun et al. 2024" in text
+
+
+# --- published rows of the sequence models ------------------------------------------------
+
+# Transcribed here, independently of lra/presets/long_range_arena.py: ListOps, Text, Retrieval, Image,
+# Pathfinder, Path-X test accuracy (%) and the printed average (None: the paper's average was
+# not read; the mean of the six cells stands for it). S5: Smith et al., ICLR 2023, Table 1.
+# S4D: Gu et al., NeurIPS 2022. LRU: Orvieto et al., ICML 2023.
+SEQUENCE_ROWS = {
+    "S5": ((62.15, 89.31, 91.40, 88.00, 95.33, 98.58), 87.46),
+    "S4D-Inv": ((60.18, 87.34, 91.09, 87.83, 93.78, 92.80), None),
+    "S4D-LegS": ((60.47, 86.18, 89.46, 88.19, 93.06, 91.95), None),
+    "LRU": ((60.2, 89.4, 89.9, 89.0, 95.1, 94.2), 86.3),
+}
+TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+
+
+def test_sequence_model_rows_match_the_papers_and_their_averages():
+    assert set(report.SEQUENCE_TABLE) == set(SEQUENCE_ROWS)
+    for model, (cells, printed) in SEQUENCE_ROWS.items():
+        row = report.SEQUENCE_TABLE[model]
+        assert [row.accuracy[task] for task in TASK_ORDER] == list(cells), model
+        mean = float(np.mean(cells))
+        assert row.paper_average == pytest.approx(mean if printed is None else printed), model
+        assert mean == pytest.approx(row.paper_average, abs=0.005), model  # printed = mean
+    assert report.SEQUENCE_TABLE["S5"].source.startswith("Smith, Warrington & Linderman")
+    assert "Diagonal State Space" in report.SEQUENCE_TABLE["S4D-Inv"].source
+    assert "Resurrecting Recurrent" in report.SEQUENCE_TABLE["LRU"].source
+    assert "coloured" in report.SEQUENCE_TABLE["LRU"].note
+
+
+def _configs():
+    from configs import image, pathfinder, pathx, retrieval, text
+
+    return dict(zip(TASK_ORDER, (listops_config, text, retrieval, image, pathfinder, pathx)))
+
+
+def _line(summary, start):
+    return next(line for line in summary.splitlines() if line.startswith(start))
+
+
+def test_s4d_runs_get_the_row_of_their_init_only(tmp_path):
+    """init=inv runs on all six tasks get S4D-Inv's row (never S4D-LegS's); init=lin runs
+    (lra's default; no row here) and causal runs get none, and the report says why."""
+    for task, module in _configs().items():
+        _preset_run(tmp_path / "inv" / task, module, "runlocal,attention=s4d", 0.5,
+                    **{"model.attention_options.init": "inv"})
+    _preset_run(tmp_path / "lin" / "listops", listops_config, "runlocal,attention=s4d", 0.4)
+    _preset_run(tmp_path / "causal" / "listops", listops_config, "runlocal,attention=s4d",
+                0.3, **{"model.attention_options.init": "inv", "model.causal": True})
+    summary, _ = report.write_report([tmp_path / "inv"], tmp_path / "report")
+    cells, _ = SEQUENCE_ROWS["S4D-Inv"]
+    assert _line(summary, "| ↳ published: ") == (
+        "| ↳ published: S4D-Inv [init=inv, bidirectional=True, causal=False] | "
+        + " | ".join(f"{v:.2f}" for v in cells) + f" | {np.mean(cells):.2f} |")
+    assert "S4D-LegS" not in summary and "released settings?" not in summary
+    assert "Gu et al." in summary and "[...] after a published row's name" in summary
+    with open(tmp_path / "report" / "results.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r["source"] == "published: S4D-Inv"]
+    assert len(rows) == 6 and rows[0]["published_settings"] == (
+        "init=inv, bidirectional=True, causal=False")
+
+    summary, _ = report.write_report([tmp_path / "lin", tmp_path / "causal"],
+                                     tmp_path / "report2")
+    assert "↳ published" not in summary
+    assert "s4d: its published rows are for other settings than these runs'" in summary
+    assert "S4D-LegS ran init=legs, bidirectional=True, causal=False" in summary
+
+
+def test_s5_row_and_s5s_released_settings(tmp_path):
+    _preset_run(tmp_path / "a" / "preset", listops_config, "preset=s5", 0.6)
+    _preset_run(tmp_path / "b" / "runlocal", listops_config, "runlocal,attention=s5", 0.4)
+    summary, _ = report.write_report([tmp_path / "a"], tmp_path / "report")
+    assert _line(summary, "| ↳ published: ").startswith(
+        "| ↳ published: S5 [bidirectional=True, causal=False, discretization=zoh] | 62.15 |")
+    assert _line(summary, "| ↳ S5's released settings? |") == (
+        "| ↳ S5's released settings? | comparable | |")
+    assert "LRA's released settings? |" not in summary and "Smith, Warrington" in summary
+    summary, _ = report.write_report([tmp_path / "b"], tmp_path / "report2")
+    differ = _line(summary, "| ↳ S5's released settings? |")
+    assert "settings differ: batch_size, num_train_steps" in differ
+    assert "model.attention_options.state_size" in differ
+
+
+def test_labels_and_runs_name_the_model_that_ran(tmp_path):
+    """The SSD core (`ssd`, an attention core) and the Mamba2 block (`mamba2`, a sequence
+    model) are separate rows; a run recorded as the other kind, or whose options are those
+    of another model (the attention `mamba2` before it was renamed `ssd`), is marked."""
+    from configs import text as text_config
+
+    _preset_run(tmp_path / "ssd", text_config, "runlocal,attention=ssd", 0.6)
+    _preset_run(tmp_path / "block", text_config, "runlocal,attention=mamba2", 0.7)
+    core_options = mixers.default_options("ssd")
+    _preset_run(tmp_path / "old-core", text_config, "runlocal,attention=mamba2", 0.55,
+                mixer_kind=None, **{"model.attention_options": core_options})
+    _preset_run(tmp_path / "recorded", text_config, "runlocal,attention=mamba2", 0.5,
+                mixer_kind="attention")
+    runs = report.find_runs([tmp_path])
+    report.assign_labels(runs)
+    labels = {run.name: run.label for run in runs}
+    assert labels["ssd"] == "ssd" and labels["block"] == "mamba2"
+    assert labels["old-core"] == ("mamba2 (options d_skip, group_norm: another model than "
+                                  "today's sequence model 'mamba2')")
+    assert labels["recorded"] == "mamba2 (ran as attention, not today's sequence model 'mamba2')"
+    assert len(report.summarize(runs).rows) == 4
+    summary, paths = report.write_report([tmp_path], tmp_path / "report")
+    runs_section = paths[0].read_text().split("## Runs")[1]
+    assert "| ssd | finished | text | ssd | attention | 0 |" in runs_section
+    assert "| block | finished | text | mamba2 | sequence | 0 |" in runs_section
+    assert "| old-core | finished | text | mamba2 | not recorded | 0 |" in runs_section
+    assert "Sequence models (their own layer, no attention wrapper): mamba2;" in summary

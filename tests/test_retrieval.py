@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from configs import retrieval as retrieval_config
-from lra import data, models, tasks, train
+from lra import models, tasks
+from lra.training import data, train
 from lra.tasks import bytes_tokens, retrieval
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from configs_for_tests import listops_runlocal
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs import listops as listops_config
-from lra import checkpoints, data, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import checkpoints, data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = tasks.get("listops")
@@ -33,13 +36,7 @@ NUM_STEPS = 3
 
 
 def _config(**overrides):
-    config = listops_config.get_config("runlocal")
-    for key, value in {**SIZES, **overrides}.items():
-        *path, name = key.split(".")
-        parent = config
-        for part in path:
-            parent = parent[part]
-        parent[name] = value
+    config = listops_runlocal({**SIZES, **overrides})
     return config
 
 
@@ -214,13 +211,27 @@ def test_batches_are_split_over_both_mesh_axes():
 # Gradient accumulation
 
 
-def test_two_micro_batches_of_b_match_one_batch_of_2b():
-    expected, expected_state = _baseline()  # batch 16 in one piece
-    history, state = _train(_config(grad_accum_steps=2))  # 2 x 8
-    # The gradient norm too: Adam's update would hide a gradient summed instead of averaged.
-    for name in ("loss", "grad_norm"):
-        np.testing.assert_allclose(history[name], expected[name], rtol=1e-5, err_msg=name)
-    _assert_states_close(state, expected_state, rtol=1e-5)
+OBJECTIVES = {
+    "classify": {},
+    "causal_lm": {"objective": "causal_lm", "model.causal": True, "model.pooling": "last"},
+    "masked_lm": {"objective": "masked_lm", "mask_rate": 0.3},
+}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_micro_batches_give_the_whole_batch_gradient_for_every_objective(objective):
+    """A = 1, 2, 4 micro-batches of rows of different lengths: the same loss, gradient
+    and parameters. Language models' targets are tokens, so micro-batches of short rows
+    hold fewer: averaging per micro-batch would weigh them more."""
+    runs = [_baseline() if objective == "classify" and accum == 1 else
+            _train(_config(grad_accum_steps=accum, **OBJECTIVES[objective]))
+            for accum in (1, 2, 4)]
+    (expected, expected_state), *accumulated = runs
+    for history, state in accumulated:
+        # The gradient norm too: Adam's update would hide a gradient scaled by a constant.
+        for name in ("loss", "grad_norm"):
+            np.testing.assert_allclose(history[name], expected[name], rtol=1e-5, err_msg=name)
+        _assert_states_close(state, expected_state, rtol=1e-5)
 
 
 def test_micro_batches_take_strided_rows_and_keep_the_batch_sharding():
@@ -254,8 +265,9 @@ def test_each_micro_batch_gets_its_own_dropout(rate):
     doubled = {key: np.repeat(value, 2, axis=0) for key, value in half.items()}  # rows 2i = 2i+1
     mesh, key = sharding.make_mesh(1), jax.random.key(7)
     with jax.set_mesh(mesh):
-        _, accumulated = train._mean_grads(_DropoutProbe(rate), doubled, key, accum=2, mesh=mesh)
-        _, single = train._mean_grads(_DropoutProbe(rate), half, key, accum=1, mesh=mesh)
+        _, accumulated, _ = train._mean_grads(_DropoutProbe(rate), doubled, key, accum=2,
+                                              mesh=mesh)
+        _, single, _ = train._mean_grads(_DropoutProbe(rate), half, key, accum=1, mesh=mesh)
     same = np.isclose(float(accumulated["loss"]), float(single["loss"]), rtol=1e-6)
     assert same == (rate == 0.0), (accumulated, single)
 

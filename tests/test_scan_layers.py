@@ -15,7 +15,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from configs import listops as listops_config
-from lra import data, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import data, train
 from lra.models import build_model, classify_stepwise, mixers
 
 B, L, VOCAB, CLASSES, LAYERS = 3, 12, 11, 3, 3

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lra import data, sweep, tasks, train
+from lra import tasks
+from lra.experiments import sweep
+from lra.training import data, train
 from tests import test_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,30 @@ def test_resolved_config_is_what_launch_builds():
         ("--config.model.num_layers=1", "--config.learning_rate=0.01")))
     assert (config.attention, config.seed, config.model.num_layers) == ("linear", 3, 1)
     assert config.learning_rate == 0.01 and config.max_length == 128  # runlocal sizes
+
+
+def test_a_swept_mixer_replaces_the_one_of_the_config_argument():
+    runs = sweep.expand(CONFIG + ",mixer=s5", ["attention=softmax,linear"])
+    assert [run.config_arg for run in runs] == [f"{CONFIG},attention=softmax",
+                                                f"{CONFIG},attention=linear"]
+    with pytest.raises(ValueError, match="sweep one config argument"):
+        sweep.expand(CONFIG, ["mixer=s5", "attention=lru"])
+
+
+def test_a_mixer_flag_reaches_every_run_of_a_sweep(tmp_path, capsys):
+    """`--config.mixer=s5` is the config argument of every run (through launch.py's command
+    line), so each run, and the check of whether it finished, builds s5's config."""
+    from lra.experiments import launch
+
+    argv = ["launch.py", "--config", CONFIG, "--workdir", str(tmp_path), "--config.mixer=s5",
+            "--config.model.attention_options.state_size=8", "--sweep", "seed=0,1", "--dry_run"]
+    assert launch.run(argv, launch_script=LAUNCH) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [command[3] for command in commands] == [f"{CONFIG},mixer=s5,seed=0",
+                                                    f"{CONFIG},mixer=s5,seed=1"]
+    config = sweep.resolve_config(sweep.Run("x", commands[1][3], tuple(commands[1][6:])))
+    assert config.attention == "s5" and config.model.attention_options.state_size == 8
+    assert not config.model.block_mlp  # s5's block, as with configs/listops.py:mixer=s5
 
 
 @pytest.mark.parametrize("config_arg, overrides, error, message", [
@@ -300,7 +326,7 @@ def test_sweep_runs_records_failures_resumes_and_skips(tmp_path, data_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming from step 8" in done.stderr
     resumed = json.loads((good / "results.json").read_text())
-    timing = ("train_seconds", "steps_per_second")
+    timing = ("train_seconds", "compile_seconds", "steps_per_second")
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in first.items() if k not in timing}
 

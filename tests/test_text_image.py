@@ -18,7 +18,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import image as image_config
 from configs import text as text_config
-from lra import data, tasks, train
+from lra import tasks
+from lra.training import data, train
 from lra.tasks import image, text, tfds_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_missing_tfds_is_one_message_with_the_pip_command(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if absent
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lra\[tfds\]'"):
         image.prepare(tmp_path)
-    assert data._prepare_main(["prepare", "text", "--data_dir", str(tmp_path)]) == 2
+    assert data.command_main(["prepare", "text", "--data_dir", str(tmp_path)]) == 2
     assert "pip install 'lra[tfds]'" in capsys.readouterr().err
 
 
@@ -318,7 +319,7 @@ def test_failed_download_says_what_to_fetch_and_where(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     argv = ["prepare", "text", "--data_dir", str(tmp_path / "out"), "--tfds_data_dir", str(tmp_path / "tfds")]
-    assert data._prepare_main(argv) == 2
+    assert data.command_main(argv) == 2
     message = capsys.readouterr().err
     assert message.startswith("error: could not download") and "Traceback" not in message
     assert f"{tmp_path / 'tfds' / 'downloads' / 'manual'}/" in message and "Failed to resolve" in message
@@ -339,7 +340,7 @@ def test_command_line_passes_validation_and_tfds_data_dir(tmp_path, capsys):
     argv = ["prepare", "text", "--data_dir", str(tmp_path), "--validation", "test", "--max_length", "8",
             "--tfds_data_dir", str(tmp_path / "ignored-by-the-mock")]
     with tfds.testing.mock_data(as_dataset_fn=_reviews_as_dataset):
-        assert data._prepare_main(argv) == 0
+        assert data.command_main(argv) == 0
     assert "text data ready" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["settings"] == {"max_length": 8, "seed": 0, "validation": "test", "num_train": 0,

@@ -12,13 +12,15 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from configs_for_tests import listops_runlocal
 
-from configs import listops as listops_config
-from lra import data, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Everything in a result that may differ between two runs of the same config.
-TIMING_KEYS = ("train_seconds", "steps_per_second")
+TIMING_KEYS = ("train_seconds", "compile_seconds", "steps_per_second")
 
 TINY = {
     "prepare.num_train": 160, "prepare.num_val": 40, "prepare.num_test": 36,
@@ -32,13 +34,7 @@ TINY = {
 
 
 def _config(data_dir, **overrides):
-    config = listops_config.get_config("runlocal")
-    for key, value in {**TINY, **overrides}.items():
-        *path, name = key.split(".")
-        parent = config
-        for part in path:
-            parent = parent[part]
-        parent[name] = value
+    config = listops_runlocal({**TINY, **overrides})
     config.data_dir = str(data_dir)
     return config
 
@@ -92,8 +88,10 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
     expected_keys = {"task", "attention", "mixer", "seed", "step", "val_accuracy", "test_accuracy",
                      "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
                      "train_seconds", "steps_per_second", "config_hash", "versions", "device",
-                     "objective", "init_from"}
+                     "objective", "init_from", "mixer_kind", "compile_seconds"}
     assert set(results) == expected_keys
+    assert results["compile_seconds"] > 0  # the step's compilation, outside train_seconds
+    assert (results["mixer"], results["mixer_kind"]) == (config.attention, "attention")
     assert results["step"] == 12 and results["task"] == "listops"
     assert results["best_step"] in (6, 12)
     # Accuracies count whole examples of the whole splits (36 test, 40 val; none dropped).
@@ -112,9 +110,9 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
 
 
 def test_a_run_from_before_a_config_key_existed_still_resumes(data_dir, tmp_path):
-    """config.json of an earlier lra lacks keys added since (lra.workdir.ADDED_DEFAULTS):
+    """config.json of an earlier lra lacks keys added since (lra.training.workdir.ADDED_DEFAULTS):
     at their defaults they change nothing, neither the check nor the config hash."""
-    from lra import workdir
+    from lra.training import workdir
 
     config = _config(data_dir)
     old = workdir.config_dict(config)

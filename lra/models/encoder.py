@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.common import Choice
 from lra.models import mixers, stack
-from lra.models.attention import Choice
-from lra.models.language_model import LanguageModel
 from lra.models.norm import make_norm
 
 
@@ -466,91 +465,20 @@ class DualEncoderClassifier(nnx.Module):
         documents together, as in S5's released retrieval model (its BatchNorm's
         `axis_name` spans the 2B rows), not over each document's B rows.
         """
-        tokens_2BxL, mask_2BxL = _interleave(tokens_BxL, tokens2_BxL, mask_BxL, mask2_BxL)
+        tokens_2BxL = interleave_pairs(tokens_BxL, tokens2_BxL)
+        mask_2BxL = interleave_pairs(mask_BxL.astype(bool), mask2_BxL.astype(bool))
         pooled_2BxE = self.encoder(tokens_2BxL, mask_2BxL, deterministic=deterministic)
         pooled_Bx2xE = pooled_2BxE.reshape(tokens_BxL.shape[0], 2, -1)
         return self.head(pooled_Bx2xE[:, 0], pooled_Bx2xE[:, 1])
 
 
-def _interleave(tokens_BxL, tokens2_BxL, mask_BxL, mask2_BxL):
-    """Two documents per pair -> (tokens [2B, L], mask [2B, L]), rows 2i and 2i + 1 = pair i;
-    the shorter document is padded (masked) to the longer length."""
-    length = max(tokens_BxL.shape[1], tokens2_BxL.shape[1])
-    pad = lambda x_BxL: jnp.pad(x_BxL, ((0, 0), (0, length - x_BxL.shape[1])))
-    rows = lambda a_BxL, b_BxL: jnp.stack([pad(a_BxL), pad(b_BxL)], 1).reshape(-1, length)
-    return (rows(tokens_BxL, tokens2_BxL),
-            rows(mask_BxL.astype(bool), mask2_BxL.astype(bool)))
+def interleave_pairs(first_BxL: jax.Array, second_BxL: jax.Array) -> jax.Array:
+    """Two documents per pair -> [2B, L]: row 2i is pair i's first document, 2i + 1 its
+    second, the shorter one padded with zeros (False) to the longer length.
 
-
-def build_model(
-    model_config: Any,
-    *,
-    attention: str,
-    vocab_size: int,
-    num_classes: int,
-    max_len: int,
-    rngs: nnx.Rngs,
-    paired: bool = False,
-    dtype: Any = jnp.float32,
-    remat: bool = False,
-    language_model: bool = False,
-    mask_token: bool = False,
-) -> Classifier | DualEncoderClassifier | LanguageModel:
-    """Builds the classifier (or the pretraining language model) that a config describes.
-
-    Args:
-      model_config: the config's ``model`` node (attributes num_layers, emb_dim,
-        qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal, embedding_init; block_mlp, norm, norm_momentum and
-        scan_layers where present, else True, "layer", 0.95 and False).
-      attention: a mixer name from `lra.models.mixers.NAMES` (an attention family or a
-        sequence model).
-      vocab_size: number of token ids.
-      num_classes: number of output classes.
-      max_len: longest token sequence.
-      rngs: streams ``params`` and ``dropout``.
-      paired: if True, a `DualEncoderClassifier` over two documents (retrieval).
-      dtype: compute dtype of the encoder, float32 or bfloat16 (parameters and logits
-        stay float32).
-      remat: if True, recompute each block's activations in the backward pass.
-      language_model: if True, a `LanguageModel` (token head over `vocab_size` tokens,
-        one sequence per document) for the pretraining objectives (lra/objectives.py).
-      mask_token: if True, the embedding has one more row, id `vocab_size`: the mask
-        token of `masked_lm` (kept when fine-tuning from such a run, so shapes match).
-
-    Returns:
-      A `Classifier`, a `DualEncoderClassifier` when `paired`, or a `LanguageModel`.
-
-    Raises:
-      ValueError: for an invalid setting, naming it.
+    Each device's rows of a batch-sharded [B, ...] stay on it as rows of the [2B, ...]
+    (concatenating the two halves would move rows between devices).
     """
-    encoder = Encoder(
-        vocab_size=vocab_size + int(mask_token),
-        max_len=max_len,
-        num_layers=model_config.num_layers,
-        emb_dim=model_config.emb_dim,
-        qkv_dim=model_config.qkv_dim,
-        num_heads=model_config.num_heads,
-        mlp_dim=model_config.mlp_dim,
-        dropout=model_config.dropout,
-        attention_dropout=model_config.attention_dropout,
-        pooling=model_config.pooling,
-        positions=model_config.positions,
-        attention=attention,
-        attention_options=dict(model_config.attention_options),
-        causal=model_config.causal,
-        embedding_init=model_config.embedding_init,
-        block_mlp=model_config.get("block_mlp", True),
-        norm=model_config.get("norm", "layer"),
-        norm_momentum=model_config.get("norm_momentum", 0.95),
-        dtype=dtype,
-        remat=remat,
-        scan_layers=model_config.get("scan_layers", False),
-        rngs=rngs,
-    )
-    if language_model:
-        return LanguageModel(encoder, vocab_size=vocab_size, rngs=rngs)
-    model_class = DualEncoderClassifier if paired else Classifier
-    return model_class(
-        encoder, num_classes=num_classes, mlp_dim=model_config.mlp_dim, rngs=rngs
-    )
+    length = max(first_BxL.shape[1], second_BxL.shape[1])
+    pad = lambda x_BxL: jnp.pad(x_BxL, ((0, 0), (0, length - x_BxL.shape[1])))
+    return jnp.stack([pad(first_BxL), pad(second_BxL)], 1).reshape(-1, length)

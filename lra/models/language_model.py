@@ -1,4 +1,4 @@
-"""The encoder with a token head, for self-pretraining (lra/objectives.py).
+"""The encoder with a token head, for self-pretraining (lra/training/objectives.py).
 
 Amos et al. (2024, "Never Train from Scratch") pretrain the task's own encoder on the
 task's own inputs, then fine-tune it with a fresh classifier head: the encoder here is
@@ -8,14 +8,11 @@ over, and only the head differs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-if TYPE_CHECKING:
-    from lra.models.encoder import Encoder
+from lra.models.encoder import Encoder
 
 
 class LanguageModel(nnx.Module):

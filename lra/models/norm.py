@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.common import Choice
 
 
 class NormKind(Choice):

@@ -19,7 +19,7 @@ A task is an object with
 - optionally, for a task that needs a download, ``source_at_hand(data_dir, **settings) ->
   bool``: True when ``prepare`` can run now without one (retrieval: the AAN TSVs are in
   ``source_dir``; text, image: tfds's data folder holds the built dataset). A run then
-  prepares missing data itself (`lra.data.ensure_prepared`).
+  prepares missing data itself (`lra.training.data.ensure_prepared`).
 
 Adding a task is one module in this package plus one line in ``_TASKS``. Modules are
 imported only when their task is requested.

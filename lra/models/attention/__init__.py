@@ -24,19 +24,16 @@ Adding a family is one file plus one line in ``_FAMILIES``. The file defines a
 class whose constructor takes only keyword arguments:
 ``__init__(self, *, num_heads, head_dim, max_len, causal, dropout_rate, rngs,
 <family options, each with a default>)``. The family options are read from that
-signature, so they are listed in one place only. Closed choices are `Choice` enums; other
+signature, so they are listed in one place only. Closed choices are `lra.common.Choice` enums; other
 options are checked with `positive_int`, `real_number` and `boolean` (families and the
 sequence mixers alike), each error naming the option.
 """
 
 from __future__ import annotations
 
-import enum
 import importlib
 import inspect
-import re
 
-import numpy as np
 from flax import nnx
 
 # name -> "module:Class", the module relative to this package; imported on first use.
@@ -64,7 +61,7 @@ _FAMILIES: dict[str, str] = {
     # gated linear attention: a decay plugged into the gated core (gated.py)
     "retnet": "retnet:RetNetAttention",
     "gla": "gla:GlaAttention",
-    "mamba2": "ssd:Mamba2Attention",
+    "ssd": "ssd:SsdAttention",  # Mamba2's SSD core; the whole block is the mixer `mamba2`
     # delta rule: fast weights corrected by error, not summed (delta.py)
     "deltanet": "delta:DeltaNetAttention",
     "gated_deltanet": "delta:GatedDeltaNetAttention",
@@ -76,42 +73,6 @@ NAMES: tuple[str, ...] = tuple(_FAMILIES)
 _COMMON = frozenset(
     {"num_heads", "head_dim", "max_len", "causal", "dropout_rate", "rngs"}
 )
-
-
-class Choice(str, enum.Enum):
-    """A closed set of string choices; a wrong value raises a ValueError listing them.
-
-    Subclass it with members ``NAME = "value"`` and convert settings with
-    ``MyChoice(value)``. The class name (CamelCase -> snake_case) names the setting
-    in the error message, so name the class after the setting.
-    """
-
-    @classmethod
-    def _missing_(cls, value):
-        setting = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-        choices = ", ".join(repr(member.value) for member in cls)
-        raise ValueError(f"{setting} must be one of {choices}; got {value!r}")
-
-
-def positive_int(option: str, value) -> int:
-    """`value` as an int, or a ValueError naming `option` unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{option} must be a positive integer; got {value!r}")
-    return int(value)
-
-
-def real_number(option: str, value) -> float:
-    """`value` as a float, or a ValueError naming `option` unless it is an int or float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{option} must be a number; got {value!r}")
-    return float(value)
-
-
-def boolean(option: str, value) -> bool:
-    """`value` as a bool, or a ValueError naming `option` unless it is True or False."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{option} must be True or False; got {value!r}")
-    return bool(value)
 
 
 def check_length(family: str, length: int, max_len: int) -> None:

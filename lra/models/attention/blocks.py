@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_NEG = float(np.finfo(np.float32).min)  # logit of a disallowed key (finite: no NaN rows)
+from lra.common import MASKED_LOGIT
 
 
 def check_int(option: str, value, minimum: int) -> int:
@@ -135,7 +135,7 @@ def attend(
         logits_BxNxHxSxK = jnp.einsum(
             spec, q_BxNxSxHxD, group.k, preferred_element_type=jnp.float32
         ) * scale
-        logits.append(jnp.where(group.allowed, logits_BxNxHxSxK, _NEG))
+        logits.append(jnp.where(group.allowed, logits_BxNxHxSxK, MASKED_LOGIT))
         sizes.append(group.k.shape[-3])
     probs_BxNxHxSxK = drop(jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1))
     splits = np.cumsum(sizes)[:-1].tolist()

@@ -43,20 +43,33 @@ exists):
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time
              in O(1) memory with the same update.
 
-Bidirectional (causal=False, LRA's encoder): o_i = q_i S->_i + q_i S<-_{i+1}, the
-causal (inclusive) forward pass plus a reverse pass that reads its state *before*
+Bidirectional (causal=False, LRA's encoder): o_i = q_i S->_i + alpha_{i+1} q_i S<-_{i+1},
+the causal (inclusive) forward pass plus a reverse pass that reads its state *before*
 absorbing token i, i.e. the state built from tokens L-1, ..., i+1 only. Each token's
 write so reaches every output exactly once and the diagonal is never counted twice.
 (For linear attention this equals forward + reverse - diagonal; for the delta rule
 "token i's own contribution" is not separable, since token i also erases along k_i,
-so the exclusive reverse pass is the exact way to avoid the double count.) It is
-computed as one causal pass over the batch stacked with its reversal, in which the
-reversed copy carries the queries shifted by one token.
+so the exclusive reverse pass is the exact way to avoid the double count.)
+
+Decays are symmetric, as in the gated cores (gated.py): between positions i and j a
+write decays by the product of the gates over (min(i, j), max(i, j)], whichever side of
+the query the key is. alpha_m is the gate between tokens m-1 and m, so the reverse pass
+applies alpha_{m+1} when it moves from token m+1 to token m (its gates are shifted by
+one token), and the read at i crosses the last gate, alpha_{i+1}, from i+1 to i:
+
+    S<-_m = alpha_{m+1} (I - beta_m k_m^T k_m) S<-_{m+1} + beta_m k_m^T v_m
+    (alpha_L = 1, S<-_L = 0).
+
+Without the shift and the last factor a key d tokens after the query would decay d - 1
+times and one d tokens before it d times. It is computed as one causal pass over the
+batch stacked with its reversal, in which the reversed copy carries the shifted gates and
+the queries shifted by one token, scaled by their gate alpha_{i+1}.
 
 Masking: q, k and v are zeroed at masked positions, beta = 0 and alpha = 1 there, so
-a masked token leaves the state unchanged in both directions (with right padding the
-reverse pass starts at the last real token) and its values change nothing, outputs
-or gradients; masked queries read 0. The core computes in float32 (state, cumulative
+a masked token adds no write and no decay in either direction (between two real tokens
+the decay is the product of the real tokens' gates between them; with right padding the
+reverse pass starts at the last real token) and its values change nothing, outputs or
+gradients; masked queries read 0. The core computes in float32 (state, cumulative
 log-gates, triangular solves) and returns q's dtype.
 """
 
@@ -70,12 +83,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice, positive_int
+from lra.common import F32, Choice, positive_int
 from lra.models.attention.linear import decode_keep
 from lra.models.attention.ssd import mamba2_init
 
 NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
-_F32 = jnp.float32
 
 
 class Form(Choice):
@@ -116,7 +128,7 @@ def _recurrent(q, k, v, beta, log_alpha, chunk_size):
         return S_BxHxDxD, jnp.einsum("bhd,bhde->bhe", q_BxHxD, S_BxHxDxD)
 
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), _F32)
+    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), F32)
     _, out_LxBxHxD = jax.lax.scan(body, S0, tuple(map(time_major, (q, k, v, beta, log_alpha))))
     return jnp.moveaxis(out_LxBxHxD, 0, 1)
 
@@ -202,7 +214,7 @@ def _chunk_terms(q, k, v, beta, log_alpha):
     if log_alpha is None:  # DeltaNet: no decay
         gamma_k, q_read, k_write = k, q, k
         P_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool)), qk_xCxC, 0.0)
-        decay = jnp.ones(q.shape[:-2], _F32)
+        decay = jnp.ones(q.shape[:-2], F32)
     else:
         gamma_xCxC = jnp.exp(_segsum(log_alpha))  # gamma_i / gamma_j, 0 above the diagonal
         kk_xCxC = kk_xCxC * gamma_xCxC
@@ -243,7 +255,7 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size):
             "bhcd,bhce->bhde", k_write, U)
         return S_BxHxDxD, out_BxHxCxD
 
-    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), _F32)
+    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), F32)
     xs = tuple(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha))
     _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
     out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
@@ -263,7 +275,8 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
       beta: [B, L, H] in [0, 1], 0 at masked positions.
       log_alpha: [B, L, H] <= 0, 0 at masked positions; None for alpha = 1.
       form: a `Form`.
-      causal: inclusive causal pass if True, else forward + exclusive reverse.
+      causal: inclusive causal pass if True, else forward + exclusive reverse with
+        symmetric decays (module docstring).
       chunk_size: C in the chunked form.
 
     Returns:
@@ -273,14 +286,28 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
     if causal:
         return run(q, k, v, beta, log_alpha, chunk_size)
     batch = q.shape[0]
-    q_prev = jnp.pad(q[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)])  # q_prev[j] = q[j - 1]
+    q_prev, log_alpha_next = _reverse_inputs(q, log_alpha)
 
     def both(forward, backward):  # the batch stacked with its reversal
         return None if forward is None else jnp.concatenate([forward, backward[:, ::-1]], 0)
 
-    out = run(both(q, q_prev), *(both(x, x) for x in (k, v, beta, log_alpha)), chunk_size)
-    reverse_BxLxHxD = out[batch:, ::-1]  # at j: q_{j-1} S<-_j
+    out = run(both(q, q_prev), both(k, k), both(v, v), both(beta, beta),
+              both(log_alpha, log_alpha_next), chunk_size)
+    reverse_BxLxHxD = out[batch:, ::-1]  # at j: alpha_j q_{j-1} S<-_j
     return out[:batch] + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+def _reverse_inputs(q, log_alpha):
+    """The reverse pass's queries and log-gates (module docstring), in forward order.
+
+    At position j the query is alpha_j q_{j-1} (its read lands at j - 1 and crosses the
+    gate between j - 1 and j); the log-gate is log alpha_{j+1}, 0 after the last token.
+    """
+    q_prev = jnp.pad(q[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)])  # q_prev[j] = q[j - 1]
+    if log_alpha is None:
+        return q_prev, None
+    log_alpha_next = jnp.pad(log_alpha[:, 1:], [(0, 0), (0, 1), (0, 0)])
+    return q_prev * jnp.exp(log_alpha)[..., None], log_alpha_next
 
 
 class DeltaNetAttention(nnx.Module):
@@ -311,8 +338,8 @@ class DeltaNetAttention(nnx.Module):
         self.form = Form(form)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         init = nnx.initializers.normal(1.0 / math.sqrt(head_dim))
-        self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), _F32))
-        self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), _F32))
+        self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), F32))
+        self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), F32))
         self._init_gate(rngs)
 
     def _init_gate(self, rngs: nnx.Rngs) -> None:
@@ -331,7 +358,7 @@ class DeltaNetAttention(nnx.Module):
     def _prepare(self, q, k, v, keep_BxL):
         """float32 inputs of `delta_rule`: masked, normalised, with the gates."""
         keep = keep_BxL[:, :, None, None]
-        q, k, v = (jnp.where(keep, x.astype(_F32), 0.0) for x in (q, k, v))
+        q, k, v = (jnp.where(keep, x.astype(F32), 0.0) for x in (q, k, v))
         beta_BxLxH = jnp.where(keep_BxL[..., None], self.beta(k), 0.0)
         log_alpha_BxLxH = self.log_alpha(k)
         if log_alpha_BxLxH is not None:
@@ -348,7 +375,7 @@ class DeltaNetAttention(nnx.Module):
 
     def init_state(self, batch_size: int) -> State:
         """The empty decoding state (float32, constant size in the sequence length)."""
-        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), _F32))
+        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32))
 
     def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
         """Decodes one token: updates the fast weights with it, reads its output.
@@ -388,7 +415,7 @@ class GatedDeltaNetAttention(DeltaNetAttention):
     def _init_gate(self, rngs: nnx.Rngs) -> None:
         heads, dim = self.num_heads, self.head_dim
         init = nnx.initializers.normal(1.0 / math.sqrt(dim))
-        self.alpha_w_HxD = nnx.Param(init(rngs.params(), (heads, dim), _F32))
+        self.alpha_w_HxD = nnx.Param(init(rngs.params(), (heads, dim), F32))
         a_log_H, dt_bias_H = mamba2_init(rngs.params(), heads)
         self.a_log_H, self.dt_bias_H = nnx.Param(a_log_H), nnx.Param(dt_bias_H)
 

@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import positive_int
-from lra.models.attention.linear import _F32, Form, _dot, decode_keep
+from lra.common import F32, dot_f32, positive_int
+from lra.models.attention.linear import Form, decode_keep
 
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default, as RetNet's GroupNorm
 
@@ -71,7 +71,7 @@ def _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG) -> jax.Array:
         cum_BxHxC = cum_BxCxHxG[..., 0].transpose(0, 2, 1)
         tril_CxC = jnp.tril(jnp.ones((length, length), bool))
         decay_BxHxCxC = _decay(cum_BxHxC[..., :, None] - cum_BxHxC[..., None, :], tril_CxC)
-        return _dot("bihd,bjhd->bhij", q_BxCxHxD, k_BxCxHxD) * decay_BxHxCxC
+        return dot_f32("bihd,bjhd->bhij", q_BxCxHxD, k_BxCxHxD) * decay_BxHxCxC
     return _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
 
 
@@ -91,7 +91,7 @@ def _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxD) -> jax.Array:
     batch, length, heads, dim = q_BxCxHxD.shape
     size = 1 << (length - 1).bit_length()  # the next power of two >= C
     pad = [(0, 0), (0, 0), (0, size - length), (0, 0)]
-    to_BxHxCxD = lambda x: x.astype(_F32).transpose(0, 2, 1, 3)
+    to_BxHxCxD = lambda x: x.astype(F32).transpose(0, 2, 1, 3)
     q, k = (jnp.pad(to_BxHxCxD(x), pad) for x in (q_BxCxHxD, k_BxCxHxD))
     cum = jnp.pad(to_BxHxCxD(cum_BxCxHxD), pad, mode="edge")
     # the diagonal blocks of the C x C matrix, [B, H, size / half, half, half]: 1 token each
@@ -115,8 +115,8 @@ def _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxD) -> jax.Array:
 def _parallel(q, k, v, g_BxLxHxG, chunk_size):
     """Causal output from the L x L matrix (the quadratic reference)."""
     del chunk_size
-    a_BxHxLxL = _intra(q, k, jnp.cumsum(g_BxLxHxG.astype(_F32), axis=1))
-    return _dot("bhij,bjhd->bihd", a_BxHxLxL.astype(v.dtype), v)
+    a_BxHxLxL = _intra(q, k, jnp.cumsum(g_BxLxHxG.astype(F32), axis=1))
+    return dot_f32("bhij,bjhd->bihd", a_BxHxLxL.astype(v.dtype), v)
 
 
 def _chunked(q, k, v, g, chunk_size):
@@ -135,33 +135,33 @@ def _chunked(q, k, v, g, chunk_size):
 
     def body(S_BxHxDxD, xs):
         q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, g_BxCxHxG = xs
-        cum_BxCxHxG = jnp.cumsum(g_BxCxHxG.astype(_F32), axis=1)  # restarts at each chunk
+        cum_BxCxHxG = jnp.cumsum(g_BxCxHxG.astype(F32), axis=1)  # restarts at each chunk
         a_BxHxCxC = _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
-        out_BxCxHxD = _dot("bhij,bjhd->bihd", a_BxHxCxC.astype(v.dtype), v_BxCxHxD)
+        out_BxCxHxD = dot_f32("bhij,bjhd->bihd", a_BxHxCxC.astype(v.dtype), v_BxCxHxD)
         q_old = (q_BxCxHxD * jnp.exp(cum_BxCxHxG)).astype(v.dtype)  # decay since chunk start
-        out_BxCxHxD = out_BxCxHxD + _dot("bihd,bhde->bihe", q_old, S_BxHxDxD.astype(v.dtype))
+        out_BxCxHxD = out_BxCxHxD + dot_f32("bihd,bhde->bihe", q_old, S_BxHxDxD.astype(v.dtype))
         total_BxHxG = cum_BxCxHxG[:, -1]
         k_new = (k_BxCxHxD * jnp.exp(total_BxHxG[:, None] - cum_BxCxHxG)).astype(v.dtype)
         S_BxHxDxD = (jnp.exp(total_BxHxG)[..., None] * S_BxHxDxD
-                     + _dot("bjhd,bjhe->bhde", k_new, v_BxCxHxD))
+                     + dot_f32("bjhd,bjhe->bhde", k_new, v_BxCxHxD))
         return S_BxHxDxD, out_BxCxHxD
 
-    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), _F32)
+    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), F32)
     _, out_NxBxCxHxD = jax.lax.scan(body, S0, tuple(chunks(x) for x in (q, k, v, g)))
     return jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)[:, :length]
 
 
 def _recurrent_step(S_BxHxDxD, q_BxHxD, k_BxHxD, v_BxHxD, g_BxHxG):
     """S = diag(exp(g)) S + k^T v, o = q S: one token."""
-    kv_BxHxDxD = _dot("bhd,bhe->bhde", k_BxHxD, v_BxHxD)
-    S_BxHxDxD = jnp.exp(g_BxHxG.astype(_F32))[..., None] * S_BxHxDxD + kv_BxHxDxD
-    return S_BxHxDxD, _dot("bhd,bhde->bhe", q_BxHxD.astype(_F32), S_BxHxDxD)
+    kv_BxHxDxD = dot_f32("bhd,bhe->bhde", k_BxHxD, v_BxHxD)
+    S_BxHxDxD = jnp.exp(g_BxHxG.astype(F32))[..., None] * S_BxHxDxD + kv_BxHxDxD
+    return S_BxHxDxD, dot_f32("bhd,bhde->bhe", q_BxHxD.astype(F32), S_BxHxDxD)
 
 
 def _recurrent(q, k, v, g, chunk_size):
     del chunk_size
     batch, length, heads, dim = v.shape
-    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), _F32)
+    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), F32)
     body = lambda S, xs: _recurrent_step(S, *xs)
     _, out = jax.lax.scan(body, S0, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g)))
     return jnp.moveaxis(out, 0, 1)
@@ -189,8 +189,8 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int) -> 
     g_next = jnp.concatenate([g_BxLxHxG[:, 1:], jnp.zeros_like(g_BxLxHxG[:, :1])], axis=1)
     flip = lambda x: x[:, ::-1]
     rev_BxLxHxD = flip(attend(flip(q), flip(k), flip(v), flip(g_next)))
-    diag_BxLxH = jnp.sum(q.astype(_F32) * k.astype(_F32), -1)
-    return fwd_BxLxHxD + rev_BxLxHxD - diag_BxLxH[..., None] * v.astype(_F32)
+    diag_BxLxH = jnp.sum(q.astype(F32) * k.astype(F32), -1)
+    return fwd_BxLxHxD + rev_BxLxHxD - diag_BxLxH[..., None] * v.astype(F32)
 
 
 @jax.custom_vjp
@@ -226,11 +226,11 @@ class GroupNorm(nnx.Module):
     """Per-head normalisation over D (GroupNorm with one group per head), learned affine."""
 
     def __init__(self, num_heads: int, head_dim: int):
-        self.scale_HxD = nnx.Param(jnp.ones((num_heads, head_dim), _F32))
-        self.bias_HxD = nnx.Param(jnp.zeros((num_heads, head_dim), _F32))
+        self.scale_HxD = nnx.Param(jnp.ones((num_heads, head_dim), F32))
+        self.bias_HxD = nnx.Param(jnp.zeros((num_heads, head_dim), F32))
 
     def __call__(self, x_BxLxHxD: jax.Array) -> jax.Array:
-        x = x_BxLxHxD.astype(_F32)
+        x = x_BxLxHxD.astype(F32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)
@@ -280,7 +280,7 @@ class GatedAttention(nnx.Module):
 
     def _gated(self, q, k, v, keep_BxL):
         keep = keep_BxL[:, :, None, None]
-        q, k, v = (jnp.where(keep, x, jnp.zeros((), x.dtype)).astype(_F32) for x in (q, k, v))
+        q, k, v = (jnp.where(keep, x, jnp.zeros((), x.dtype)).astype(F32) for x in (q, k, v))
         qg, kg, vg, g_BxLxHxG = self.gate(q, k, v)
         g_BxLxHxG = jnp.where(keep, g_BxLxHxG, 0.0)  # masked: neutral, the state passes
         return q, k, v, (qg, jnp.where(keep, kg, 0.0), jnp.where(keep, vg, 0.0), g_BxLxHxG)
@@ -296,7 +296,7 @@ class GatedAttention(nnx.Module):
 
     def init_state(self, batch_size: int) -> State:
         """The empty decoding state (float32, constant size in the sequence length)."""
-        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), _F32))
+        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32))
 
     def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
         """Decodes one token: S = diag(a) S + k^T v, o = q S (then `finish`).

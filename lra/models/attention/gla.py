@@ -14,8 +14,11 @@ scaled by D^-0.5 (as GLA's code). The GLA layer's output path: a per-head GroupN
 the gate's input the token's (unscaled) query of the same head, W_g [H, D, D].
 Bidirectional as fwd + rev - diag (gated.py).
 
-The chunked form's intra-chunk decay is per channel (gated.py: secondary chunks of
-s ~ sqrt(C) tokens inside each chunk of C = 64).
+The decay is per key channel, so the chunked form's C x C matrix inside each chunk
+(C = `chunk_size`, 64) cannot be a plain q k^T scaled per entry: gated.py builds it by
+recursive halving (`_intra_channels`), one matmul per block below the diagonal with q and
+k rescaled around the block's boundary, C D log2(C) elementwise work and no [C, C, D]
+array; the state of earlier chunks is carried by `lax.scan` as for every gated family.
 """
 
 from __future__ import annotations
@@ -62,12 +65,13 @@ class GlaAttention(GatedAttention):
         self.tau = float(tau)
         normal = jax.nn.initializers.normal
         H, D = num_heads, head_dim
-        self.gate_down_HxDxR = nnx.Param(normal(D**-0.5)(rngs.params(), (H, D, rank)))
-        self.gate_up_HxRxD = nnx.Param(normal(rank**-0.5)(rngs.params(), (H, rank, D)))
-        self.gate_bias_HxD = nnx.Param(jnp.zeros((H, D)))
+        f32 = jnp.float32  # not the default float, which x64 mode makes float64
+        self.gate_down_HxDxR = nnx.Param(normal(D**-0.5)(rngs.params(), (H, D, rank), f32))
+        self.gate_up_HxRxD = nnx.Param(normal(rank**-0.5)(rngs.params(), (H, rank, D), f32))
+        self.gate_bias_HxD = nnx.Param(jnp.zeros((H, D), f32))
         if output_gate:
-            self.out_gate_HxDxD = nnx.Param(normal(D**-0.5)(rngs.params(), (H, D, D)))
-            self.out_gate_bias_HxD = nnx.Param(jnp.zeros((H, D)))
+            self.out_gate_HxDxD = nnx.Param(normal(D**-0.5)(rngs.params(), (H, D, D), f32))
+            self.out_gate_bias_HxD = nnx.Param(jnp.zeros((H, D), f32))
         else:
             self.out_gate_HxDxD = None
 

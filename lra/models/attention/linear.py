@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice, check_length, positive_int
+from lra.common import F32, Choice, dot_f32, positive_int
+from lra.models.attention import check_length
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
-_F32 = jnp.float32
 
 
 def decode_keep(causal: bool, q_BxHxD: jax.Array, mask_B: jax.Array | None) -> jax.Array:
@@ -71,30 +71,27 @@ class State(NamedTuple):
     c_BxH: jax.Array  # log-scale of S and z: the largest key log-scale absorbed
 
 
-def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=_F32)
-
 
 def _absorb(state: State, kf_BxCxHxF, v_BxCxHxD, s_BxCxH) -> State:
     """Adds C keys (and their values) to the state, rescaling it to the new maximum."""
     if s_BxCxH is None:  # no log-scales: a plain sum
-        kv_BxHxFxD = _dot("bchf,bchd->bhfd", kf_BxCxHxF.astype(v_BxCxHxD.dtype), v_BxCxHxD)
-        z_BxHxF = state.z_BxHxF + kf_BxCxHxF.astype(_F32).sum(1)
+        kv_BxHxFxD = dot_f32("bchf,bchd->bhfd", kf_BxCxHxF.astype(v_BxCxHxD.dtype), v_BxCxHxD)
+        z_BxHxF = state.z_BxHxF + kf_BxCxHxF.astype(F32).sum(1)
         return State(state.S_BxHxFxD + kv_BxHxFxD, z_BxHxF, state.c_BxH)
     c_BxH = jnp.maximum(state.c_BxH, s_BxCxH.max(1))
     decay_BxH = jnp.exp(state.c_BxH - c_BxH)
     kf_BxCxHxF = kf_BxCxHxF * jnp.exp(s_BxCxH - c_BxH[:, None])[..., None]
     kf_BxCxHxF = kf_BxCxHxF.astype(v_BxCxHxD.dtype)
-    kv_BxHxFxD = _dot("bchf,bchd->bhfd", kf_BxCxHxF, v_BxCxHxD)
+    kv_BxHxFxD = dot_f32("bchf,bchd->bhfd", kf_BxCxHxF, v_BxCxHxD)
     S = state.S_BxHxFxD * decay_BxH[..., None, None] + kv_BxHxFxD
-    z = state.z_BxHxF * decay_BxH[..., None] + kf_BxCxHxF.astype(_F32).sum(1)
+    z = state.z_BxHxF * decay_BxH[..., None] + kf_BxCxHxF.astype(F32).sum(1)
     return State(S, z, c_BxH)
 
 
 def _read(state: State, qf_BxLxHxF) -> tuple[jax.Array, jax.Array]:
     """(phi(q) . S, phi(q) . z) for each query, at the state's scale exp(c); float32."""
-    qf_BxLxHxF = qf_BxLxHxF.astype(_F32)
-    return _dot("blhf,bhfd->blhd", qf_BxLxHxF, state.S_BxHxFxD), _dot(
+    qf_BxLxHxF = qf_BxLxHxF.astype(F32)
+    return dot_f32("blhf,bhfd->blhd", qf_BxLxHxF, state.S_BxHxFxD), dot_f32(
         "blhf,bhf->blh", qf_BxLxHxF, state.z_BxHxF
     )
 
@@ -102,17 +99,17 @@ def _read(state: State, qf_BxLxHxF) -> tuple[jax.Array, jax.Array]:
 def _quadratic(qf_BxLxHxF, kf_BxLxHxF, v_BxLxHxD, s_BxLxH, c_BxLxH, causal):
     """Masked matrix form: query i weighs key j by phi(q_i).phi(k_j) exp(s_j - c_i)."""
     length = qf_BxLxHxF.shape[1]
-    a_BxHxLxL = _dot("bihf,bjhf->bhij", qf_BxLxHxF, kf_BxLxHxF)
+    a_BxHxLxL = dot_f32("bihf,bjhf->bhij", qf_BxLxHxF, kf_BxLxHxF)
     if s_BxLxH is None:  # no log-scales: only the causal mask
         if causal:
             a_BxHxLxL = jnp.where(jnp.tril(jnp.ones((length, length), bool)), a_BxHxLxL, 0.0)
-        num_BxLxHxD = _dot("bhij,bjhd->bihd", a_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
+        num_BxLxHxD = dot_f32("bhij,bjhd->bihd", a_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
         return num_BxLxHxD, a_BxHxLxL.sum(-1).transpose(0, 2, 1)
     log_BxHxLxL = s_BxLxH.transpose(0, 2, 1)[:, :, None, :] - c_BxLxH.transpose(0, 2, 1)[..., None]
     if causal:
         log_BxHxLxL = jnp.where(jnp.tril(jnp.ones((length, length), bool)), log_BxHxLxL, -jnp.inf)
     a_BxHxLxL = a_BxHxLxL * jnp.exp(log_BxHxLxL)
-    num_BxLxHxD = _dot("bhij,bjhd->bihd", a_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
+    num_BxLxHxD = dot_f32("bhij,bjhd->bihd", a_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
     return num_BxLxHxD, a_BxHxLxL.sum(-1).transpose(0, 2, 1)
 
 
@@ -129,9 +126,9 @@ def _parallel(qf, kf, v, s_BxLxH, causal, chunk_size):
 
 def _empty_state(batch: int, heads: int, features: int, head_dim: int) -> State:
     return State(
-        jnp.zeros((batch, heads, features, head_dim), _F32),
-        jnp.zeros((batch, heads, features), _F32),
-        jnp.full((batch, heads), _NEG, _F32),
+        jnp.zeros((batch, heads, features, head_dim), F32),
+        jnp.zeros((batch, heads, features), F32),
+        jnp.full((batch, heads), _NEG, F32),
     )
 
 
@@ -254,8 +251,8 @@ class KernelizedAttention(nnx.Module):
     def _phi(self, q, k, v, keep_BxL, positions_BxL):
         keep = keep_BxL[:, :, None, None]
         q, k, v = (jnp.where(keep, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-        qf, _ = self.features(q.astype(_F32), positions_BxL, query=True)
-        kf, s = self.features(k.astype(_F32), positions_BxL, query=False)
+        qf, _ = self.features(q.astype(F32), positions_BxL, query=True)
+        kf, s = self.features(k.astype(F32), positions_BxL, query=False)
         kf = jnp.where(keep, kf, 0.0).astype(q.dtype)
         if s is not None:  # masked keys get the "no key" scale; maps without scales skip it
             s = jnp.where(keep_BxL[..., None], jax.lax.stop_gradient(s), _NEG)

@@ -70,8 +70,9 @@ class LinformerAttention(nnx.Module):
         self.proj_len = proj_len
         self.share_kv = share_kv
         init = nnx.initializers.lecun_normal()  # fan_in = N (axis -2)
-        self.e_NxP = nnx.Param(init(rngs.params(), (max_len, proj_len)))
-        self.f_NxP = None if share_kv else nnx.Param(init(rngs.params(), (max_len, proj_len)))
+        self.e_NxP = nnx.Param(init(rngs.params(), (max_len, proj_len), jnp.float32))
+        self.f_NxP = None if share_kv else nnx.Param(
+            init(rngs.params(), (max_len, proj_len), jnp.float32))
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(

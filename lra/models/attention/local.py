@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import blocks, boolean
+from lra.common import boolean
+from lra.models.attention import blocks
 
 
 class LocalAttention(nnx.Module):

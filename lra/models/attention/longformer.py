@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention import blocks, boolean
+from lra.common import boolean
+from lra.models.attention import blocks
 
 
 class LongformerAttention(nnx.Module):

@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.common import MASKED_LOGIT
 from lra.models.attention import check_length
-
-_NEG = jnp.finfo(jnp.float32).min
 
 
 class MemoryEfficientAttention(nnx.Module):
@@ -147,7 +146,7 @@ def _attend_query_chunk(
         keep = keep_BxC[:, None, None, :]
         if causal:
             keep = keep & (kpos_C[None, :] <= qpos_Q[:, None])[None, :, None, :]
-        logits_BxQxHxC = jnp.where(keep, logits_BxQxHxC, _NEG)
+        logits_BxQxHxC = jnp.where(keep, logits_BxQxHxC, MASKED_LOGIT)
         new_max_BxQxH = jax.lax.stop_gradient(
             jnp.maximum(max_BxQxH, logits_BxQxHxC.max(-1))
         )
@@ -166,7 +165,7 @@ def _attend_query_chunk(
         return (new_max_BxQxH, sum_BxQxH, acc_BxQxHxD), None
 
     init = (
-        jnp.full((batch, chunk, heads), _NEG),
+        jnp.full((batch, chunk, heads), MASKED_LOGIT),
         jnp.zeros((batch, chunk, heads), jnp.float32),
         jnp.zeros((batch, chunk, heads, dim), jnp.float32),
     )

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lra.common import MASKED_LOGIT
 from lra.models.attention import check_length
-
-_NEG = jnp.finfo(jnp.float32).min
 
 
 class NystromformerAttention(nnx.Module):
@@ -212,7 +211,7 @@ def pseudo_inverse(a_XxMxM: jax.Array, iterations: int) -> jax.Array:
 def _masked_softmax(logits: jax.Array, keep_BxN: jax.Array) -> jax.Array:
     """Softmax over the last axis (keys), excluding keys where keep [B, N] is False."""
     keep = keep_BxN[:, None, None, :]
-    return jax.nn.softmax(jnp.where(keep, logits, _NEG), axis=-1)
+    return jax.nn.softmax(jnp.where(keep, logits, MASKED_LOGIT), axis=-1)
 
 
 def _depthwise_conv(v_BxLxHxD: jax.Array, kernel_HxK: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.common import Choice
 from lra.models.attention.linear import KernelizedAttention
 
 
@@ -78,7 +78,8 @@ def orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax.Arra
     signs_NxD = jnp.sign(jnp.diagonal(r_NxDxD, axis1=1, axis2=2))
     rows_NxDxD = jnp.swapaxes(q_NxDxD * signs_NxD[:, None, :], 1, 2)  # Haar rows
     rows_MxD = rows_NxDxD.reshape(blocks * dim, dim)[:num_features]
-    norms_M = jnp.linalg.norm(jax.random.normal(key_norm, (num_features, dim)), axis=-1)
+    norms_M = jnp.linalg.norm(jax.random.normal(key_norm, (num_features, dim), jnp.float32),
+                             axis=-1)
     return rows_MxD * norms_M[:, None]
 
 

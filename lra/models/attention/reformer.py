@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import check_length, positive_int
+from lra.common import positive_int
+from lra.models.attention import check_length
 
 # Logit of a masked or padding key (a masked query row with no real key averages these).
 _MASKED = -1e9

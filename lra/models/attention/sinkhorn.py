@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models.attention import check_length, positive_int
+from lra.common import positive_int
+from lra.models.attention import check_length
 
 # Logit of a key that may not be attended to (masked or padding).
 _MASKED = -1e9
@@ -77,10 +78,11 @@ class SinkhornAttention(nnx.Module):
         self.max_len = max_len
         max_blocks = math.ceil(max_len / self.block_size)
         init = jax.nn.initializers.lecun_normal(batch_axis=(0,))
-        self.w1_HxDxK = nnx.Param(init(rngs.params(), (num_heads, head_dim, hidden_dim)))
-        self.b1_HxK = nnx.Param(jnp.zeros((num_heads, hidden_dim)))
-        self.w2_HxKxM = nnx.Param(init(rngs.params(), (num_heads, hidden_dim, max_blocks)))
-        self.b2_HxM = nnx.Param(jnp.zeros((num_heads, max_blocks)))
+        f32 = jnp.float32  # not the default float, which x64 mode makes float64
+        self.w1_HxDxK = nnx.Param(init(rngs.params(), (num_heads, head_dim, hidden_dim), f32))
+        self.b1_HxK = nnx.Param(jnp.zeros((num_heads, hidden_dim), f32))
+        self.w2_HxKxM = nnx.Param(init(rngs.params(), (num_heads, hidden_dim, max_blocks), f32))
+        self.b2_HxM = nnx.Param(jnp.zeros((num_heads, max_blocks), f32))
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(

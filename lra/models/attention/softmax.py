@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice
+from lra.common import MASKED_LOGIT, Choice
 
 
 class Implementation(Choice):
@@ -34,7 +34,7 @@ class SoftmaxAttention(nnx.Module):
     a dense [B, 1, L, L] mask: cuDNN's fused kernel skips the padded keys instead of reading
     an L x L bias. This reads the mask as right padding (real tokens first), which is what
     every lra task and the encoder (CLS first) produce. cuDNN has no dropout on the
-    probabilities and runs in float16/bfloat16 only, so `lra.train` rejects
+    probabilities and runs in float16/bfloat16 only, so `lra.training.train` rejects
     ``implementation="cudnn"`` with attention dropout > 0 or float32 compute before training.
     """
 
@@ -107,7 +107,7 @@ def _explicit_attention(
     if causal:
         keep_LxL = jnp.tril(keep_LxL)
     keep = keep_LxL if keep_Bx1x1xL is None else keep_LxL & keep_Bx1x1xL
-    logits_BxHxLxL = jnp.where(keep, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
+    logits_BxHxLxL = jnp.where(keep, logits_BxHxLxL, MASKED_LOGIT)
     probs_BxHxLxL = drop(jax.nn.softmax(logits_BxHxLxL, axis=-1))
     return jnp.einsum(
         "bhqk,bkhd->bqhd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD

@@ -1,7 +1,9 @@
-"""Mamba2's SSD core (Dao & Gu, 2024, "Transformers are SSMs: Generalized Models and
-Efficient Algorithms Through Structured State Space Duality") on the gated
-linear-attention core (gated.py); the Mamba2 block (convolution, gate, norm) is not
-part of it.
+"""The attention `ssd`: Mamba2's SSD core (Dao & Gu, 2024, "Transformers are SSMs:
+Generalized Models and Efficient Algorithms Through Structured State Space Duality") on the
+gated linear-attention core (gated.py). The Mamba2 block (in_proj, convolution, gate, norm)
+is not part of it: that block is the sequence model `mamba2` of the mixer registry
+(lra/models/mixers/mamba2.py), which runs this core inside. As a mixer, `ssd` is this core
+in the attention wrapper (q/k/v and output projections, lra/models/mixers/multi_head.py).
 
 With q, k, v standing for C, B, x, each head has a scalar data-dependent decay and
 step size:
@@ -41,15 +43,15 @@ DT_FLOOR = 1e-4
 def mamba2_init(key: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array]:
     """(A_log [H], dt_bias [H]) as Mamba2 initialises them."""
     key_a, key_dt = jax.random.split(key)
-    a_H = jax.random.uniform(key_a, (num_heads,), minval=A_RANGE[0], maxval=A_RANGE[1])
+    a_H = jax.random.uniform(key_a, (num_heads,), jnp.float32, A_RANGE[0], A_RANGE[1])
     lo, hi = math.log(DT_RANGE[0]), math.log(DT_RANGE[1])
-    dt_H = jnp.exp(jax.random.uniform(key_dt, (num_heads,), minval=lo, maxval=hi))
+    dt_H = jnp.exp(jax.random.uniform(key_dt, (num_heads,), jnp.float32, lo, hi))
     dt_H = jnp.maximum(dt_H, DT_FLOOR)
     return jnp.log(a_H), dt_H + jnp.log(-jnp.expm1(-dt_H))  # inverse softplus
 
 
-class Mamba2Attention(GatedAttention):
-    """SSD on the gated core.
+class SsdAttention(GatedAttention):
+    """SSD on the gated core (the attention `ssd`).
 
     Options: `d_skip` (add D_h x_t; off, see the module docstring), `group_norm`
     (per-head GroupNorm of the output, on: it stands in for the norm that Mamba2's block
@@ -80,8 +82,9 @@ class Mamba2Attention(GatedAttention):
         self.A_log_H = nnx.Param(a_log_H)
         self.dt_bias_H = nnx.Param(dt_bias_H)
         self.dt_weight_HxD = nnx.Param(
-            jax.nn.initializers.normal(head_dim**-0.5)(rngs.params(), (num_heads, head_dim)))
-        self.D_H = nnx.Param(jnp.ones((num_heads,))) if d_skip else None
+            jax.nn.initializers.normal(head_dim**-0.5)(rngs.params(), (num_heads, head_dim),
+                                                        jnp.float32))
+        self.D_H = nnx.Param(jnp.ones((num_heads,), jnp.float32)) if d_skip else None
 
     def gate(self, q, k, v):
         dt_BxLxH = jax.nn.softplus(

@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models.attention import Choice, check_length
-
-_NEG = jnp.finfo(jnp.float32).min
+from lra.common import MASKED_LOGIT, Choice
+from lra.models.attention import check_length
 
 
 class Mode(Choice):
@@ -94,18 +93,18 @@ class SynthesizerAttention(nnx.Module):
         lecun = nnx.initializers.lecun_normal()  # fan_in = axis -2
         normal = nnx.initializers.normal(1.0)
         if self.mode is Mode.DENSE:
-            self.w1_HxDxD = nnx.Param(lecun(rngs.params(), (h, d, d)))
-            self.b1_HxD = nnx.Param(jnp.zeros((h, d)))
-            self.w2_HxDxN = nnx.Param(lecun(rngs.params(), (h, d, n)))
-            self.b2_HxN = nnx.Param(jnp.zeros((h, n)))
+            self.w1_HxDxD = nnx.Param(lecun(rngs.params(), (h, d, d), jnp.float32))
+            self.b1_HxD = nnx.Param(jnp.zeros((h, d), jnp.float32))
+            self.w2_HxDxN = nnx.Param(lecun(rngs.params(), (h, d, n), jnp.float32))
+            self.b2_HxN = nnx.Param(jnp.zeros((h, n), jnp.float32))
         elif self.mode is Mode.RANDOM:
             kind = nnx.Param if trainable_random else FixedRandom
-            self.r_HxNxN = kind(normal(rngs.params(), (h, n, n)))
+            self.r_HxNxN = kind(normal(rngs.params(), (h, n, n), jnp.float32))
         else:
             # Entries N(0, R^-1/2) give R1 R2^T entries of unit variance.
             factor = nnx.initializers.normal(factor_rank**-0.25)
-            self.r1_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank)))
-            self.r2_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank)))
+            self.r1_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank), jnp.float32))
+            self.r2_HxNxR = nnx.Param(factor(rngs.params(), (h, n, factor_rank), jnp.float32))
 
     @property
     def rotary_error(self) -> str | None:
@@ -150,7 +149,7 @@ class SynthesizerAttention(nnx.Module):
             keep_Bx1x1xL = mask[:, None, None, :].astype(bool)
             keep = keep_Bx1x1xL if keep is None else keep & keep_Bx1x1xL
         if keep is not None:
-            logits_BxHxLxL = jnp.where(keep, logits_BxHxLxL, _NEG)
+            logits_BxHxLxL = jnp.where(keep, logits_BxHxLxL, MASKED_LOGIT)
         probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
         probs_BxHxLxL = self.dropout(probs_BxHxLxL, deterministic=deterministic)
         out_BxLxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL.astype(v.dtype), v)

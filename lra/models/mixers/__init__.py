@@ -10,8 +10,10 @@ MLP sub-block. Two kinds share one name space (`NAMES`):
 - the sequence models of this package (`SEQUENCE_NAMES`: S4D, S5, LRU, the Mamba2
   block), which take x and the mask directly.
 
-Where a sequence model and an attention core share a name (`mamba2`), the mixer is the
-sequence model: the whole Mamba2 block, whose SSD core is the attention `mamba2`.
+A name means one model: no attention family may share a name with a sequence model
+(importing this package raises otherwise), so `mamba2` is the whole Mamba2 block and `ssd`
+its SSD core in the attention wrapper. `kind(name)` says which of the two a mixer is;
+lra.training.train records it in results.json (`mixer_kind`).
 
 Contract of a sequence model (one file each, one line in `_SEQUENCE_MODELS`): a class
 whose constructor takes only keyword arguments,
@@ -23,7 +25,7 @@ gradients, both directions); a causal model defines ``init_state(batch_size)`` a
 A class attribute `block_mlp = False` says its paper's block has no MLP sub-block (the
 configs' default of `model.block_mlp`). Parameters that the papers train with their own
 learning rate and no weight decay
-(Lambda, B, dt, ...) are `ssm.SsmParam`s (lra.train gives them `config.ssm_learning_rate`).
+(Lambda, B, dt, ...) are `ssm.SsmParam`s (lra.training.train gives them `config.ssm_learning_rate`).
 """
 
 from __future__ import annotations
@@ -45,9 +47,28 @@ _SEQUENCE_MODELS: dict[str, str] = {
     "mamba2": "mamba2:Mamba2Block",
 }
 
+# The two kinds of mixer (`kind`), as results.json's `mixer_kind` records them.
+ATTENTION, SEQUENCE = "attention", "sequence"
+
+
+def merge_names(attention_names: tuple[str, ...],
+                sequence_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The one mixer name space: attention families, then sequence models.
+
+    Raises:
+      ValueError: a name is both an attention family and a sequence model (one name would
+        build two different models, and a run's name would not say which one ran).
+    """
+    shared = sorted(set(attention_names) & set(sequence_names))
+    if shared:
+        raise ValueError(f"mixer name(s) {', '.join(shared)} name both an attention family "
+                         "and a sequence model; rename one of them")
+    return tuple(attention_names) + tuple(sequence_names)
+
+
 SEQUENCE_NAMES: tuple[str, ...] = tuple(_SEQUENCE_MODELS)
-ATTENTION_NAMES: tuple[str, ...] = tuple(n for n in attention.NAMES if n not in _SEQUENCE_MODELS)
-NAMES: tuple[str, ...] = ATTENTION_NAMES + SEQUENCE_NAMES
+ATTENTION_NAMES: tuple[str, ...] = attention.NAMES
+NAMES: tuple[str, ...] = merge_names(ATTENTION_NAMES, SEQUENCE_NAMES)
 
 # Keyword arguments that `make` passes to every sequence model; the rest are options.
 _COMMON = frozenset({"emb_dim", "max_len", "causal", "dropout", "dtype", "rngs"})
@@ -57,6 +78,30 @@ def is_attention(name: str) -> bool:
     """True if mixer `name` is an attention family (projections + core)."""
     _check(name)
     return name in ATTENTION_NAMES
+
+
+def kind(name: str) -> str:
+    """Which kind of model mixer `name` builds (results.json's `mixer_kind`).
+
+    Args:
+      name: one of `NAMES`.
+
+    Returns:
+      `ATTENTION` ("attention": the attention core `name` in the attention wrapper) or
+      `SEQUENCE` ("sequence": the sequence model `name`).
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    return ATTENTION if is_attention(name) else SEQUENCE
+
+
+def describe(name: str) -> str:
+    """Which model mixer `name` builds, in words (e.g. for a report)."""
+    if is_attention(name):
+        return (f"attention core {name!r} in the attention wrapper (q/k/v and output "
+                "projections)")
+    return f"sequence model {name!r}"
 
 
 def _check(name: str) -> None:

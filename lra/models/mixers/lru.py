@@ -50,12 +50,15 @@ time step with zero input (the state decays across it).
 
 Output nonlinearity (`activation`, `ssm.OutputGate`): "full_glu" by default, the
 paper's block (Appendix D.1, Fig. 1): GELU, dropout, GLU W1 g * sigmoid(W2 g),
-dropout ("half_glu1", the GLU without one linear map as in S5, for PathX). No norm
-and no residual: the encoder block does pre-norm + residual.
+dropout ("half_glu1", the GLU without one linear map as in S5, for PathX). The GELU is
+the tanh approximation: the paper releases no training code and its setup is S5's
+(Appendix D), whose code calls flax's `nn.gelu` (`approximate=True`), as does
+minimal-LRU's `SequenceLayer`. No norm and no residual: the encoder block does
+pre-norm + residual.
 
 dtype: parameters are float32; the recurrence runs in complex64 whatever the input
 dtype; the output gate computes in `dtype`; the output has x's dtype. The shared
-layer (masking, scans, D skip, gate, `init_state` / `step`) is `s4d.DiagonalSsmLayer`.
+layer (masking, scans, D skip, gate, `init_state` / `step`) is `ssm.DiagonalSsmLayer`.
 """
 
 from __future__ import annotations
@@ -67,13 +70,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models import attention
+from lra import common
 from lra.models.mixers import ssm
-from lra.models.mixers.s4d import (
-    DiagonalSsmLayer,
-    as_complex,
-    complex_normal,
-)
 
 _F32 = jnp.float32
 
@@ -94,7 +92,7 @@ def ring_init(key: jax.Array, state_size: int, r_min: float, r_max: float,
     return jnp.log(nu), jnp.log(max_phase * u2), 0.5 * jnp.log(one_minus_r2)
 
 
-class LRU(DiagonalSsmLayer):
+class LRU(ssm.DiagonalSsmLayer):
     """The Linear Recurrent Unit and its output gate (module docstring)."""
 
     def __init__(
@@ -119,25 +117,26 @@ class LRU(DiagonalSsmLayer):
           ValueError: for a bad option (the message names it).
         """
         del max_len  # a recurrence: any length
-        attention.positive_int("state_size", state_size)
+        common.positive_int("state_size", state_size)
         for name, value in (("r_min", r_min), ("r_max", r_max), ("max_phase", max_phase)):
-            attention.real_number(name, value)
+            common.real_number(name, value)
         if not 0 <= r_min <= r_max < 1:
             raise ValueError(f"r_min and r_max must satisfy 0 <= r_min <= r_max < 1; "
                              f"got r_min={r_min!r}, r_max={r_max!r}")
         if not 0 < max_phase <= 2 * math.pi:
             raise ValueError(f"max_phase must be in (0, 2 pi]; got {max_phase!r}")
         self._setup(emb_dim=emb_dim, causal=causal, bidirectional=bidirectional,
-                    activation=activation, dropout=dropout, dtype=dtype, rngs=rngs)
+                    activation=activation, approximate_gelu=True, dropout=dropout,
+                    dtype=dtype, rngs=rngs)
         nu_log, theta_log, gamma_log = ring_init(rngs.params(), state_size, r_min, r_max,
                                                  max_phase)
         self.nu_log_N = ssm.SsmParam(nu_log)
         self.theta_log_N = ssm.SsmParam(theta_log)
         self.gamma_log_N = ssm.SsmParam(gamma_log)
         self.B_NxEx2 = ssm.SsmParam(
-            complex_normal(rngs.params(), (state_size, emb_dim), 1 / math.sqrt(2 * emb_dim)))
+            ssm.complex_normal(rngs.params(), (state_size, emb_dim), 1 / math.sqrt(2 * emb_dim)))
         C = lambda: nnx.Param(
-            complex_normal(rngs.params(), (emb_dim, state_size), 1 / math.sqrt(state_size)))
+            ssm.complex_normal(rngs.params(), (emb_dim, state_size), 1 / math.sqrt(state_size)))
         self.C_fwd = C()
         self.C_bwd = C() if self.bidirectional else None
         self.D_E = nnx.Param(jax.random.normal(rngs.params(), (emb_dim,), _F32))
@@ -152,14 +151,14 @@ class LRU(DiagonalSsmLayer):
 
     def _drive(self, u_BxLxE: jax.Array) -> jax.Array:
         """gamma * (B u) [B, L, N] complex64, as two real matmuls."""
-        B_NxE = as_complex(self.B_NxEx2) * jnp.exp(self.gamma_log_N[...])[:, None]
+        B_NxE = ssm.as_complex(self.B_NxEx2) * jnp.exp(self.gamma_log_N[...])[:, None]
         matmul = lambda w_NxE: jnp.einsum("ble,ne->bln", u_BxLxE, w_NxE,
                                           precision=jax.lax.Precision.HIGHEST)
         return jax.lax.complex(matmul(B_NxE.real), matmul(B_NxE.imag))
 
     def _read(self, x_BxLxN: jax.Array, C: nnx.Variable) -> jax.Array:
         """Re(C x) = Re(C) Re(x) - Im(C) Im(x): [B, L, E] float32."""
-        C_ExN = as_complex(C)
+        C_ExN = ssm.as_complex(C)
         matmul = lambda x, w_ExN: jnp.einsum("bln,en->ble", x, w_ExN,
                                              precision=jax.lax.Precision.HIGHEST)
         return matmul(x_BxLxN.real, C_ExN.real) - matmul(x_BxLxN.imag, C_ExN.imag)

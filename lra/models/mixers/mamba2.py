@@ -7,7 +7,7 @@ mamba_ssm/modules/mamba2_simple.py (`Mamba2Simple`: the layout, the initialisati
 `_no_weight_decay`) and mamba_ssm/modules/mamba2.py (`Mamba2`: the defaults headdim=64,
 d_state=128, and `step`). The code here is written from the paper's equations; the SSD
 itself is the gated linear-attention core (`lra.models.attention.gated.retain`), the
-same one as the attention `mamba2` (ssd.py), not a second implementation.
+same one as the attention `ssd` (ssd.py), not a second implementation.
 
 Per token t, with E the width, d_inner = expand E, H = d_inner / head_dim heads of
 P = head_dim channels, N = d_state and one group (B, C shared by the heads):
@@ -19,8 +19,10 @@ P = head_dim channels, N = d_state and one group (B, C shared by the heads):
     y_{t,h} = C_t h_t + D_h x_{t,h}
     out_t = out_proj(RMSNorm(y_t * silu(z_t)))            (norm_before_gate=False)
 
-On the gated core q = C, k = B (broadcast over heads), v = dt x, and the log-gate is
-g = dt A <= 0 (one per head). in_proj and out_proj have no bias (Mamba2's bias=False);
+Both nonlinearities are SiLU, x sigmoid(x), exact, as the authors' code (`nn.SiLU()` /
+the "swish" activation of the fused kernels); the block has no GELU. On the gated core
+q = C, k = B (broadcast over heads), v = dt x, and the log-gate is g = dt A <= 0 (one
+per head). in_proj and out_proj have no bias (Mamba2's bias=False);
 the RMSNorm is over all d_inner channels (one group) with a learned scale and eps 1e-5.
 
 Initialisation as Mamba2Simple: A ~ U[1, 16] (A_log = log A), dt ~ log-uniform in
@@ -32,7 +34,7 @@ reference's per-layer rescaling of out_proj (in its language-model wrapper) is n
 applied.
 
 Parameter groups: Mamba2 marks A_log, dt_bias and D `_no_weight_decay`; here they are
-`ssm.SsmParam`s, so lra.train gives them no weight decay and `config.ssm_learning_rate`
+`ssm.SsmParam`s, so lra.training.train gives them no weight decay and `config.ssm_learning_rate`
 (Mamba2 itself trains them at the model's learning rate: set ssm_learning_rate equal to
 learning_rate to match it exactly). Every other parameter is an ordinary `nnx.Param`.
 
@@ -70,7 +72,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models import attention
+from lra import common
 from lra.models.attention import gated, ssd
 from lra.models.attention.linear import Form
 from lra.models.mixers import ssm
@@ -136,7 +138,7 @@ class Mamba2Block(nnx.Module):
         del max_len
         for name, value in (("expand", expand), ("head_dim", head_dim), ("d_state", d_state),
                             ("conv_size", conv_size), ("chunk_size", chunk_size)):
-            attention.positive_int(name, value)
+            common.positive_int(name, value)
         self.form = Form(form)
         d_inner = expand * emb_dim
         head_dim = min(head_dim, d_inner)

@@ -44,7 +44,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(
                 f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}"
             )
-        self.num_heads = num_heads
+        self.num_heads, self.causal = num_heads, causal
         self.core = attention_registry.make(
             attention,
             num_heads=num_heads,
@@ -92,8 +92,9 @@ class MultiHeadAttention(nnx.Module):
 
     @property
     def decodes(self) -> bool:
-        """True if the core decodes token by token (`init_state` / `step`)."""
-        return hasattr(self.core, "step")
+        """True if the core decodes token by token (`init_state` / `step`): a causal core
+        that has them (a bidirectional core's `step` refuses)."""
+        return self.causal and hasattr(self.core, "step")
 
     def init_state(self, batch_size: int):
         """The core's empty decoding state."""

@@ -1,7 +1,7 @@
 """S4D: a diagonal state-space model per channel (Gu, Gupta, Goel & Re, "On the
 Parameterization and Initialization of Diagonal State Space Models", NeurIPS 2022).
 
-Also `DiagonalSsmLayer`, the layer around a diagonal linear recurrence that S4D and
+Also `ssm.DiagonalSsmLayer`, the layer around a diagonal linear recurrence that S4D and
 the LRU (lru.py) share: masking, float32/complex64 compute, D skip, bidirectional
 readout, output gate, token-by-token decoding.
 
@@ -24,6 +24,7 @@ Two forms give the same numbers (`form`):
 A causal conv form is causal up to float32 FFT rounding: an output's gradient with
 respect to a later input is ~1e-7 of the largest one instead of exactly 0 (every
 frequency bin mixes all positions); the recurrent form (and `step`) is exactly causal.
+The property `exactly_causal` says which (the mixer contract's future-leak check reads it).
 
 Initialisation (S4D paper, Sec. 4 / state-spaces/s4 src/models/sequence/kernels/
 dplr.py): real part -1/2 (log_A_real = log 1/2); imaginary part by `init`,
@@ -58,8 +59,10 @@ in `step`.
 Output nonlinearity (`activation`, `ssm.OutputGate`): "full_glu" by default, S4's
 block: GELU, dropout, then a position-wise linear E -> 2E and a GLU (s4d.py's
 `output_linear`, the S4 config's `final_act: glu`), which is W1 g * sigmoid(W2 g);
-OutputGate also applies dropout after the GLU. No norm and no residual: the encoder
-block does pre-norm + residual.
+OutputGate also applies dropout after the GLU. The GELU is the exact one, x Phi(x), as
+S4's code: PyTorch's `nn.GELU()` (default `approximate='none'`) in s4d.py and as the S4
+block's activation (the LRU, lru.py, and S5 use the tanh approximation, as their code).
+No norm and no residual: the encoder block does pre-norm + residual.
 
 dtype: parameters are float32; the SSM runs in float32/complex64 whatever the input
 dtype (bfloat16 too); the output gate computes in `dtype`; the output has x's dtype.
@@ -75,121 +78,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.models import attention
-from lra.models.attention import Choice
+from lra import common
+from lra.common import Choice
 from lra.models.mixers import ssm
 
 _F32 = jnp.float32
 _C64 = jnp.complex64
-
-
-# --- shared by S4D and the LRU (lru.py) ---------------------------------------------
-
-
-def complex_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
-    """A complex array stored as [..., 2] (real, imaginary), each part N(0, std^2)."""
-    return std * jax.random.normal(key, (*shape, 2), _F32)
-
-
-def as_complex(param_xx2: nnx.Variable | jax.Array) -> jax.Array:
-    """The complex64 value of a parameter stored as [..., 2] (real, imaginary)."""
-    p = param_xx2[...]
-    return jax.lax.complex(p[..., 0], p[..., 1])
-
-
-class DiagonalSsmLayer(nnx.Module):
-    """A diagonal linear recurrence x_k = a x_{k-1} + b_k, its readout, D skip and gate.
-
-    The layer of S4D and the LRU. A subclass calls `_setup` in its constructor, creates
-    `C_fwd` (and `C_bwd` if `self.bidirectional`) and `D_E`, and defines:
-
-      `_transition()`  a, the complex per-state multiplier, shape S (the state's shape);
-      `_drive(u)`      b, the state input for u [B, L, E] (float32): [B, L, *S] complex;
-      `_read(x, C)`    the real output [B, L, E] of states x [B, L, *S] through C.
-
-    `__call__` masks x, computes the SSM output in float32/complex64 (`_ssm`: both scans
-    by default; a subclass may compute the same numbers another way), adds D u and
-    applies the output gate; `init_state` / `step` decode a causal layer token by token.
-    """
-
-    # The papers' blocks put their GLU inside the layer (OutputGate) and have no separate
-    # MLP sub-block: the configs' default of `model.block_mlp`.
-    block_mlp = False
-
-    def _setup(self, *, emb_dim: int, causal: bool, bidirectional: bool, activation: str,
-               dropout: float, dtype: Any, rngs: nnx.Rngs) -> None:
-        attention.boolean("bidirectional", bidirectional)
-        self.emb_dim = emb_dim
-        self.causal = causal
-        self.bidirectional = bidirectional and not causal  # causal implies one direction
-        self.gate = ssm.OutputGate(emb_dim, activation, dropout, dtype=dtype, rngs=rngs)
-
-    def _transition(self) -> jax.Array:
-        raise NotImplementedError
-
-    def _drive(self, u_BxLxE: jax.Array) -> jax.Array:
-        raise NotImplementedError
-
-    def _read(self, x_BxLxS: jax.Array, C: nnx.Variable) -> jax.Array:
-        raise NotImplementedError
-
-    def _ssm(self, u_BxLxE: jax.Array) -> jax.Array:
-        """The SSM output without the D term: forward scan, plus the reverse scan read
-        through C_bwd if bidirectional (S5's `apply_ssm`: both directions share a, b)."""
-        a_11xS = self._transition()[None, None]
-        b_BxLxS = self._drive(u_BxLxE)
-        y_BxLxE = self._read(ssm.linear_recurrence(a_11xS, b_BxLxS), self.C_fwd)
-        if self.bidirectional:
-            x_BxLxS = ssm.linear_recurrence(a_11xS, b_BxLxS, reverse=True)
-            y_BxLxE = y_BxLxE + self._read(x_BxLxS, self.C_bwd)
-        return y_BxLxE
-
-    def __call__(self, x_BxLxE: jax.Array, mask_BxL: jax.Array | None = None, *,
-                 deterministic: bool) -> jax.Array:
-        """x [B, L, E], mask [B, L] bool (True = real) or None -> [B, L, E] in x's dtype."""
-        u_BxLxE = ssm.masked(x_BxLxE, mask_BxL).astype(_F32)
-        y_BxLxE = self._ssm(u_BxLxE) + self.D_E[...] * u_BxLxE
-        return self.gate(y_BxLxE, deterministic=deterministic).astype(x_BxLxE.dtype)
-
-    @property
-    def decodes(self) -> bool:
-        """True if the layer decodes token by token (`init_state` / `step`): causal."""
-        return self.causal
-
-    def init_state(self, batch_size: int) -> jax.Array:
-        """The empty decoding state: the forward recurrence's x, zeros [B, *S] complex64."""
-        return jnp.zeros((batch_size, *self._transition().shape), _C64)
-
-    def step(self, state: jax.Array, x_BxE: jax.Array, mask_B: jax.Array | None,
-             position: int) -> tuple[jax.Array, jax.Array]:
-        """Decodes one token: x = a x + b(u), y = gate(read(x) + D u).
-
-        Applied to tokens 0, 1, ... it gives the causal `__call__` outputs. A padded
-        token (mask False) has zero input: the state decays as in the full pass.
-
-        Args:
-          state: from `init_state` or the previous step.
-          x_BxE: the token's input.
-          mask_B: bool, False where the token is padding; None: all real.
-          position: the token's index (unused: the recurrence is time-invariant).
-
-        Returns:
-          (new state, output [B, E] in x's dtype).
-
-        Raises:
-          ValueError: if the layer is not causal.
-        """
-        del position
-        if not self.causal:
-            raise ValueError("step decodes a causal layer; build it with causal=True")
-        mask_Bx1 = None if mask_B is None else mask_B[:, None]
-        u_Bx1xE = ssm.masked(x_BxE[:, None], mask_Bx1).astype(_F32)
-        state = self._transition() * state + self._drive(u_Bx1xE)[:, 0]
-        y_Bx1xE = self._read(state[:, None], self.C_fwd) + self.D_E[...] * u_Bx1xE
-        return state, self.gate(y_Bx1xE, deterministic=True)[:, 0].astype(x_BxE.dtype)
-
-
-# --- S4D -----------------------------------------------------------------------------
 
 
 class Init(Choice):
@@ -238,7 +132,7 @@ def _fft_conv(u_BxLxE: jax.Array, k_Ex2L: jax.Array) -> jax.Array:
     return jnp.fft.irfft(u_f * k_f[None], n=2 * length, axis=1)[:, :length]
 
 
-class S4D(DiagonalSsmLayer):
+class S4D(ssm.DiagonalSsmLayer):
     """S4D: one diagonal complex SSM per channel, ZOH-discretised (module docstring)."""
 
     def __init__(
@@ -264,17 +158,18 @@ class S4D(DiagonalSsmLayer):
           ValueError: for a bad option (the message names it).
         """
         del max_len  # the kernel is built for each call's length
-        attention.positive_int("state_size", state_size)
+        common.positive_int("state_size", state_size)
         if state_size % 2:
             raise ValueError(f"state_size must be even (N/2 conjugate pairs); got {state_size}")
-        attention.real_number("dt_min", dt_min)
-        attention.real_number("dt_max", dt_max)
+        common.real_number("dt_min", dt_min)
+        common.real_number("dt_max", dt_max)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max; "
                              f"got dt_min={dt_min!r}, dt_max={dt_max!r}")
         self.init, self.form = Init(init), Form(form)
         self._setup(emb_dim=emb_dim, causal=causal, bidirectional=bidirectional,
-                    activation=activation, dropout=dropout, dtype=dtype, rngs=rngs)
+                    activation=activation, approximate_gelu=False, dropout=dropout,
+                    dtype=dtype, rngs=rngs)
         states = state_size // 2
         log_dt_E = jax.random.uniform(rngs.params(), (emb_dim,), _F32,
                                       math.log(dt_min), math.log(dt_max))
@@ -284,16 +179,22 @@ class S4D(DiagonalSsmLayer):
             jnp.broadcast_to(imag_init(self.init, state_size), (emb_dim, states)))
         ones_ExP = jnp.ones((emb_dim, states), _F32)
         self.B_ExPx2 = ssm.SsmParam(jnp.stack([ones_ExP, jnp.zeros_like(ones_ExP)], -1))
-        C = lambda: nnx.Param(complex_normal(rngs.params(), (emb_dim, states), math.sqrt(0.5)))
+        C = lambda: nnx.Param(ssm.complex_normal(rngs.params(), (emb_dim, states), math.sqrt(0.5)))
         self.C_fwd = C()
         self.C_bwd = C() if self.bidirectional else None
         self.D_E = nnx.Param(jax.random.normal(rngs.params(), (emb_dim,), _F32))
+
+    @property
+    def exactly_causal(self) -> bool:
+        """False for the conv form, whose FFT leaks ~1e-7 of a gradient to earlier
+        outputs (module docstring); True for the recurrent form."""
+        return self.form is not Form.CONV
 
     def discretize(self) -> tuple[jax.Array, jax.Array]:
         """(dt A, dB) [E, P] complex64: ZOH, dA = exp(dt A), dB = (exp(dt A) - 1) / A B."""
         A_ExP = jax.lax.complex(-jnp.exp(self.log_A_real_ExP[...]), self.A_imag_ExP[...])
         dtA_ExP = jnp.exp(self.log_dt_E[...])[:, None] * A_ExP
-        return dtA_ExP, jnp.expm1(dtA_ExP) / A_ExP * as_complex(self.B_ExPx2)
+        return dtA_ExP, jnp.expm1(dtA_ExP) / A_ExP * ssm.as_complex(self.B_ExPx2)
 
     def _transition(self) -> jax.Array:
         return jnp.exp(self.discretize()[0])
@@ -302,13 +203,13 @@ class S4D(DiagonalSsmLayer):
         return self.discretize()[1] * u_BxLxE[..., None]
 
     def _read(self, x_BxLxExP: jax.Array, C: nnx.Variable) -> jax.Array:
-        C_ExP = as_complex(C)
+        C_ExP = ssm.as_complex(C)
         return 2 * jnp.sum(x_BxLxExP.real * C_ExP.real - x_BxLxExP.imag * C_ExP.imag, -1)
 
     def kernel(self, C: nnx.Variable, length: int) -> jax.Array:
         """K_l = 2 Re(sum_n C_n dB_n exp(dt A_n l)), l < length: [E, length] float32."""
         dtA_ExP, dB_ExP = self.discretize()
-        return _vandermonde(2 * as_complex(C) * dB_ExP, dtA_ExP, length)
+        return _vandermonde(2 * ssm.as_complex(C) * dB_ExP, dtA_ExP, length)
 
     def _ssm(self, u_BxLxE: jax.Array) -> jax.Array:
         if self.form is Form.RECURRENT:

@@ -69,7 +69,9 @@ mask padding (it only pools over real tokens).
 Numerics: parameters are float32; the SSM runs in float32 with a complex64 state
 whatever the input dtype; the output nonlinearity (`ssm.OutputGate`, S5's
 `activation_fn`, default "half_glu1") runs in the compute dtype and the result has
-x's dtype. No norm and no residual: the encoder block adds pre-norm and residual.
+x's dtype. Its GELU is the tanh approximation, as S5's code: s5/layers.py calls flax's
+`nn.gelu`, whose default is `approximate=True`. No norm and no residual: the encoder
+block adds pre-norm and residual.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lra.models import attention
-from lra.models.attention import Choice
+from lra import common
+from lra.common import Choice
 from lra.models.mixers import ssm
 
 _F32 = jnp.float32
@@ -136,8 +138,8 @@ def init_eigenbasis(state_size: int, blocks: int, conj_sym: bool
 
 
 def _validate(state_size, blocks, conj_sym, dt_min, dt_max) -> None:
-    attention.positive_int("state_size", state_size)
-    attention.positive_int("blocks", blocks)
+    common.positive_int("state_size", state_size)
+    common.positive_int("blocks", blocks)
     if state_size % blocks:
         raise ValueError(f"state_size ({state_size}) must be a multiple of blocks ({blocks})")
     if conj_sym and (state_size // blocks) % 2:
@@ -219,7 +221,8 @@ class S5(nnx.Module):
         self.emb_dim, self.causal, self.dtype = emb_dim, causal, dtype
         self.conj_sym, self.clip_eigs = bool(conj_sym), bool(clip_eigs)
         self.bidirectional = bool(bidirectional) and not causal
-        self.gate = ssm.OutputGate(emb_dim, activation, dropout, dtype=dtype, rngs=rngs)
+        self.gate = ssm.OutputGate(emb_dim, activation, dropout, approximate_gelu=True,
+                                   dtype=dtype, rngs=rngs)
 
         Lambda_N, V_PxN = init_eigenbasis(state_size, blocks, conj_sym)
         V_PxN = jnp.asarray(V_PxN, jnp.complex64)

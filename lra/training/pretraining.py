@@ -1,7 +1,7 @@
 """Self-pretraining (SPT): fine-tuning from another run, and the two-phase protocol.
 
 Amos, Berant and Gupta ("Never Train from Scratch", ICLR 2024) pretrain a model on the
-task's own training inputs (`config.objective` causal_lm or masked_lm, lra/objectives.py),
+task's own training inputs (`config.objective` causal_lm or masked_lm, lra/training/objectives.py),
 then fine-tune it on the labels. Two pieces make that a config option here:
 
 * `config.init_from=WORKDIR` starts a run from another run's encoder (embeddings, blocks,
@@ -28,8 +28,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from lra.checkpoints import Checkpoints
 from lra.tasks import storage
+from lra.training.checkpoints import Checkpoints
 
 CHECKPOINT_FOLDERS = {"best": "checkpoints_best", "last": "checkpoints"}
 PHASES = ("pretrain", "finetune")
@@ -185,9 +185,10 @@ def protocol_results(pretrain: dict, finetune: dict) -> dict:
     """The fine-tune's results, with the pretraining phase's summary under "spt"."""
     summary = {key: pretrain[key] for key in (
         "objective", "step", "best_val_accuracy", "best_step", "val_accuracy",
-        "train_seconds", "config_hash") if key in pretrain}
-    return {**finetune, "spt": summary,
-            "train_seconds": finetune["train_seconds"] + pretrain["train_seconds"]}
+        "train_seconds", "compile_seconds", "config_hash") if key in pretrain}
+    both = lambda key: finetune.get(key, 0.0) + pretrain.get(key, 0.0)
+    return {**finetune, "spt": summary, "train_seconds": both("train_seconds"),
+            "compile_seconds": both("compile_seconds")}
 
 
 def run_protocol(config: ml_collections.ConfigDict, workdir: Path, train_fn, *, check,
@@ -197,7 +198,7 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: Path, train_fn, *, 
     Args:
       config: the protocol's config (`spt.pretrain_steps` > 0).
       workdir: the protocol's folder (its config.json is already written).
-      train_fn: `lra.train.train_and_evaluate`, run once per phase (each resumes itself).
+      train_fn: `lra.training.train.train_and_evaluate`, run once per phase (each resumes itself).
       check: config -> None, raising for a bad phase config (both are checked first).
       write_results: (workdir, results) -> None.
       config_hash: the protocol config's hash, the results' `config_hash` (the fine-tune's

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lra import released
+from lra.presets import long_range_arena
 
 PAPER = "Amos et al. 2024"
 CODE = "IdoAmos/not-from-scratch configs/experiment/lra/transformer-lra-{}.yaml"
@@ -129,7 +129,7 @@ def settings(task: str) -> dict[str, tuple[Any, str]]:
 def apply(config) -> None:
     """Sets Amos et al.'s settings on a config built by configs/<task>.py."""
     for path, (value, _) in settings(config.task).items():
-        released.set_path(config, path, value)
+        long_range_arena.set_path(config, path, value)
 
 
 # The published reference for "+ SPT" rows (lra.report). Amos et al.'s Table 1 cells are
@@ -142,7 +142,7 @@ def apply(config) -> None:
 # not legible either.
 SPT_SOURCE = ("Amos et al., \"Never Train from Scratch\", ICLR 2024, Table 1, Transformers + "
               "Causal SPT, as reprinted in Parnichkun et al. 2024 (arXiv 2405.06147) Table 1")
-SPT_TABLE1 = released.Published(
+SPT_TABLE1 = long_range_arena.Published(
     "Transformers + Causal SPT (Amos et al. 2024)",
     {"listops": 59.15, "text": 88.81, "retrieval": 90.38, "image": 76.0, "pathfinder": 88.49,
      "pathx": 88.05},
@@ -151,6 +151,6 @@ SPT_TABLE1 = released.Published(
 SPT_PUBLISHED_ROW = ("softmax", "memory_efficient")
 
 
-def published_for(attention: str) -> released.Published | None:
+def published_for(attention: str) -> long_range_arena.Published | None:
     """Amos et al.'s SPT row for an attention's "+ SPT" runs (None for other families)."""
     return SPT_TABLE1 if attention in SPT_PUBLISHED_ROW else None

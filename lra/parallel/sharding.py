@@ -8,28 +8,26 @@ so every attention family's parameters are covered without annotations. Arrays u
 `STACKED_LAYERS` node (the encoder's scanned layer stack, `model.scan_layers`) have a
 leading layer axis, which is never split: the rule applies to each layer's slice.
 
-In the train step the parameters stay sharded; inside `gathering(mesh)`, `gathered(params)`
-(which the encoder calls on each layer's parameters just before the layer runs) gathers them
-whole, an all-gather whose transpose reduce-scatters that layer's gradient. Activations keep
+In the train step the parameters stay sharded; inside `gathering(mesh)` the encoder runs each
+layer on its parameters gathered whole just before the layer runs (the hook
+`lra.models.stack.gathering_layers`, given `gather` over this mesh), an all-gather whose
+transpose reduce-scatters that layer's gradient. Activations keep
 the batch sharding, and the model is gathered layer by layer, not all at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lra.models.stack import STACKED_LAYERS, gathering_layers
+
 MESH_AXES = ("data", "fsdp")
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024
-# The state node of a scanned layer stack: its arrays are [num_layers, ...].
-STACKED_LAYERS = "scanned_blocks"
-# The mesh whose `fsdp` axis `gathered` gathers over; None = gather nothing.
-_GATHER_MESH = contextvars.ContextVar("lra_gather_mesh", default=None)
 
 
 def make_mesh(num_devices: int, fsdp: int = 1) -> jax.sharding.Mesh:
@@ -110,21 +108,8 @@ def gather(tree, mesh: jax.sharding.Mesh):
 
 @contextlib.contextmanager
 def gathering(mesh: jax.sharding.Mesh):
-    """While tracing inside it, `gathered` gathers over `mesh`'s `fsdp` axis (if > 1)."""
-    token = _GATHER_MESH.set(mesh if mesh.shape.get("fsdp", 1) > 1 else None)
-    try:
+    """While tracing inside it, the encoder's layers (and `lra.models.stack.gathered`)
+    gather their parameters over `mesh`'s `fsdp` axis (if > 1)."""
+    fsdp = mesh.shape.get("fsdp", 1) > 1
+    with gathering_layers((lambda tree: gather(tree, mesh)) if fsdp else None):
         yield
-    finally:
-        _GATHER_MESH.reset(token)
-
-
-def is_gathering() -> bool:
-    """True inside `gathering` over an `fsdp` axis of size > 1."""
-    return _GATHER_MESH.get() is not None
-
-
-def gathered(params):
-    """`params` (a pytree of one layer's or unstacked arrays) whole on every device inside
-    `gathering`; unchanged outside it."""
-    mesh = _GATHER_MESH.get()
-    return params if mesh is None else gather(params, mesh)

@@ -82,8 +82,8 @@ def accumulate(totals: dict, metrics: dict) -> dict:
 
 def make_loop_step(train_step, state, rng_state, state_shardings, mesh: jax.sharding.Mesh):
     """One dispatch per step: (state leaves, rng leaves, batch, totals) -> (state leaves,
-    totals), for `train_step` of `lra.train.make_train_step` and `state`, `rng_state` of
-    `lra.train.create_state` (`jax.tree.leaves` of them; the state's leaves and `totals`
+    totals), for `train_step` of `lra.training.train.make_train_step` and `state`, `rng_state` of
+    `lra.training.train.create_state` (`jax.tree.leaves` of them; the state's leaves and `totals`
     are donated).
 
     The loop passes leaves, not the nnx States: jit flattens a State's Variables in Python
@@ -107,7 +107,7 @@ def read(totals: dict, checkpoints) -> Interval:
     Raises:
       FloatingPointError: a step of the interval had a non-finite loss or gradient norm;
         the message names the first such step and the newest checkpoint of `checkpoints`
-        (`lra.checkpoints.Checkpoints`), the last good one when the loop reads before saving.
+        (`lra.training.checkpoints.Checkpoints`), the last good one when the loop reads before saving.
     """
     host = jax.device_get(totals)
     interval = Interval(steps=int(host["steps"]),

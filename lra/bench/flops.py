@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 
-
 def dot_flops(fn: Callable, *args) -> int:
     """FLOPs of the matrix products `fn(*args)` performs (2 per multiply-add), from its jaxpr.
 

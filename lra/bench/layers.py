@@ -1,8 +1,8 @@
 """Speed, memory and FLOPs of every attention vs sequence length: `python -m lra.bench`.
 
-  python -m lra.bench --attention softmax,linear,performer (or all) \
-      --lengths 1024,2048,4096,8192,16384 [--scopes layer,step] [--batch 1 --heads 8 \
-      --head_dim 64 --dtype float32|bfloat16 --causal] [--out DIR]
+    python -m lra.bench --attention softmax,linear,performer (or all) \
+        --lengths 1024,2048,4096,8192,16384 [--scopes layer,step] [--batch 1 --heads 8 \
+        --head_dim 64 --dtype float32|bfloat16 --causal] [--out DIR]
 
 Three scopes, each measured in this one process with compilation excluded (every
 program is compiled first, run once untimed, then timed as the median of --repeats
@@ -10,8 +10,8 @@ runs that each wait for the result):
 
   layer  forward + backward of the attention core alone (the gradient of the sum of
          its output with respect to q, k and v), q, k, v [batch, L, heads, head_dim].
-  step   one whole encoder training step, `lra.train.make_train_step` on the state of
-         `lra.train.create_state` (forward, backward, AdamW update, state donated and
+  step   one whole encoder training step, `lra.training.train.make_train_step` on the state of
+         `lra.training.train.create_state` (forward, backward, AdamW update, state donated and
          fed back), a synthetic batch of random tokens with a full mask. The model
          defaults to the setup of the LRA paper's speed table (Tay et al. 2021, Table 2,
          byte-level text: 4 layers, width 256, 4 heads, qkv 256, MLP 1024, dropout 0.1);
@@ -19,8 +19,8 @@ runs that each wait for the result):
          quadratic baselines fit a workstation. Mean pooling, so the attention sees
          exactly L tokens (causal: last-token pooling).
   loop   a task config's whole training loop (`--loop_config`, default ListOps runlocal):
-         steps/s through `lra.train`'s loop and the host's share of a step (time
-         outside the jitted step / total); see lra/bench_loop.py. No --attention,
+         steps/s through `lra.training.train`'s loop and the host's share of a step (time
+         outside the jitted step / total); see lra/bench/loop.py. No --attention,
          --lengths or sizes: the config's own (`--loop_set key=value,...` changes them).
 
 An entry of --attention is a registry name, optionally with options after colons:
@@ -60,11 +60,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lra import bench_flops, bench_loop, bench_output, sharding, train
-from lra.bench_flops import dot_flops
+from lra.bench import flops, output
+from lra.bench import loop as loop_scope
+from lra.bench.flops import dot_flops
 from lra.models import attention, mixers
+from lra.parallel import sharding
+from lra.training import train
 
-SCOPES = ("layer", "step", "loop")  # loop: lra/bench_loop.py
+SCOPES = ("layer", "step", "loop")  # loop: lra/bench/loop.py
 EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
 DEFAULT_BUDGET_GB = 8.0  # where the device keeps no memory statistics (CPU)
 # The synthetic step task: byte-level text classification shapes (LRA's speed table task).
@@ -172,7 +175,7 @@ def _layer_program(entry: str, length: int, settings: Settings) -> Program:
 
 @dataclasses.dataclass(frozen=True)
 class _StepTask:
-    """The task interface `lra.train.create_state` reads, for synthetic batches."""
+    """The task interface `lra.training.train.create_state` reads, for synthetic batches."""
 
     vocab_size: int = STEP_VOCAB_SIZE
     num_classes: int = STEP_NUM_CLASSES
@@ -183,7 +186,7 @@ def step_config(entry: str, length: int, settings: Settings):
     """The training config of the step scope: `configs.common.base_config`, sizes overridden.
 
     Raises:
-      ValueError: for sizes `lra.train.validate_config` rejects, or bfloat16 with a
+      ValueError: for sizes `lra.training.train.validate_config` rejects, or bfloat16 with a
         training loop that has no `config.dtype`.
     """
     try:
@@ -208,7 +211,7 @@ def step_config(entry: str, length: int, settings: Settings):
     if "dtype" in config:
         config.dtype = settings.dtype
     elif settings.dtype != "float32":
-        raise ValueError(f"--dtype {settings.dtype}: this lra.train has no config.dtype, so the "
+        raise ValueError(f"--dtype {settings.dtype}: this lra.training.train has no config.dtype, so the "
                          "step scope runs only in float32 (use --scopes layer)")
     train.validate_config(config, 1)
     return config
@@ -297,9 +300,9 @@ def prepare(entry: str, scope: str, length: int, settings: Settings,
         compiled = program.fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
         return Prepared(_oom_record(record, error))
-    peak = bench_flops.compiled_peak(compiled)
+    peak = flops.compiled_peak(compiled)
     record.update(peak_bytes=peak, compiled_peak_bytes=peak,
-                  flops=bench_flops.cost_flops(compiled),
+                  flops=flops.cost_flops(compiled),
                   dot_flops=dot_flops(program.fn, *args))
     if peak is not None and peak > settings.memory_budget_bytes:
         record.update(oom=True, error=f"compiled peak {peak:,} bytes exceeds the budget of "
@@ -403,7 +406,7 @@ def _progress(index: int, total: int, record: dict) -> None:
         print(f"{head}: OOM ({record['error']})", file=sys.stderr, flush=True)
         return
     print(f"{head}: {record['time_ms']:,.1f} ms, {record['tokens_per_s']:,.0f} tokens/s, "
-          f"{bench_output.mib(record['peak_bytes'])} MiB ({record['memory_source']})",
+          f"{output.mib(record['peak_bytes'])} MiB ({record['memory_source']})",
           file=sys.stderr, flush=True)
 
 
@@ -467,7 +470,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--step_mlp_dim", type=int, default=1024)
     add("--step_dropout", type=float, default=0.1, help="dropout and attention dropout")
     add("--matmul_size", type=int, default=2048, help="side of the reference matmul")
-    add("--loop_config", default=bench_loop.DEFAULT_CONFIG,
+    add("--loop_config", default=loop_scope.DEFAULT_CONFIG,
         help="loop scope: config file[:arg] whose training loop is timed")
     add("--loop_set", default="", help="loop scope: config overrides, key=value,...")
     add("--loop_steps", type=int, default=200, help="loop scope: timed steps per round")
@@ -516,20 +519,20 @@ def _kernel_records(args, scopes: list[str]) -> list[dict]:
         step_emb_dim=args.step_emb_dim, step_qkv_dim=args.step_qkv_dim,
         step_heads=args.step_heads, step_mlp_dim=args.step_mlp_dim,
         step_dropout=args.step_dropout)
-    matmul_peak = bench_flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
+    matmul_peak = flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
     print(f"{device_name()}: {args.matmul_size}^2 matmul at {matmul_peak / 1e9:,.1f} GFLOP/s "
           f"({args.dtype})", file=sys.stderr, flush=True)
     return run(entries, scopes, lengths, settings, matmul_peak)
 
 
 def _loop_record(args) -> dict:
-    """The loop scope's record (lra/bench_loop.py)."""
+    """The loop scope's record (lra/bench/loop.py)."""
     _positive_ints(f"{args.loop_steps},{args.loop_warmup},{args.repeats}",
                    "--loop_steps, --loop_warmup and --repeats")
     overrides = dict(pair.split("=", 1) for pair in filter(None, args.loop_set.split(",")))
-    config = bench_loop.load_config(args.loop_config,
+    config = loop_scope.load_config(args.loop_config,
                                     {key: _literal(value) for key, value in overrides.items()})
-    record = bench_loop.measure(config, steps=args.loop_steps, warmup=args.loop_warmup,
+    record = loop_scope.measure(config, steps=args.loop_steps, warmup=args.loop_warmup,
                                 repeats=args.repeats, label=args.loop_config)
     record.update(device=device_name(), matmul_flops_per_s=None)
     print(f"loop {args.loop_config}: {record['steps_per_s']:,.1f} steps/s, bare step "
@@ -549,16 +552,13 @@ def main(argv=None) -> list[dict]:
     records = _kernel_records(args, kernel_scopes) if kernel_scopes else []
     if "loop" in scopes:
         records.append(_loop_record(args))
-    text = bench_output.markdown(records)
+    text = output.markdown(records)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(records, indent=2) + "\n")
         (out / "bench.md").write_text(text + "\n")
-        bench_output.plot(records, out)
+        output.plot(records, out)
     return records
 
-
-if __name__ == "__main__":
-    main()

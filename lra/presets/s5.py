@@ -25,9 +25,10 @@ config's comments):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from lra import released
+from lra.presets import long_range_arena
 
 SOURCE = "lindermanlab/S5 bin/run_experiments/run_lra_{}.sh"
 DEFAULTS_SOURCE = "lindermanlab/S5 run_train.py (flag default)"
@@ -141,7 +142,25 @@ def settings(task: str) -> dict[str, tuple[Any, str]]:
     return out
 
 
+def differences(config: Mapping) -> list[str] | None:
+    """The keys in which a resolved config (a run's config.json) differs from S5's release.
+
+    Args:
+      config: nested dict with `task`, `attention` and the keys of `settings`.
+
+    Returns:
+      None unless the config is an s5 run of a task S5 released a script for; else the
+      config paths whose values differ from `settings(task)`, in its order ([]: the run used
+      S5's released settings, so S5's published row is comparable, up to `NOT_REPRODUCED`).
+    """
+    task = config.get("task")
+    if config.get("attention") != "s5" or task not in FLAGS:
+        return None
+    return long_range_arena.differing_paths(
+        config, {path: value for path, (value, _) in settings(task).items()})
+
+
 def apply(config) -> None:
     """Sets S5's released settings on a config built by configs/<task>.py."""
     for path, (value, _) in settings(config.task).items():
-        released.set_path(config, path, value)
+        long_range_arena.set_path(config, path, value)

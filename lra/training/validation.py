@@ -1,7 +1,7 @@
 """Config checks: bad values are rejected before anything is compiled, naming the key.
 
-`lra.train.train_and_evaluate` calls `validate_config` first (it is importable from
-`lra.train` too); `lra.bench` uses it to check the sizes of its step scope.
+`lra.training.train.train_and_evaluate` calls `validate_config` first (it is importable from
+`lra.training.train` too); `lra.bench` uses it to check the sizes of its step scope.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from flax import nnx
 
 from lra import models
 from lra.models import mixers
-from lra.objectives import Objective
-from lra.pretraining import CHECKPOINT_FOLDERS
+from lra.training.objectives import Objective
+from lra.training.pretraining import CHECKPOINT_FOLDERS
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -177,7 +177,9 @@ def _validate_option_names(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(
             f"config.model.attention_options has unknown option(s) {', '.join(unknown)} for "
-            f"mixer {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'}"
+            f"mixer {config.attention!r}; it accepts: {', '.join(accepted) or 'no options'} "
+            f"(options of another mixer? name the mixer when the config is built, as "
+            f"configs/<task>.py:mixer={config.attention} or --config.mixer={config.attention})"
         )
 
 

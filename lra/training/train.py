@@ -7,7 +7,8 @@ reseeded every step from `fold_in(key, step)`, so a run is a pure function of th
 and resuming from any checkpoint replays it exactly.
 
 Memory and speed options (each leaves the results unchanged up to float rounding, except
-`dtype`, and `grad_accum_steps` with dropout, whose masks are then drawn per micro-batch):
+`dtype`, and `grad_accum_steps` with dropout, whose masks are then drawn per micro-batch,
+or with BatchNorm, whose statistics are then per micro-batch):
   * `config.mesh_fsdp`: size of the `fsdp` mesh axis; the `data` axis gets the remaining
     devices. Batches are split over both axes. Every parameter and optimizer-state array of
     at least `FSDP_MIN_ELEMENTS` elements is sharded over `fsdp` along its largest dimension
@@ -17,12 +18,15 @@ Memory and speed options (each leaves the results unchanged up to float rounding
     reduce-scattered to the shards. The rule is computed from the abstract state's
     shapes, so every attention family's parameters are covered without annotations.
   * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
-    many micro-batches (`lax.scan`), whose gradients are averaged before one optimizer
-    update. This is used instead of `optax.MultiSteps` (which takes one micro-batch per
-    step): the step count, the schedule, the checkpoints and the data stream stay those of
-    the unaccumulated run, so A micro-batches of B/A rows give the gradient of the batch B
-    up to float rounding, and the setting can change when a run resumes on smaller devices.
-    Each micro-batch draws its own dropout masks (key `fold_in(step key, micro index)`).
+    many micro-batches (`lax.scan`); their summed losses' gradients and their target counts
+    are added, and divided once, before one optimizer update. This is used instead of
+    `optax.MultiSteps` (which takes one micro-batch per step): the step count, the
+    schedule, the checkpoints and the data stream stay those of the unaccumulated run, so
+    A micro-batches give the gradient of the whole batch up to float rounding, for every
+    objective (masked_lm's masks are drawn for the whole batch), and the setting can
+    change when a run resumes on smaller devices. Each micro-batch draws its own dropout
+    masks (key `fold_in(step key, micro index)`). BatchNorm's running statistics take the
+    micro-batches' statistics one after another, in order (see `_mean_grads`).
   * `config.dtype`: compute dtype (float32 or bfloat16); parameters, gradients, optimizer
     state, logits and loss stay float32.
   * `config.remat`: recompute each encoder block's activations in the backward pass.
@@ -53,19 +57,27 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lra import data, distributed, logs, loop, models, objectives, pretraining, sharding, tasks
-from lra.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
-from lra.models import stack
+from lra import models, tasks
+from lra.models import mixers, stack
 from lra.models.mixers.ssm import SsmParam
-from lra.sharding import batch_spec, make_mesh, state_shardings
-from lra.validation import validate_config  # noqa: F401 (public here too)
-from lra.workdir import (  # noqa: F401 (public here too)
-    CONFIG_FILE, RESULTS_FILE, RESUMABLE_CHANGES, check_and_write_config, config_hash,
-    read_finished_results, versions, write_results,
+from lra.parallel import distributed, sharding
+from lra.parallel.sharding import batch_spec, make_mesh, state_shardings
+from lra.training import data, logs, loop, objectives, pretraining
+from lra.training.checkpoints import Checkpoints, Progress, fingerprint  # noqa: F401 (public here too)
+from lra.training.validation import validate_config  # noqa: F401 (public here too)
+from lra.training.workdir import (  # noqa: F401 (public here too)
+    CONFIG_FILE,
+    RESULTS_FILE,
+    RESUMABLE_CHANGES,
+    check_and_write_config,
+    config_hash,
+    read_finished_results,
+    versions,
+    write_results,
 )
 
 # ---------------------------------------------------------------------------------------
-# Optimizer and state (config checks: lra/validation.py)
+# Optimizer and state (config checks: lra/training/validation.py)
 
 
 def make_schedule(config: ml_collections.ConfigDict, peak: float | None = None
@@ -163,7 +175,7 @@ def create_state(config, task, mesh):
 
 
 def objective_spec(config: ml_collections.ConfigDict) -> objectives.Spec:
-    """The run's objective (lra/objectives.py); masked_lm's mask token is the id after the
+    """The run's objective (lra/training/objectives.py); masked_lm's mask token is the id after the
     task's vocabulary."""
     if config.get("objective", "classify") != "masked_lm":
         return objectives.from_config(config, 0)  # no mask token
@@ -190,44 +202,71 @@ def _gather_all_but_layers(params):
     whole (`stack.LAYER_NODES` gather their own, one layer at a time)."""
     def gather(path, x):
         in_layers = any(getattr(key, "key", None) in stack.LAYER_NODES for key in path)
-        return x if in_layers else sharding.gathered(x)
+        return x if in_layers else stack.gathered(x)
 
     return jax.tree_util.tree_map_with_path(gather, params)
 
 
+# What a forward pass may change besides the parameters: BatchNorm's running statistics
+# (and any future cache or counter). The rng streams are reseeded every step and not kept.
+MUTABLE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))
+
+
 def _mean_grads(model, batch, key, *, accum: int, mesh: jax.sharding.Mesh,
                 spec: objectives.Spec = objectives.Spec()):
-    """Gradients of the mean loss over `batch`, over `accum` micro-batches, + metrics."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """Gradients of the mean loss over `batch`, over `accum` micro-batches.
 
-    def loss_fn(params, micro, index):
+    Each micro-batch gives the gradient of its summed loss and its target count; the sums
+    are added and divided once by the batch's count, so the result is the whole batch's
+    mean gradient for every objective however its targets fall into the micro-batches.
+    masked_lm's masks are drawn for the whole batch first (`objectives.draw_masks`, from
+    the key micro-batch 0 uses, so an unaccumulated run draws what it always drew).
+
+    The forward passes' other changes (`MUTABLE`: BatchNorm statistics) are carried from
+    micro-batch to micro-batch, in order (rows i, i + accum, ... are micro-batch i): the
+    running averages take every micro-batch's statistics, as `accum` successive batches
+    would. Without accumulation they are those of the whole batch.
+
+    Returns:
+      (gradients, {"loss", "accuracy"}, the new `MUTABLE` state of `model`).
+    """
+    graphdef, params, mutable, rng_state = nnx.split(model, nnx.Param, MUTABLE, ...)
+    batch = objectives.draw_masks(spec, batch, jax.random.fold_in(key, 0))
+
+    def sums_fn(params, mutable, micro, index):
         # FSDP: parameters stay sharded; those outside the layers (embeddings, final norm,
         # head) are gathered whole here, each layer's where it runs (lra/models/stack.py),
         # so activations keep the batch sharding and the model is gathered layer by layer.
         with sharding.gathering(mesh):
-            micro_model = nnx.merge(graphdef, _gather_all_but_layers(params), rest, copy=True)
+            micro_model = nnx.merge(graphdef, _gather_all_but_layers(params), mutable,
+                                    rng_state, copy=True)
             nnx.reseed(micro_model, dropout=jax.random.fold_in(key, index),  # per micro-batch
                        policy="match_shape")  # a scanned layer stack: one key per layer
-            return objectives.train_loss(micro_model, micro, jax.random.fold_in(key, index),
-                                         spec)
+            sums = objectives.loss_sums(micro_model, micro, spec, deterministic=False)
+        return sums["loss"], (sums, nnx.state(micro_model, MUTABLE))
 
-    def micro_step(micro, index):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro, index)
+    def micro_step(mutable, micro, index):
+        (_, (sums, mutable)), grads = jax.value_and_grad(sums_fn, has_aux=True)(
+            params, mutable, micro, index)
         grads = sharding.constrain_to_fsdp(grads, mesh)  # reduce-scattered to the fsdp shards
-        return grads, loss, accuracy
+        return mutable, (grads, sums)
 
     if accum == 1:
-        grads, loss, accuracy = micro_step(batch, 0)
+        mutable, (grads, sums) = micro_step(mutable, batch, 0)
     else:
-        def body(totals, inputs):
-            return jax.tree.map(jnp.add, totals, micro_step(*inputs)), None
+        def body(carry, inputs):
+            mutable, totals = carry
+            mutable, terms = micro_step(mutable, *inputs)
+            return (mutable, jax.tree.map(jnp.add, totals, terms)), None
 
         zero = jnp.zeros((), jnp.float32)
-        totals = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+        totals = (jax.tree.map(jnp.zeros_like, params),
+                  {"loss": zero, "correct": zero, "count": zero})
         inputs = (_micro_batches(batch, accum, mesh), jnp.arange(accum))
-        totals, _ = jax.lax.scan(body, totals, inputs)
-        grads, loss, accuracy = jax.tree.map(lambda total: total / accum, totals)
-    return grads, {"loss": loss, "accuracy": accuracy}
+        (mutable, (grads, sums)), _ = jax.lax.scan(body, (mutable, totals), inputs)
+    count = jnp.maximum(sums["count"], 1.0)  # a language-model batch may have no target
+    grads = jax.tree.map(lambda total: total / count, grads)
+    return grads, {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count}, mutable
 
 
 def make_train_step(graphdef, state_shardings, config):
@@ -247,8 +286,10 @@ def make_train_step(graphdef, state_shardings, config):
     def train_step(state, rng_state, batch):
         model, optimizer = nnx.merge(graphdef, rng_state, state)
         step = optimizer.step[...]
-        grads, metrics = _mean_grads(model, batch, jax.random.fold_in(dropout_key, step),
-                                     accum=accum, mesh=mesh, spec=spec)
+        grads, metrics, mutable = _mean_grads(
+            model, batch, jax.random.fold_in(dropout_key, step), accum=accum, mesh=mesh,
+            spec=spec)
+        nnx.update(model, mutable)  # BatchNorm statistics: the forward passes' new values
         optimizer.update(model, grads)
         metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
         return nnx.state((model, optimizer), nnx.Not(nnx.RngState)), metrics
@@ -341,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     validate_config(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
     check_and_write_config(workdir, config)
-    if pretraining.spt_enabled(config):  # pretrain, then fine-tune (lra/pretraining.py)
+    if pretraining.spt_enabled(config):  # pretrain, then fine-tune (lra/training/pretraining.py)
         return pretraining.run_protocol(config, workdir, train_and_evaluate,
                                         check=lambda c: validate_config(c, mesh.size),
                                         write_results=write_results,
@@ -442,7 +483,7 @@ class _Trainer:
     def _train(self, log: logs.RunLog, preemption: _Preemption) -> bool:
         """Runs the remaining steps; True if a signal stopped it (after saving).
 
-        Metrics stay on the devices (`lra.loop`) and are read only at a log, eval or
+        Metrics stay on the devices (`lra.training.loop`) and are read only at a log, eval or
         checkpoint step, the last step or a stop, always before a checkpoint is saved, so
         no checkpoint holds a state that followed a non-finite loss.
         """
@@ -450,6 +491,8 @@ class _Trainer:
         totals = loop.start_totals(progress.step, progress.unlogged, self.mesh)
         leaves, state_def = jax.tree.flatten(self.state)  # self.state again where read
         rng_leaves = jax.tree.leaves(self.rng_state)
+        if progress.step < config.num_train_steps:
+            self._compile(leaves, rng_leaves, totals)
         started = time.perf_counter()
         while progress.step < config.num_train_steps:
             leaves, totals = self.loop_step(leaves, rng_leaves, next(self.batches), totals)
@@ -479,6 +522,14 @@ class _Trainer:
                 return True
             started = time.perf_counter()
         return False
+
+    def _compile(self, leaves, rng_leaves, totals) -> None:
+        """Compiles the loop step ahead of the first step, timed apart from training
+        (`Progress.compile_seconds`); the step's calls then find the compiled program in
+        JAX's cache."""
+        started = time.perf_counter()
+        self.loop_step.lower(leaves, rng_leaves, self.batches.abstract_batch(), totals).compile()
+        self.progress.compile_seconds += time.perf_counter() - started
 
     def _eval_split(self, split: str) -> dict[str, float]:
         return evaluate(self.eval_step, self.state, self.rng_state, self.splits[split],
@@ -511,6 +562,7 @@ class _Trainer:
             "task": config.task,
             "attention": config.attention,
             "mixer": config.attention,  # the same name under the mixer registry's key
+            "mixer_kind": mixers.kind(config.attention),  # attention core | sequence model
             "seed": config.seed,
             "step": progress.step,
             "val_accuracy": progress.val_accuracy,
@@ -520,6 +572,7 @@ class _Trainer:
             "test_accuracy_at_best": progress.test_accuracy_at_best,
             "num_params": self._num_params(),
             "train_seconds": progress.train_seconds,
+            "compile_seconds": progress.compile_seconds,
             "steps_per_second": progress.step / max(progress.train_seconds, 1e-9),
             "config_hash": config_hash(config),
             "device": f"{self.mesh.size} x {self.mesh.devices.flat[0].device_kind}",

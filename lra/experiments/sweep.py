@@ -1,8 +1,8 @@
 r"""Sweeps: the cartesian product of settings, one run folder each, run one after another.
 
-  python launch.py --config configs/listops.py:runlocal --workdir runs/sweep \
-      --sweep attention=softmax,linear,performer --sweep seed=0,1,2 [--config.x=v ...]
-      [--dry_run] [--emit slurm]
+    python launch.py --config configs/listops.py:runlocal --workdir runs/sweep \
+        --sweep attention=softmax,linear,performer --sweep seed=0,1,2 [--config.x=v ...]
+        [--dry_run] [--emit slurm]
 
 A `--sweep KEY=V1,V2,...` key is either a config argument (`attention`, `seed`, `preset`,
 `runlocal` with values true/false), which goes after the colon of `--config` because it
@@ -115,6 +115,14 @@ def _config_arg_names() -> tuple[str, ...]:
     return tuple(common.ARG_TYPES)
 
 
+def _arg_name(item: str) -> str:
+    """The config argument that `name[=value]` sets, under its canonical name."""
+    from configs import common
+
+    name = item.partition("=")[0].strip()
+    return common.ARG_ALIASES.get(name, name)
+
+
 def _split_config(config: str) -> tuple[str, list[str]]:
     path, _, args = config.partition(":")
     return path, [item.strip() for item in args.split(",") if item.strip()]
@@ -156,7 +164,11 @@ def expand(config: str, specs: Sequence[str], overrides: Sequence[str] = ()) -> 
             raise ValueError(f"{key} is both swept and set with --config.{key}; drop one")
     path, base_args = _split_config(config)
     swept_args = {key for key, _ in swept if key in arg_names}
-    base_args = [item for item in base_args if item.partition("=")[0] not in swept_args]
+    swept_names = {_arg_name(key) for key in swept_args}  # mixer= and attention= are one
+    if len(swept_names) < len(swept_args):
+        raise ValueError("--sweep mixer=... and --sweep attention=... sweep one config "
+                         "argument; give its values in one flag")
+    base_args = [item for item in base_args if _arg_name(item) not in swept_names]
     runs = []
     for point in itertools.product(*(values for _, values in swept)):
         settings = list(zip((key for key, _ in swept), point))
@@ -219,23 +231,25 @@ def resolve_config(run: Run):
         values(argv)
         return values.config
     except (flags.Error, AttributeError, KeyError, ValueError) as error:
-        raise ValueError(f"run {run.name or '.'}: {_error_text(error)}") from None
+        raise ValueError(f"run {run.name or '.'}: {error_text(error)}") from None
 
 
-def _error_text(error: Exception) -> str:
+def error_text(error: Exception) -> str:
+    """One line for an error of config_flags: the config file's own message, not the
+    traceback config_flags wraps it in; "unknown config key ..." for a key not in the config."""
     unknown_key = isinstance(error, (AttributeError, KeyError))
     while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(..))
         error = error.args[0]
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     if "Traceback" in text:  # config_flags wraps errors of the config file with their traceback
-        text = text.strip().splitlines()[-1]
+        text = text.strip().splitlines()[-1].removeprefix("ValueError: ")
     text = " ".join(text.split())
     return f"unknown config key {text}" if unknown_key else text
 
 
 def is_finished(workdir: Path, config) -> bool:
     """True when `workdir/results.json` is the finished result of exactly this config."""
-    from lra import train
+    from lra.training import train
 
     try:
         results = train.read_finished_results(workdir, config)
@@ -465,7 +479,7 @@ if [[ $status == 0 ]]; then
 elif [[ $requeue == 1 || $status == 143 ]]; then
   scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{index}}"
 else
-  "$PYTHON" -c 'import sys; from lra import sweep; sweep.record_failure_from_log(*sys.argv[1:])' \\
+  "$PYTHON" -c 'import sys; from lra.experiments import sweep; sweep.record_failure_from_log(*sys.argv[1:])' \\
     "$workdir" "$status" "$log"
 fi
 exit "$status"
@@ -488,6 +502,11 @@ def _parser(launch_script: Path | None) -> argparse.ArgumentParser:
     parser.add_argument("--emit", choices=("slurm",),
                         help=f"write WORKDIR/{SBATCH_FILE} (a job array) instead of running")
     return parser
+
+
+def usage(launch_script: Path | None = None) -> str:
+    """The sweep's flags, as `--help` of launch.py lists them."""
+    return _parser(launch_script).format_help()
 
 
 def main(argv: Sequence[str], launch_script: Path | None = None) -> int:

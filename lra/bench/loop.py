@@ -4,7 +4,7 @@ share of a step.
   python -m lra.bench --scopes loop [--loop_config configs/listops.py:runlocal]
       [--loop_steps 200 --loop_warmup 20 --repeats 3 --loop_set key=value,...]
 
-The task's data is prepared as a run would; the loop (`lra.train._Trainer._train`: batches,
+The task's data is prepared as a run would; the loop (`lra.training.train._Trainer._train`: batches,
 the jitted step, metric reads, logs) runs in a temporary folder, first `--loop_warmup`
 steps and two bare steps (compilation), then, `--repeats` times, `--loop_steps` timed
 steps followed by as many calls of the bare jitted train step back to back on one batch
@@ -30,7 +30,9 @@ from pathlib import Path
 
 import jax
 
-from lra import data, logs, sharding, tasks, train
+from lra import tasks
+from lra.parallel import sharding
+from lra.training import data, logs, train
 
 DEFAULT_CONFIG = "configs/listops.py:runlocal"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 
 import lra
-from lra import distributed
+from lra.parallel import distributed
 from lra.tasks import storage
 
 RESULTS_FILE = "results.json"

@@ -22,8 +22,13 @@ the training loop needs to stay in lockstep; on one process they cost nothing.
 
 Waiting without device collectives: `write_marker` / `wait_for_marker` let processes wait
 for a file that one of them writes atomically on a shared file system (polling, with a
-timeout), and `check_same_on_all_processes` compares one value across processes with a
-single small allgather.
+timeout), so a long wait (process 0 preparing data for hours) never sits in a collective.
+
+Choosing together: `allgather` stacks one small array from every process (one collective
+that every process must reach, in the same order); `failing_processes`,
+`max_over_processes`, `shared_token` and `check_same_on_all_processes` are built on it, so
+decisions that could differ between hosts (which checkpoint reads back, which marker
+announces this preparation) are made from every process's view, identically everywhere.
 """
 
 from __future__ import annotations
@@ -227,13 +232,44 @@ def wait_for_marker(path: str | os.PathLike, key: str, *, timeout_seconds: float
         time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.0)))
 
 
+def allgather(values: np.ndarray) -> np.ndarray:
+    """Every process's `values`, stacked: [process_count, *values.shape] (one allgather).
+
+    Every process must call it, in the same order, with the same shape and dtype; on one
+    process it is `values[None]` and runs nothing.
+    """
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def failing_processes(ok: bool) -> list[int]:
+    """The indices of the processes that pass `ok=False`, the same list on every process."""
+    gathered = allgather(np.array([ok], np.int32))[:, 0]
+    return [index for index, flag in enumerate(gathered) if not flag]
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` any process passes (an int32), the same on every process."""
+    return int(allgather(np.array([value], np.int32)).max())
+
+
+def shared_token() -> str:
+    """A fresh random 128-bit hex token, process 0's, the same on every process.
+
+    Unique to this call (128 random bits): no marker or record of an earlier call, in this
+    run or another, holds it.
+    """
+    drawn = np.frombuffer(os.urandom(16), np.uint8)
+    return allgather(drawn)[0].tobytes().hex()
+
+
 def check_same_on_all_processes(value: str, what: str) -> None:
     """Raises ValueError unless every process passes the same `value` (one allgather of
-    its sha256); nothing on one process."""
-    if jax.process_count() == 1:
-        return
+    its sha256; no collective on one process)."""
     digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(digest))
+    gathered = allgather(digest)
     differing = [index for index, row in enumerate(gathered) if not np.array_equal(row, gathered[0])]
     if differing:
         raise ValueError(f"{what} differs between process 0 and process(es) "

@@ -1,0 +1,8 @@
+"""Benchmarks, `python -m lra.bench`: speed, memory and FLOPs of every mixer vs length.
+
+`layers` (the command: layer and step scopes, records, the main entry), `flops` (FLOPs
+counted from the jaxpr, XLA's cost and memory analyses), `loop` (the loop scope: a
+config's training loop, steps/s and the host's share), `output` (JSON, Markdown, plots).
+
+May import: lra.training, lra.models, lra.tasks, lra.parallel, lra.common.
+"""
