@@ -6,8 +6,10 @@ generated on first use into `config.data_dir` (or `python -m lra.data prepare li
 Launch (from the repository root):
   python launch.py --config configs/listops.py:runlocal --workdir runs/listops-local
   python launch.py --config configs/listops.py:preset=lra,attention=softmax,seed=0 --workdir runs/listops
-Expected test accuracy: runlocal 34.4% measured on a 2-core CPU in 1 min 40 s (majority
-class 15.6%); preset=lra softmax: the LRA paper (Table 1) reports 36.37%.
+Expected test accuracy: runlocal 32-35% (34.2% test, best val 34.0%, measured at commit
+81b5c55 on a 2-core CPU in 1 min 49 s with `make demo`; a fresh clone of the commit before
+printed 32.4% / 33.4%, most likely float rounding; majority class 15.6%);
+preset=lra softmax: the LRA paper (Table 1) reports 36.37%.
 """
 
 import os
