@@ -59,3 +59,12 @@ def boolean(option: str, value) -> bool:
 def dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """`jnp.einsum(spec, a, b)` accumulated and returned in float32 (any input dtype)."""
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
+
+
+def set_path(config, path: str, value) -> None:
+    """config.<path> = value for a dotted path such as "model.attention_options.proj_len"."""
+    *parents, name = path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[name] = value

@@ -15,8 +15,9 @@ from flax import nnx
 
 from configs import retrieval as retrieval_config
 from lra import models, tasks
-from lra.training import data, train
+from lra.common import set_path
 from lra.tasks import bytes_tokens, retrieval
+from lra.training import data, train
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_NAMES = {"train": "new_aan_pairs.train.tsv", "val": "new_aan_pairs.eval.tsv",
@@ -440,11 +441,7 @@ def test_runlocal_trains_end_to_end_on_the_fixture(prepared, tmp_path):
     data_dir, _ = prepared
     config = retrieval_config.get_config("runlocal")
     for key, value in TINY.items():
-        *path, name = key.split(".")
-        parent = config
-        for part in path:
-            parent = parent[part]
-        parent[name] = value
+        set_path(config, key, value)
     config.data_dir = str(data_dir)
     arrays = tasks.get("retrieval").load("train", str(data_dir))
     batch = data.gather(arrays, np.arange(4), max_length=32)

@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 
 from lra import tasks
+from lra.common import set_path
 from lra.parallel import sharding
 from lra.training import data, logs, train
 
@@ -57,11 +58,7 @@ def load_config(spec: str, overrides: dict):
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
     for key, value in overrides.items():
-        *parents, name = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[name] = value
+        set_path(config, key, value)
     return config
 
 

@@ -43,6 +43,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lra.common import set_path
+
 ROOT = "lra_benchmarks"
 # Task -> (folder of its released configs, its base config file).
 TASK_FILES = {
@@ -417,15 +419,6 @@ def apply(config) -> None:
     for path, setting in settings(config.task, config.attention,
                                   max_length=config.max_length).items():
         set_path(config, path, setting.value)
-
-
-def set_path(config, path: str, value) -> None:
-    """config.<path> = value for a dotted path such as "model.attention_options.proj_len"."""
-    *parents, name = path.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    node[name] = value
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lra.common import set_path
 from lra.presets import long_range_arena
 
 SOURCE = "lindermanlab/S5 bin/run_experiments/run_lra_{}.sh"
@@ -163,4 +164,4 @@ def differences(config: Mapping) -> list[str] | None:
 def apply(config) -> None:
     """Sets S5's released settings on a config built by configs/<task>.py."""
     for path, (value, _) in settings(config.task).items():
-        long_range_arena.set_path(config, path, value)
+        set_path(config, path, value)

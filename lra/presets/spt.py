@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lra.common import set_path
 from lra.presets import long_range_arena
 
 PAPER = "Amos et al. 2024"
@@ -129,7 +130,7 @@ def settings(task: str) -> dict[str, tuple[Any, str]]:
 def apply(config) -> None:
     """Sets Amos et al.'s settings on a config built by configs/<task>.py."""
     for path, (value, _) in settings(config.task).items():
-        long_range_arena.set_path(config, path, value)
+        set_path(config, path, value)
 
 
 # The published reference for "+ SPT" rows (lra.report). Amos et al.'s Table 1 cells are
