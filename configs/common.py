@@ -194,6 +194,24 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def settings_folder(task: str, prepare: ml_collections.ConfigDict,
+                    short: dict[str, str] | None = None):
+    """DATA_ROOT/<task>/<name><value>-<name><value>-... over every prepare setting: those
+    in `short` first, in its order and named as it says (e.g. v16-L128-n12800-s0), then
+    the others by name.
+
+    A string reference: a flag that changes a setting (--config.prepare.seq_len=256)
+    changes the folder too, so each setting gets data of its own.
+    """
+    short = short or {}
+    names = [name for name in short if name in prepare] + sorted(set(prepare) - set(short))
+    folder = os.path.join(DATA_ROOT, task, "")
+    for index, name in enumerate(names):
+        folder = folder + ("-" if index else "") + short.get(name, name) + prepare.get_ref(
+            name).to_str()
+    return folder
+
+
 def default_data_threads() -> int:
     """Half the cores this process may run on (its CPU affinity, e.g. a SLURM allocation),
     at least 1 and at most 8."""

@@ -291,7 +291,8 @@ def test_state_stays_bounded_over_4k_steps(log_alpha):
 
 def test_options_and_defaults():
     for name in NAMES:
-        assert attention.default_options(name) == {"form": "chunked", "chunk_size": 64}
+        assert attention.default_options(name) == {"form": "chunked", "chunk_size": 64,
+                                                   "short_conv": 0}
 
 
 @pytest.mark.parametrize(

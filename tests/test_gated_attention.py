@@ -229,12 +229,14 @@ def test_extreme_gates_forms_agree(family):
 
 def test_options_and_defaults():
     assert attention.default_options("retnet") == {
-        "gammas": (), "group_norm": True, "form": "chunked", "chunk_size": 64}
+        "gammas": (), "group_norm": True, "form": "chunked", "chunk_size": 64,
+        "short_conv": 0}
     assert attention.default_options("gla") == {
         "rank": 16, "tau": 16.0, "output_gate": True, "group_norm": True,
-        "form": "chunked", "chunk_size": 64}
+        "form": "chunked", "chunk_size": 64, "short_conv": 0}
     assert attention.default_options("ssd") == {
-        "d_skip": False, "group_norm": True, "form": "chunked", "chunk_size": 64}
+        "d_skip": False, "group_norm": True, "form": "chunked", "chunk_size": 64,
+        "short_conv": 0}
 
 
 @pytest.mark.parametrize(

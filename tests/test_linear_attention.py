@@ -252,7 +252,8 @@ def test_state_is_float32_under_bfloat16():
     state = core.init_state(2)
     x = jnp.ones((2, H, D), jnp.bfloat16)
     state, out = core.step(state, x, x, x, 0)
-    assert all(leaf.dtype == jnp.float32 for leaf in state) and out.dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))
+    assert out.dtype == jnp.bfloat16
     assert state.S_BxHxFxD.shape == (2, H, D, D)
 
 
@@ -260,7 +261,7 @@ def test_state_is_float32_under_bfloat16():
 
 
 def test_options_and_defaults():
-    common = {"form": "chunked", "chunk_size": 64}
+    common = {"form": "chunked", "chunk_size": 64, "short_conv": 0}
     assert attention.default_options("linear") == common
     assert attention.default_options("cosformer") == common
     assert attention.default_options("taylor") == {"feature_dim": 0, **common}

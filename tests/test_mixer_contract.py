@@ -109,6 +109,19 @@ def test_mixer_contract(name, direction):
     run_contract(name, direction)
 
 
+# Short convolutions of q, k, v (short_conv.py): one family of each core that has them.
+SHORT_CONV_CASES = [(name, direction) for name in ("linear", "gla", "gated_deltanet")
+                    for direction in ("bidirectional", "causal")]
+
+
+@pytest.mark.parametrize("name, direction", SHORT_CONV_CASES,
+                         ids=[f"{name}-{direction}" for name, direction in SHORT_CONV_CASES])
+def test_mixer_contract_with_short_conv(name, direction):
+    run_contract(name, direction, short_conv=4)
+    check_dtypes_under_x64(lambda: make_block(name, causal=direction == "causal", short_conv=4),
+                           random_x((B, L, E), seed=2), contract_mask(B, L))
+
+
 @pytest.mark.parametrize("name, direction", CASES, ids=IDS)
 def test_dtypes_stay_float32_under_x64(name, direction):
     check_dtypes_under_x64(lambda: make_block(name, causal=direction == "causal"),

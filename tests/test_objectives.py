@@ -162,3 +162,60 @@ def test_objective_must_fit_the_encoder():
     config.objective, config.mask_rate = "nonesuch", 0.1
     with pytest.raises(ValueError, match="known: classify, causal_lm, masked_lm"):
         validation.validate_config(config, 1)
+
+
+class _FixedLogits:
+    """A stand-in model: fixed logits [N, L, V] (the token head's outputs), gathered at
+    `positions` as `LanguageModel` does."""
+
+    def __init__(self, logits):
+        self.logits = jnp.asarray(logits)
+
+    def __call__(self, inputs, mask, *, deterministic, positions=None):
+        if positions is None:
+            return self.logits
+        return jnp.take_along_axis(self.logits, positions[..., None], axis=1)
+
+
+@pytest.mark.parametrize("max_targets", [0, 3])
+def test_token_classify_scores_the_scored_real_positions_only(max_targets):
+    """Loss, accuracy and the share of rows with every scored position right, against
+    NumPy; changing logits at unscored or padded positions changes nothing."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([12, 7, 9])
+    targets = np.full((3, 12), -1)
+    targets[0, [2, 5, 11]] = [1, 4, 7]
+    targets[1, [1, 6]] = [3, 3]
+    targets[2, [4, 10]] = [2, 9]  # position 10 is padding (length 9): never scored
+    logits = rng.normal(size=(3, 12, VOCAB))
+    logits[1, 1, 3] = logits[1, 6, 3] = 50.0  # row 1: every scored position right
+    batch = {"inputs": jnp.zeros((3, 12), jnp.int32), "targets": jnp.asarray(targets, jnp.int32),
+             "mask": jnp.asarray(np.arange(12)[None, :] < lengths[:, None])}
+    spec = objectives.Spec(objectives.Objective.TOKEN_CLASSIFY, max_targets=max_targets)
+    sums = objectives.loss_sums(_FixedLogits(logits), batch, spec, deterministic=True)
+
+    where = (targets >= 0) & (np.arange(12)[None, :] < lengths[:, None])
+    loss, accuracy = _naive_loss(logits, np.maximum(targets, 0), where)
+    np.testing.assert_allclose(sums["loss"] / sums["count"], loss, rtol=1e-5)
+    np.testing.assert_allclose(sums["correct"] / sums["count"], accuracy, rtol=1e-6)
+    assert float(sums["count"]) == 6
+    rows_right = [np.all((logits[r].argmax(-1) == targets[r])[where[r]]) for r in range(3)]
+    assert float(sums["rows_correct"]) == sum(rows_right) and float(sums["rows"]) == 3
+
+    changed = logits.copy()
+    changed[~where] = rng.normal(size=changed[~where].shape) * 100
+    again = objectives.loss_sums(_FixedLogits(changed), batch, spec, deterministic=True)
+    for key in sums:
+        np.testing.assert_allclose(again[key], sums[key], rtol=1e-6)
+
+
+def test_token_classify_refuses_a_bidirectional_encoder_naming_the_task():
+    from configs import mqar as mqar_config
+    from lra.training import validation
+    config = mqar_config.get_config("runlocal")
+    config.model.causal = False
+    with pytest.raises(ValueError, match="'mqar'.*causal"):
+        validation.validate_config(config, 1)
+    config = mqar_config.get_config("runlocal,mixer=linformer")
+    with pytest.raises(ValueError, match="'mqar'.*causal form"):
+        validation.validate_config(config, 1)

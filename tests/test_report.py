@@ -403,7 +403,9 @@ def test_labels_and_runs_name_the_model_that_ran(tmp_path):
 
     _preset_run(tmp_path / "ssd", text_config, "runlocal,attention=ssd", 0.6)
     _preset_run(tmp_path / "block", text_config, "runlocal,attention=mamba2", 0.7)
-    core_options = mixers.default_options("ssd")
+    # the SSD core's options when it was named mamba2 (before short_conv existed)
+    core_options = {key: value for key, value in mixers.default_options("ssd").items()
+                    if key != "short_conv"}
     _preset_run(tmp_path / "old-core", text_config, "runlocal,attention=mamba2", 0.55,
                 mixer_kind=None, **{"model.attention_options": core_options})
     _preset_run(tmp_path / "recorded", text_config, "runlocal,attention=mamba2", 0.5,
@@ -422,3 +424,52 @@ def test_labels_and_runs_name_the_model_that_ran(tmp_path):
     assert "| block | finished | text | mamba2 | sequence | 0 |" in runs_section
     assert "| old-core | finished | text | mamba2 | not recorded | 0 |" in runs_section
     assert "Sequence models (their own layer, no attention wrapper): mamba2;" in summary
+
+
+def _recall_run(folder, mixer, width, accuracy, *, learning_rate=1e-2, seed=0, seq_len=64,
+                pairs=4, state=None):
+    """A finished MQAR run (configs/mqar.py) at `width`; `state` = the recorded
+    (bytes, grows) or None for a run from before state sizes were recorded."""
+    from configs import mqar as mqar_config
+
+    config = json.loads(mqar_config.get_config(f"mixer={mixer},seed={seed}").to_json_best_effort())
+    config["model"]["emb_dim"] = config["model"]["qkv_dim"] = width
+    config["learning_rate"], config["max_length"] = learning_rate, seq_len
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    results = {"task": "mqar", "attention": mixer, "seed": seed, "objective": "token_classify",
+               "step": config["num_train_steps"], "test_accuracy": accuracy,
+               "test_accuracy_at_best": accuracy,
+               "task_settings": {"seq_len": seq_len, "num_kv_pairs": pairs, "vocab_size": 512}}
+    if state is not None:
+        results["state_bytes_per_layer"], results["state_grows_with_length"] = state
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_recall_report_plots_accuracy_against_width_and_state_at_the_best_learning_rate(tmp_path):
+    """Token-task runs leave the LRA table for the recall report: one panel per setting,
+    seeds pooled at each width, the best learning rate kept (Zoology's protocol), the state
+    size as recorded or, for older runs, from the mixer registry."""
+    root = tmp_path / "runs"
+    _recall_run(root / "a", "softmax", 64, 0.99, state=(32768, True))
+    _recall_run(root / "b", "softmax", 64, 0.97, seed=1, state=(32768, True))
+    _recall_run(root / "c", "softmax", 64, 0.25, learning_rate=1e-4, state=(32768, True))
+    _recall_run(root / "d", "gla", 64, 0.60)  # no recorded state: from the registry
+    _recall_run(root / "e", "gla", 128, 0.80, state=(70000, False))
+    _recall_run(root / "f", "gla", 64, 0.30, seq_len=256, pairs=16, state=(18688, False))
+    summary, paths = report.write_report([root], tmp_path / "out")
+    names = {path.name for path in paths}
+    assert {"recall.md", "recall.csv", "recall.png"} <= names
+    assert "| mqar |" not in summary.split("## Recall")[0]  # not an LRA task column
+    with open(tmp_path / "out" / "recall.csv") as file:
+        rows = {(r["setting"], r["mixer"], r["width"]): r for r in csv.DictReader(file)}
+    softmax = rows[("seq_len=64, num_kv_pairs=4", "softmax", "64")]
+    assert float(softmax["mean"]) == pytest.approx(98.0) and softmax["n_seeds"] == "2"
+    assert float(softmax["learning_rate"]) == 1e-2  # 98% beats the 25% of lr 1e-4
+    assert softmax["state_grows_with_length"] == "True"
+    gla = rows[("seq_len=64, num_kv_pairs=4", "gla", "64")]
+    # GLA with one head of width 64 and short convolutions of width 4 on q, k, v: the state
+    # S [1, 64, 64] plus 3 inputs of q, k and v (3 x 3 x 64), float32.
+    assert int(float(gla["state_bytes_per_layer"])) == (64 * 64 + 3 * 3 * 64) * 4
+    assert ("seq_len=256, num_kv_pairs=16", "gla", "64") in rows
+    assert "### mqar: seq_len=256, num_kv_pairs=16" in summary

@@ -1,4 +1,5 @@
-"""The task registry: every LRA task is registered and honours the task contract."""
+"""The task registry: every LRA task and every token task is registered and honours the
+task contract."""
 
 import inspect
 
@@ -7,10 +8,25 @@ import pytest
 from lra import tasks
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+TOKEN_TASKS = ("mqar", "in_context_recall", "fuzzy_recall", "noisy_recall",
+               "selective_copying", "compression", "memorization", "induction_heads")
 
 
-def test_registry_holds_the_six_lra_tasks_in_paper_order():
-    assert tasks.NAMES == LRA_TASKS
+def test_registry_holds_the_six_lra_tasks_in_paper_order_then_the_token_tasks():
+    assert tasks.NAMES == LRA_TASKS + TOKEN_TASKS
+
+
+@pytest.mark.parametrize("name", TOKEN_TASKS)
+def test_token_task_contract(name, tmp_path):
+    """Settings with defaults, sizes from them, per-position targets, the prepare command
+    named when data is missing."""
+    task = tasks.get(name)
+    assert task.name == name and task.token_targets and task.generated and not task.paired
+    vocab_size, num_classes = tasks.sizes(task, {})
+    assert vocab_size == num_classes >= 2 and task.max_targets_for({}) >= 1
+    assert not task.is_prepared(tmp_path)
+    with pytest.raises(FileNotFoundError, match="python -m lra.data prepare"):
+        task.load("train", tmp_path)
 
 
 @pytest.mark.parametrize("name", LRA_TASKS)

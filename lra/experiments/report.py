@@ -14,6 +14,10 @@ config.json or failed.json; see docs/architecture.md for the workdir layout) and
   differ; an ours-cell within seed noise of the published value is marked;
 - accuracy.png (bars with error bars per task, published values as markers) and
   val_accuracy.png (validation accuracy vs step, mean over seeds +- std);
+- recall.md, recall.csv and recall.png for the runs of token tasks (MQAR, MAD, induction
+  heads; lra/experiments/recall.py): accuracy against width and against the mixer's
+  recurrent state size, one panel per setting, as Zoology's Figure 2; those runs stay out
+  of the LRA table;
 - runs.csv and a Runs section: one line per run with its mixer and the kind of model that
   ran (results.json `mixer_kind`: an attention core in the attention wrapper, or a sequence
   model), parameters, steps/s and wall time.
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lra.experiments import recall
 from lra.models import mixers
 from lra.presets import long_range_arena
 from lra.presets import s5 as s5_preset
@@ -108,7 +113,7 @@ class Run:
     @property
     def pretraining(self) -> bool:
         """True for a run of a pretraining objective (no classification accuracy)."""
-        return self.get("objective", "classify") != "classify"
+        return self.get("objective", "classify") in ("causal_lm", "masked_lm")
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[Run]:
@@ -300,7 +305,7 @@ def summarize(runs: Sequence[Run], metric: str = METRICS[0]) -> Table:
     """Groups the finished runs by label and task."""
     rows: dict[str, dict] = {}
     for run in runs:
-        if run.status != "finished" or run.pretraining:
+        if run.status != "finished" or run.pretraining or recall.is_token_run(run):
             continue
         value = run.results.get(metric)
         if value is None or not math.isfinite(value):
@@ -676,7 +681,10 @@ def write_report(roots: Sequence[str | Path], out: str | Path,
     colors = label_colors(runs)
     plot_accuracy(table, paths[3], colors)
     plot_validation(runs, paths[4], colors)
-    return summary, paths
+    recall_text, recall_paths = recall.write_recall(runs, out, metric)
+    if recall_text:
+        summary += f"\n## Recall (token tasks)\n\n{recall_text}"
+    return summary, paths + recall_paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

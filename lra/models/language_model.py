@@ -28,7 +28,12 @@ class LanguageModel(nnx.Module):
         self.lm_head = nnx.Linear(encoder.emb_dim, vocab_size, rngs=rngs)
 
     def __call__(
-        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True
+        self, tokens_BxL: jax.Array, mask_BxL: jax.Array, *, deterministic: bool = True,
+        positions: jax.Array | None = None,
     ) -> jax.Array:
+        """Logits [B, L, V], or [B, S, V] at `positions` (int [B, S]) only: the head then
+        runs at S positions per row, not L (token tasks score a few positions)."""
         x_BxLxE = self.encoder.tokens(tokens_BxL, mask_BxL, deterministic=deterministic)
+        if positions is not None:
+            x_BxLxE = jnp.take_along_axis(x_BxLxE, positions[..., None], axis=1)
         return self.lm_head(x_BxLxE.astype(jnp.float32))

@@ -21,6 +21,12 @@ A task is an object with
   ``source_dir``; text, image: tfds's data folder holds the built dataset). A run then
   prepares missing data itself (`lra.training.data.ensure_prepared`).
 
+Token tasks (the recall and mechanistic synthetic tasks: `mqar`, MAD's six,
+`induction_heads`) are `lra.tasks.token_tasks.TokenTask`s: ``targets`` is [N, L], the
+token to output at each position or -1 where a position is not scored (`token_targets`
+is True; they train with ``objective="token_classify"``), and their vocabulary depends on
+their settings (`sizes`).
+
 Adding a task is one module in this package plus one line in ``_TASKS``. Modules are
 imported only when their task is requested.
 """
@@ -38,6 +44,15 @@ _TASKS: dict[str, str] = {
     "image": "lra.tasks.image:TASK",
     "pathfinder": "lra.tasks.pathfinder:PATHFINDER",
     "pathx": "lra.tasks.pathfinder:PATHX",
+    # token tasks (lra.tasks.token_tasks): per-position targets
+    "mqar": "lra.tasks.mqar:TASK",
+    "in_context_recall": "lra.tasks.mad:IN_CONTEXT_RECALL",
+    "fuzzy_recall": "lra.tasks.mad:FUZZY_RECALL",
+    "noisy_recall": "lra.tasks.mad:NOISY_RECALL",
+    "selective_copying": "lra.tasks.mad:SELECTIVE_COPYING",
+    "compression": "lra.tasks.mad:COMPRESSION",
+    "memorization": "lra.tasks.mad:MEMORIZATION",
+    "induction_heads": "lra.tasks.induction:TASK",
 }
 
 NAMES: tuple[str, ...] = tuple(_TASKS)
@@ -61,3 +76,15 @@ def get(name: str) -> Any:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(NAMES)}") from None
     module_name, attribute = target.split(":")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def sizes(task: Any, settings: Any = None) -> tuple[int, int]:
+    """(vocab_size, num_classes) of `task` prepared with `settings` (config.prepare).
+
+    A token task's vocabulary is one of its settings, and its classes are its tokens; the
+    other tasks have fixed sizes.
+    """
+    if getattr(task, "token_targets", False):
+        vocab_size = task.vocab_size_for(dict(settings or {}))
+        return vocab_size, vocab_size
+    return task.vocab_size, task.num_classes

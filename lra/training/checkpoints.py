@@ -44,6 +44,10 @@ class Progress:
     best_val_accuracy: float = -math.inf
     best_step: int = -1
     test_accuracy_at_best: float = math.nan
+    # token_classify: the share of examples with every scored position right
+    val_sequence_accuracy: float = math.nan
+    test_sequence_accuracy: float = math.nan
+    test_sequence_accuracy_at_best: float = math.nan
     # Train metrics of the steps since the last logged interval, {"steps": n, "sums":
     # {metric: sum}} (lra.training.loop.Interval.unlogged; {} when the checkpoint's step was logged),
     # so the resumed run logs the same averages. Older checkpoints hold a list of per-step

@@ -14,7 +14,8 @@ loop took, is saved in every checkpoint, so a resumed run sees exactly the batch
 uninterrupted one would.
 
 Model batches are dicts of `inputs` [B, L] int32, `mask` [B, L] bool (True = real token,
-from `lengths`, never from token values), `targets` [B] int32 and, for evaluation,
+from `lengths`, never from token values), `targets` [B] int32 ([B, L] for a token task,
+-1 where a position is not scored, cut and padded with the inputs) and, for evaluation,
 `weights` [B] float32 (0 for the padding rows of the last batch). Pair tasks add
 `inputs2`/`mask2` the same way.
 
@@ -202,19 +203,53 @@ def warn_if_truncated(arrays: Arrays, max_length: int, split: str) -> None:
                 )
 
 
+def fit_rows(rows: np.ndarray, max_length: int, fill: int) -> np.ndarray:
+    """[B, *] int32 rows cut or padded with `fill` to [B, max_length]."""
+    rows = np.asarray(rows[:, :max_length], np.int32)
+    fitted = np.full((len(rows), max_length), fill, np.int32)
+    fitted[:, : rows.shape[1]] = rows
+    return fitted
+
+
 def gather(arrays: Arrays, index: np.ndarray, max_length: int) -> Arrays:
-    """Rows `index` as a model batch: tokens cut or padded to `max_length`, masks from lengths."""
-    batch = {"targets": np.asarray(arrays["targets"][index], np.int32)}
+    """Rows `index` as a model batch: tokens cut or padded to `max_length`, masks from
+    lengths. A token task's split (per-position targets, cut and padded with -1: not
+    scored) is padded only to its own width when that is shorter: its test split may be
+    longer than training (length extrapolation), and the training batches then stay as
+    short as their sequences."""
+    targets = arrays["targets"][index]
+    if np.ndim(targets) == 2:
+        max_length = min(max_length, np.shape(arrays["inputs"])[1])
+    batch = {"targets": (np.asarray(targets, np.int32) if np.ndim(targets) == 1
+                         else fit_rows(targets, max_length, fill=-1))}
     for inputs_key, lengths_key, mask_key in SEQUENCE_FIELDS:
         if inputs_key not in arrays:
             continue
-        rows = np.asarray(arrays[inputs_key][index][:, :max_length], np.int32)
-        tokens_BxL = np.zeros((len(index), max_length), np.int32)
-        tokens_BxL[:, : rows.shape[1]] = rows
+        batch[inputs_key] = fit_rows(arrays[inputs_key][index], max_length, fill=0)
         lengths = np.minimum(arrays[lengths_key][index], max_length)
-        batch[inputs_key] = tokens_BxL
         batch[mask_key] = np.arange(max_length)[None, :] < lengths[:, None]
     return batch
+
+
+def check_targets(arrays: Arrays, spec, split: str) -> None:
+    """Per-position targets fit the objective: a token task trains with token_classify,
+    and no example scores more positions than `spec.max_targets` (the token head's
+    positions per row), which would otherwise be dropped without a word.
+
+    Raises:
+      ValueError: naming the split and what to change.
+    """
+    per_position = np.ndim(arrays["targets"]) == 2
+    if per_position != (spec.objective.value == "token_classify"):
+        raise ValueError(
+            f"the {split} targets are per {'position' if per_position else 'example'}, so "
+            f"config.objective={spec.objective.value!r} cannot train on them; use "
+            + ("objective='token_classify'" if per_position else "another objective"))
+    if per_position and spec.max_targets:
+        most = int(np.max(np.sum(np.asarray(arrays["targets"]) >= 0, axis=1), initial=0))
+        if most > spec.max_targets:
+            raise ValueError(f"a {split} example scores {most} positions, more than the "
+                             f"task's max_targets={spec.max_targets}")
 
 
 def _process_slice(global_batch: int) -> slice:
@@ -394,24 +429,32 @@ WORD_FLAGS = ("validation",)  # text, image: heldout | test (validate on test, a
 
 def command_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lra.data", description="Prepare the data of an LRA task."
+        prog="python -m lra.data", description="Prepare the data of a task."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="generate or convert a task's data")
     prepare.add_argument("task", choices=tasks.NAMES)
     prepare.add_argument("--data_dir", required=True, help="folder to write the prepared data to")
-    for name in SETTING_FLAGS:
-        prepare.add_argument(f"--{name}", type=int, default=None)
-    for name in PATH_FLAGS + WORD_FLAGS:
-        prepare.add_argument(f"--{name}", default=None)
+    known, _ = parser.parse_known_args(argv)
+    task = tasks.get(known.task)
+    token_settings = getattr(task, "defaults", None) if getattr(task, "token_targets", False) else None
+    if token_settings is not None:  # a token task's own settings, typed by their defaults
+        names = tuple(token_settings)
+        for name, default in token_settings.items():
+            prepare.add_argument(f"--{name}", default=None, help=f"default {default}")
+    else:
+        names = SETTING_FLAGS + PATH_FLAGS + WORD_FLAGS
+        for name in SETTING_FLAGS:
+            prepare.add_argument(f"--{name}", type=int, default=None)
+        for name in PATH_FLAGS + WORD_FLAGS:
+            prepare.add_argument(f"--{name}", default=None)
     args = parser.parse_args(argv)
-    task = tasks.get(args.task)
-    settings = {name: getattr(args, name) for name in SETTING_FLAGS + PATH_FLAGS + WORD_FLAGS
-                if getattr(args, name) is not None}
-    accepted = set(inspect.signature(task.prepare).parameters) - {"data_dir"}
-    unknown = sorted(set(settings) - accepted)
-    if unknown:
-        parser.error(f"{args.task} does not take {', '.join('--' + u for u in unknown)}")
+    settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if token_settings is None:
+        accepted = set(inspect.signature(task.prepare).parameters) - {"data_dir"}
+        unknown = sorted(set(settings) - accepted)
+        if unknown:
+            parser.error(f"{args.task} does not take {', '.join('--' + u for u in unknown)}")
     try:
         manifest = task.prepare(args.data_dir, **settings)
     except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: a missing extra

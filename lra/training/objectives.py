@@ -8,6 +8,11 @@
              probability `config.mask_rate`, its id replaced by the mask token (id
              `vocab_size`, an extra embedding row), and the loss is on the picked tokens
              only (bidirectional encoders only).
+  token_classify  per-position targets of a token task (MQAR, MAD, induction heads:
+             `lra.tasks.token_tasks`): the output at position t predicts the task's
+             target there, at scored positions only (targets >= 0; causal encoders
+             only). Its metrics add `sequence_accuracy`: the share of examples with
+             every scored position right.
 
 These are Amos, Berant and Gupta's self-pretraining objectives ("Never Train from
 Scratch", ICLR 2024, section 2: causal for unidirectional models, masked for
@@ -44,25 +49,35 @@ class Objective(Choice):
     CLASSIFY = "classify"
     CAUSAL_LM = "causal_lm"
     MASKED_LM = "masked_lm"
+    TOKEN_CLASSIFY = "token_classify"
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """An objective with its settings; `mask_id` is the mask token (masked_lm)."""
+    """An objective with its settings; `mask_id` is the mask token (masked_lm);
+    `max_targets` the most scored positions of a row (token_classify: the token head runs
+    at that many positions per row, gathered; 0 = at every position)."""
 
     objective: Objective = Objective.CLASSIFY
     mask_rate: float = 0.0
     mask_id: int = 0
+    max_targets: int = 0
 
     @property
     def is_lm(self) -> bool:
+        """A pretraining objective (causal_lm, masked_lm): targets are the inputs."""
+        return self.objective in (Objective.CAUSAL_LM, Objective.MASKED_LM)
+
+    @property
+    def per_token(self) -> bool:
+        """The model outputs a token at every position (`LanguageModel`)."""
         return self.objective is not Objective.CLASSIFY
 
 
-def from_config(config, vocab_size: int) -> Spec:
+def from_config(config, vocab_size: int, max_targets: int = 0) -> Spec:
     """The run's objective; the mask token is id `vocab_size` (the extra embedding row)."""
     return Spec(Objective(config.get("objective", "classify")),
-                float(config.get("mask_rate", 0.0)), vocab_size)
+                float(config.get("mask_rate", 0.0)), vocab_size, max_targets)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,6 +153,43 @@ def _lm_terms(model, spec: Spec, batch, deterministic: bool):
 
 
 # ---------------------------------------------------------------------------------------
+# Token tasks: per-position targets
+
+
+def scored_positions(scored_NxL: jax.Array, count: int) -> jax.Array:
+    """int32 [N, count]: the indices of each row's scored positions, in order, then of
+    unscored ones to fill the row (a row must have at most `count` scored positions)."""
+    order = jnp.argsort(jnp.logical_not(scored_NxL), axis=1, stable=True)
+    return order[:, :count].astype(jnp.int32)
+
+
+def _token_terms(model, spec: Spec, batch, deterministic: bool):
+    """Per-position losses, correct flags and weights [N, S] (0 where not scored); S = L,
+    or `spec.max_targets` positions gathered per row."""
+    targets_NxL, mask_NxL = batch["targets"], batch["mask"].astype(bool)
+    scored_NxL = (targets_NxL >= 0) & mask_NxL
+    positions = None
+    if spec.max_targets:
+        positions = scored_positions(scored_NxL, spec.max_targets)
+        targets_NxL = jnp.take_along_axis(targets_NxL, positions, axis=1)
+        scored_NxL = jnp.take_along_axis(scored_NxL, positions, axis=1)
+    logits = model(batch["inputs"], mask_NxL, deterministic=deterministic, positions=positions)
+    targets_NxL = jnp.where(scored_NxL, targets_NxL, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets_NxL)
+    correct = jnp.argmax(logits, -1) == targets_NxL
+    weights = batch.get("weights", jnp.ones(targets_NxL.shape[0], jnp.float32))
+    return losses, correct, scored_NxL * weights[:, None]
+
+
+def example_sums(correct, where) -> dict[str, jax.Array]:
+    """Examples with every scored position right (`rows_correct`), of those with any
+    scored position (`rows`); `where` holds the row weights."""
+    has_targets = jnp.max(where, axis=1)
+    all_right = jnp.all(correct | (where == 0), axis=1)
+    return {"rows_correct": jnp.sum(all_right * has_targets), "rows": jnp.sum(has_targets)}
+
+
+# ---------------------------------------------------------------------------------------
 # Losses and evaluation sums
 
 
@@ -152,17 +204,23 @@ def _class_terms(model, batch, deterministic: bool):
 def loss_sums(model, batch: dict, spec: Spec, *, deterministic: bool) -> dict[str, jax.Array]:
     """Sums of the loss and of correct predictions over a batch's targets, and their count.
 
-    Targets are rows (classify) or target tokens (language models; masked_lm needs the
-    batch's `draw_masks`). Rows of weight 0 (an evaluation's padding rows) count nothing.
-    Sums, not means: a batch split into micro-batches adds their sums and divides once,
-    which gives the whole batch's mean however the targets fall into the micro-batches.
+    Targets are rows (classify), target tokens (language models; masked_lm needs the
+    batch's `draw_masks`) or scored positions (token_classify, which adds `example_sums`).
+    Rows of weight 0 (an evaluation's padding rows) count nothing. Sums, not means: a batch
+    split into micro-batches adds their sums and divides once, which gives the whole
+    batch's mean however the targets fall into the micro-batches.
     """
-    if spec.is_lm:
+    if spec.objective is Objective.TOKEN_CLASSIFY:
+        losses, correct, weights = _token_terms(model, spec, batch, deterministic)
+    elif spec.is_lm:
         losses, correct, weights = _lm_terms(model, spec, batch, deterministic)
     else:
         losses, correct, weights = _class_terms(model, batch, deterministic)
-    return {"loss": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
+    sums = {"loss": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights),
             "count": jnp.sum(weights)}
+    if spec.objective is Objective.TOKEN_CLASSIFY:
+        sums.update(example_sums(correct, weights))
+    return sums
 
 
 def eval_sums(model, batch: dict, key: jax.Array, spec: Spec) -> dict[str, jax.Array]:

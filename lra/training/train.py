@@ -128,11 +128,12 @@ def ssm_labels(model: nnx.Module):
 
 def _build(config: ml_collections.ConfigDict, task) -> tuple[nnx.Module, nnx.Optimizer]:
     rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+    vocab_size, num_classes = tasks.sizes(task, config.prepare)
     model = models.build_model(
-        config.model, attention=config.attention, vocab_size=task.vocab_size,
-        num_classes=task.num_classes, max_len=config.max_length, rngs=rngs,
+        config.model, attention=config.attention, vocab_size=vocab_size,
+        num_classes=num_classes, max_len=config.max_length, rngs=rngs,
         paired=task.paired, dtype=config.dtype, remat=config.remat,
-        language_model=objective_spec(config).is_lm,
+        language_model=objective_spec(config).per_token,
         mask_token=pretraining.uses_mask_token(config),
     )
     tx = make_optimizer(config, ssm_labels(model))
@@ -176,10 +177,15 @@ def create_state(config, task, mesh):
 
 def objective_spec(config: ml_collections.ConfigDict) -> objectives.Spec:
     """The run's objective (lra/training/objectives.py); masked_lm's mask token is the id after the
-    task's vocabulary."""
-    if config.get("objective", "classify") != "masked_lm":
-        return objectives.from_config(config, 0)  # no mask token
-    return objectives.from_config(config, tasks.get(config.task).vocab_size)
+    task's vocabulary; token_classify's head runs at the task's most scored positions per
+    example."""
+    objective = config.get("objective", "classify")
+    if objective == "masked_lm":
+        return objectives.from_config(config, tasks.sizes(tasks.get(config.task), config.prepare)[0])
+    if objective == "token_classify":
+        task = tasks.get(config.task)
+        return objectives.from_config(config, 0, task.max_targets_for(config.prepare))
+    return objectives.from_config(config, 0)  # no mask token
 
 
 def _micro_batches(batch, accum: int, mesh: jax.sharding.Mesh):
@@ -243,6 +249,7 @@ def _mean_grads(model, batch, key, *, accum: int, mesh: jax.sharding.Mesh,
             nnx.reseed(micro_model, dropout=jax.random.fold_in(key, index),  # per micro-batch
                        policy="match_shape")  # a scanned layer stack: one key per layer
             sums = objectives.loss_sums(micro_model, micro, spec, deterministic=False)
+        sums = {key: sums[key] for key in ("loss", "correct", "count")}  # what training logs
         return sums["loss"], (sums, nnx.state(micro_model, MUTABLE))
 
     def micro_step(mutable, micro, index):
@@ -317,14 +324,19 @@ def make_eval_step(graphdef, spec: objectives.Spec = objectives.Spec(), seed: in
 
 
 def evaluate(eval_step, state, rng_state, arrays, *, config, mesh) -> dict[str, float]:
-    """Loss and accuracy over a whole split (no example dropped, padding weighted out);
-    batches prefetched to the devices, the sums read once, after the last batch."""
+    """Loss and accuracy over a whole split (no example dropped, padding weighted out),
+    and token_classify's `sequence_accuracy`; batches prefetched to the devices, the sums
+    read once, after the last batch."""
     batches = data.eval_device_batches(arrays, mesh, batch_size=config.eval_batch_size,
                                        max_length=config.max_length, threads=config.data_threads)
     sums = jax.device_get([eval_step(state, rng_state, batch, np.uint32(index))
                            for index, batch in enumerate(batches)])
     totals = {k: sum(float(batch_sums[k]) for batch_sums in sums) for k in sums[0]}
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+    values = {"loss": totals["loss"] / totals["count"],
+              "accuracy": totals["correct"] / totals["count"]}
+    if "rows" in totals:  # token_classify: examples with every scored position right
+        values["sequence_accuracy"] = totals["rows_correct"] / max(totals["rows"], 1.0)
+    return values
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,10 +407,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
     for split, arrays in splits.items():
         data.warn_if_truncated(arrays, config.max_length, split)
+        data.check_targets(arrays, objective_spec(config), split)
     precision = config.get("matmul_precision", "default")
     with jax.set_mesh(mesh), jax.default_matmul_precision(
             None if precision == "default" else precision):
         return _Trainer(config, task, mesh, workdir, splits).run()
+
+
+def recurrent_state(config: ml_collections.ConfigDict) -> dict:
+    """The run's mixer's decoding state per layer and sequence (`mixers.state_size`), as
+    results.json records it: `state_bytes_per_layer` and `state_grows_with_length`; {}
+    for a mixer that names no decoding state."""
+    model = config.model
+    try:
+        size = mixers.state_size(config.attention, emb_dim=model.emb_dim, qkv_dim=model.qkv_dim,
+                                 num_heads=model.num_heads, max_len=config.max_length,
+                                 options=dict(model.attention_options))
+    except ValueError as error:
+        logging.warning("no state size recorded: %s", error)
+        return {}
+    return {"state_bytes_per_layer": size.bytes, "state_grows_with_length": size.grows_with_length}
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -538,6 +566,8 @@ class _Trainer:
     def _record(self, log: logs.RunLog, split: str, values: dict[str, float]) -> None:
         log.write(self.progress.step, split, values)
         setattr(self.progress, f"{split}_accuracy", values["accuracy"])
+        if "sequence_accuracy" in values:
+            setattr(self.progress, f"{split}_sequence_accuracy", values["sequence_accuracy"])
         setattr(self.progress, f"{split}_step", self.progress.step)
 
     def _evaluate(self, log: logs.RunLog) -> None:
@@ -548,6 +578,7 @@ class _Trainer:
             progress.best_val_accuracy, progress.best_step = progress.val_accuracy, progress.step
             self._record(log, "test", self._eval_split("test"))
             progress.test_accuracy_at_best = progress.test_accuracy
+            progress.test_sequence_accuracy_at_best = progress.test_sequence_accuracy
             if self.best_checkpoint is not None:
                 self.best_checkpoint.replace(progress.step, self.state,
                                              self.batches.get_state(), progress)
@@ -579,5 +610,18 @@ class _Trainer:
             "objective": config.get("objective", "classify"),
             "init_from": pretraining.start_record(self.workdir),
             "versions": versions(),
+            **self._token_results(),
         }
+
+    def _token_results(self) -> dict:
+        """token_classify's extra figures: the share of examples with every scored position
+        right, and the task's settings (a report groups recall runs by them)."""
+        if self.config.get("objective", "classify") != "token_classify":
+            return {}
+        progress = self.progress
+        return {"val_sequence_accuracy": progress.val_sequence_accuracy,
+                "test_sequence_accuracy": progress.test_sequence_accuracy,
+                "test_sequence_accuracy_at_best": progress.test_sequence_accuracy_at_best,
+                "task_settings": self.task.settings(self.config.prepare),
+                **recurrent_state(self.config)}
 

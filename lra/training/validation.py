@@ -132,6 +132,10 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.objective='masked_lm' needs a bidirectional encoder "
                          "(config.model.causal=False); a causal one pretrains with "
                          "objective='causal_lm'")
+    if objective == "token_classify" and not causal:
+        raise ValueError(f"config.objective='token_classify' scores the task {config.task!r} "
+                         "position by position from the tokens before each one, so it needs a "
+                         "causal encoder: set config.model.causal=True")
     if objective == "masked_lm" and not 0 < config.mask_rate < 1:
         raise ValueError(f"config.mask_rate must be in (0, 1), got {config.mask_rate}")
     if config.get("init_from_checkpoint", "best") not in CHECKPOINT_FOLDERS:
@@ -191,7 +195,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
             max_len=config.max_length, rngs=nnx.Rngs(0), dtype=config.dtype, remat=config.remat,
         ))
     except ValueError as error:
+        task_note = ""
+        if config.get("objective", "classify") == "token_classify" and "causal" in str(error):
+            task_note = (f"; the task {config.task!r} is scored left to right and needs a mixer "
+                         "with a causal form")
         raise ValueError(
             f"config.model (attention {config.attention!r}, max_length {config.max_length}): "
-            f"{error}"
+            f"{error}{task_note}"
         ) from None

@@ -29,7 +29,8 @@ from lra.models.attention.linear import KernelizedAttention
 class CosformerAttention(KernelizedAttention):
     """cosFormer attention on the linear-attention core.
 
-    Options: `form` (parallel | chunked | recurrent) and `chunk_size`. Positions are
+    Options: `form` (parallel | chunked | recurrent), `chunk_size` and `short_conv`
+    (linear.py). Positions are
     token indices, M = max_len (see the module docstring). `dropout_rate` is accepted
     and not applied (no attention probabilities).
     """

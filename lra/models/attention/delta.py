@@ -65,6 +65,12 @@ times and one d tokens before it d times. It is computed as one causal pass over
 batch stacked with its reversal, in which the reversed copy carries the shifted gates and
 the queries shifted by one token, scaled by their gate alpha_{i+1}.
 
+Short convolutions (option `short_conv`, short_conv.py; 0 = off, the default): a
+depthwise causal convolution of that width plus SiLU on each of q, k and v before
+anything else (the gates read the convolved raw key; then the L2 normalisation), as
+DeltaNet's and Gated DeltaNet's layers in flash-linear-attention; causal also when the
+core is bidirectional. Decoding carries their last short_conv - 1 inputs in `State.conv`.
+
 Masking: q, k and v are zeroed at masked positions, beta = 0 and alpha = 1 there, so
 a masked token adds no write and no decay in either direction (between two real tokens
 the decay is the product of the real tokens' gates between them; with right padding the
@@ -85,6 +91,12 @@ from flax import nnx
 
 from lra.common import F32, Choice, positive_int
 from lra.models.attention.linear import decode_keep
+from lra.models.attention.short_conv import (
+    History,
+    convolve_qkv,
+    empty_history,
+    make_qkv_conv,
+)
 from lra.models.attention.ssd import mamba2_init
 
 NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
@@ -98,9 +110,11 @@ class Form(Choice):
 
 
 class State(NamedTuple):
-    """Decoding state, float32: the fast weights mapping keys to values."""
+    """Decoding state, float32: the fast weights mapping keys to values; with
+    short_conv > 0 also the short convolutions' last inputs (None when off)."""
 
     S_BxHxDxD: jax.Array
+    conv: History | None = None
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -313,8 +327,9 @@ def _reverse_inputs(q, log_alpha):
 class DeltaNetAttention(nnx.Module):
     """DeltaNet (Schlag et al., 2021; chunked as Yang et al., 2024): the delta rule.
 
-    Options: `form` (chunked | recurrent) and `chunk_size` (tokens per chunk in the
-    chunked form; any L, padded internally). Parameters: per head, the beta projection
+    Options: `form` (chunked | recurrent), `chunk_size` (tokens per chunk in the
+    chunked form; any L, padded internally) and `short_conv` (width of the short
+    convolutions of q, k, v; 0 = off). Parameters: per head, the beta projection
     of the raw key (`beta_w_HxD`, `beta_b_H`). `dropout_rate` is accepted and not
     applied (no attention probabilities). Causal cores decode with `init_state` /
     `step`.
@@ -331,6 +346,7 @@ class DeltaNetAttention(nnx.Module):
         rngs: nnx.Rngs,
         form: str = "chunked",
         chunk_size: int = 64,
+        short_conv: int = 0,
     ):
         del dropout_rate  # no probabilities to drop
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
@@ -341,6 +357,8 @@ class DeltaNetAttention(nnx.Module):
         self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), F32))
         self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), F32))
         self._init_gate(rngs)
+        self.qkv_conv = make_qkv_conv(short_conv, num_heads=num_heads, head_dim=head_dim,
+                                      rngs=rngs)
 
     def _init_gate(self, rngs: nnx.Rngs) -> None:
         """Parameters of the decay alpha (none: alpha = 1)."""
@@ -369,13 +387,15 @@ class DeltaNetAttention(nnx.Module):
         """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
         del deterministic  # no dropout (see the class docstring)
         keep_BxL = jnp.ones(q.shape[:2], bool) if mask is None else mask.astype(bool)
+        (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         inputs = self._prepare(q, k, v, keep_BxL)
         out = delta_rule(*inputs, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
         return out.astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:
         """The empty decoding state (float32, constant size in the sequence length)."""
-        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32))
+        S_BxHxDxD = jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32)
+        return State(S_BxHxDxD, empty_history(self.qkv_conv, batch_size))
 
     def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
         """Decodes one token: updates the fast weights with it, reads its output.
@@ -396,12 +416,14 @@ class DeltaNetAttention(nnx.Module):
         """
         del position
         keep_Bx1 = decode_keep(self.causal, q_BxHxD, mask_B)
-        q, k, v, beta, log_alpha = self._prepare(
-            q_BxHxD[:, None], k_BxHxD[:, None], v_BxHxD[:, None], keep_Bx1)
+        token = lambda x: x[:, None]
+        (q, k, v), conv = convolve_qkv(self.qkv_conv, *map(token, (q_BxHxD, k_BxHxD, v_BxHxD)),
+                                       keep_Bx1, state.conv)
+        q, k, v, beta, log_alpha = self._prepare(q, k, v, keep_Bx1)
         log_alpha_BxH = None if log_alpha is None else log_alpha[:, 0]
         S_BxHxDxD = delta_update(state.S_BxHxDxD, k[:, 0], v[:, 0], beta[:, 0], log_alpha_BxH)
         out_BxHxD = jnp.einsum("bhd,bhde->bhe", q[:, 0], S_BxHxDxD)
-        return State(S_BxHxDxD), out_BxHxD.astype(q_BxHxD.dtype)
+        return State(S_BxHxDxD, conv), out_BxHxD.astype(q_BxHxD.dtype)
 
 
 class GatedDeltaNetAttention(DeltaNetAttention):
@@ -409,7 +431,7 @@ class GatedDeltaNetAttention(DeltaNetAttention):
 
     alpha_t = exp(-exp(a_log) softplus(k_t . w_alpha + dt_bias)) per head, from the raw
     key (parameters `alpha_w_HxD`, `dt_bias_H`, `a_log_H`, initialised as Mamba2's);
-    otherwise as `DeltaNetAttention` (options `form`, `chunk_size`).
+    otherwise as `DeltaNetAttention` (options `form`, `chunk_size`, `short_conv`).
     """
 
     def _init_gate(self, rngs: nnx.Rngs) -> None:

@@ -31,6 +31,12 @@ subtracted once. The reverse pass uses the gates shifted by one token (position 
 carries g_{m+1}), so the decay between tokens i and j is exp(sum of g over (min, max])
 in both directions: the matrix is symmetric in its decays.
 
+Short convolutions (option `short_conv` of every family, short_conv.py; 0 = off, the
+default): a depthwise causal convolution of that width plus SiLU on each of q, k and v
+before anything else (the family's `gate`, scales and `finish` see the convolved q, k,
+v); causal also when the core is bidirectional. Decoding carries their last
+short_conv - 1 inputs in `State.conv`.
+
 Masking: q, k, v are zeroed and the log-gate set to 0 (neutral: the state passes
 unchanged) at masked positions before anything else, so a masked token changes no
 real output nor gradient, in either direction; with right padding the reverse pass
@@ -49,14 +55,22 @@ from flax import nnx
 
 from lra.common import F32, dot_f32, positive_int
 from lra.models.attention.linear import Form, decode_keep
+from lra.models.attention.short_conv import (
+    History,
+    convolve_qkv,
+    empty_history,
+    make_qkv_conv,
+)
 
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default, as RetNet's GroupNorm
 
 
 class State(NamedTuple):
-    """Decoding state, float32: S = sum_j decay(j..t) k_j^T v_j, [B, H, D(key), D(value)]."""
+    """Decoding state, float32: S = sum_j decay(j..t) k_j^T v_j, [B, H, D(key), D(value)];
+    with short_conv > 0 also the short convolutions' last inputs (None when off)."""
 
     S_BxHxDxD: jax.Array
+    conv: History | None = None
 
 
 def _decay(diff, tril):
@@ -243,9 +257,10 @@ class GatedAttention(nnx.Module):
     A subclass implements `gate` (its scales, log-gates and input transform) and may
     override `finish` (post-processing of the float32 output); it has its own
     keyword-only constructor (the registry reads its options from it) that calls
-    this one. The core gives `__call__` (the registry contract, computed in `form`)
-    and, for causal cores, `init_state` / `step`. No attention probabilities exist,
-    so `dropout_rate` is accepted (the registry contract) and not applied.
+    this one, passing on the options `form`, `chunk_size` and `short_conv`. The core
+    gives `__call__` (the registry contract, computed in `form`) and, for causal cores,
+    `init_state` / `step`. No attention probabilities exist, so `dropout_rate` is
+    accepted (the registry contract) and not applied.
     """
 
     def __init__(
@@ -258,12 +273,16 @@ class GatedAttention(nnx.Module):
         form: str,
         chunk_size: int,
         group_norm: bool,
+        short_conv: int,
+        rngs: nnx.Rngs,
     ):
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         self.norm = GroupNorm(num_heads, head_dim) if group_norm else None
+        self.qkv_conv = make_qkv_conv(short_conv, num_heads=num_heads, head_dim=head_dim,
+                                      rngs=rngs)
 
     def gate(self, q, k, v):
         """The family's gated inputs from the (float32, masked-to-zero) q, k, v [B, L, H, D].
@@ -289,6 +308,7 @@ class GatedAttention(nnx.Module):
         """q, k, v [B, L, H, D], mask [B, L] bool (True = real) -> [B, L, H, D]."""
         del deterministic  # no dropout (see the class docstring)
         keep_BxL = jnp.ones(q.shape[:2], bool) if mask is None else mask.astype(bool)
+        (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         q32, k32, v32, (qg, kg, vg, g) = self._gated(q, k, v, keep_BxL)
         qg, kg, vg = (x.astype(q.dtype) for x in (qg, kg, vg))
         out = retain(qg, kg, vg, g, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
@@ -296,7 +316,8 @@ class GatedAttention(nnx.Module):
 
     def init_state(self, batch_size: int) -> State:
         """The empty decoding state (float32, constant size in the sequence length)."""
-        return State(jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32))
+        S_BxHxDxD = jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), F32)
+        return State(S_BxHxDxD, empty_history(self.qkv_conv, batch_size))
 
     def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
         """Decodes one token: S = diag(a) S + k^T v, o = q S (then `finish`).
@@ -318,9 +339,10 @@ class GatedAttention(nnx.Module):
         del position
         keep_Bx1 = decode_keep(self.causal, q_BxHxD, mask_B)
         token = lambda x: x[:, None]
-        q32, k32, v32, (qg, kg, vg, g) = self._gated(*map(token, (q_BxHxD, k_BxHxD, v_BxHxD)),
-                                                     keep_Bx1)
+        (q, k, v), conv = convolve_qkv(self.qkv_conv, *map(token, (q_BxHxD, k_BxHxD, v_BxHxD)),
+                                       keep_Bx1, state.conv)
+        q32, k32, v32, (qg, kg, vg, g) = self._gated(q, k, v, keep_Bx1)
         qg, kg, vg = (x[:, 0].astype(q_BxHxD.dtype) for x in (qg, kg, vg))
         S, out_BxHxD = _recurrent_step(state.S_BxHxDxD, qg, kg, vg, g[:, 0])
         out = self.finish(out_BxHxD[:, None], q32, k32, v32)
-        return State(S), out[:, 0].astype(q_BxHxD.dtype)
+        return State(S, conv), out[:, 0].astype(q_BxHxD.dtype)

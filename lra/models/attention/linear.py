@@ -21,6 +21,11 @@ s seen so far, as online softmax does, rescaling it when c grows; the causal pas
 and `step` use the running maximum over keys j <= i, the bidirectional pass the
 maximum over all real keys. A map without log-scales (None) skips the rescaling.
 
+Short convolutions (option `short_conv`, short_conv.py; 0 = off, the default): a
+depthwise causal convolution of that width plus SiLU on each of q, k and v, before the
+feature map and before anything else; causal also when the core is bidirectional.
+Decoding carries their last short_conv - 1 inputs in `State.conv`.
+
 Masking: q, k and v are zeroed at masked positions before the feature map and phi(k)
 is zeroed there after it, so masked keys contribute nothing (values and gradients)
 and masked queries read finite numbers. S and z accumulate in float32; matmuls take
@@ -39,6 +44,12 @@ from flax import nnx
 
 from lra.common import F32, Choice, dot_f32, positive_int
 from lra.models.attention import check_length
+from lra.models.attention.short_conv import (
+    History,
+    convolve_qkv,
+    empty_history,
+    make_qkv_conv,
+)
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
@@ -64,12 +75,13 @@ class Form(Choice):
 
 
 class State(NamedTuple):
-    """Decoding state, float32: sum_j phi(k_j) v_j^T and sum_j phi(k_j) at scale exp(c)."""
+    """Decoding state, float32: sum_j phi(k_j) v_j^T and sum_j phi(k_j) at scale exp(c);
+    with short_conv > 0 also the short convolutions' last inputs (None when off)."""
 
     S_BxHxFxD: jax.Array
     z_BxHxF: jax.Array
     c_BxH: jax.Array  # log-scale of S and z: the largest key log-scale absorbed
-
+    conv: History | None = None
 
 
 def _absorb(state: State, kf_BxCxHxF, v_BxCxHxD, s_BxCxH) -> State:
@@ -215,17 +227,21 @@ class KernelizedAttention(nnx.Module):
         rngs: nnx.Rngs,
         form: str = "chunked",
         chunk_size: int = 64,
+        short_conv: int = 0,
     ):
-        """The registry constructor of every kernelized family (options: form, chunk_size).
+        """The registry constructor of every kernelized family (options: form, chunk_size,
+        short_conv).
 
         A family with options of its own defines a constructor that adds them and calls
         this one; a family without (linear, cosformer) inherits it as it is.
         """
-        del dropout_rate, rngs  # no probabilities to drop; the core has no parameters
+        del dropout_rate  # no probabilities to drop
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
         self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.qkv_conv = make_qkv_conv(short_conv, num_heads=num_heads, head_dim=head_dim,
+                                      rngs=rngs)
 
     @property
     def num_features(self) -> int:
@@ -266,13 +282,15 @@ class KernelizedAttention(nnx.Module):
             check_length(type(self).__name__, length, self.max_len)
         keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         positions_1xL = jnp.arange(length)[None]
+        (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         qf, kf, v_, s = self._phi(q, k, v, keep_BxL, positions_1xL)
         out = _attend(qf, kf, v_, s, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
         return out.astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:
         """The empty decoding state (float32, constant size in the sequence length)."""
-        return _empty_state(batch_size, self.num_heads, self.num_features, self.head_dim)
+        state = _empty_state(batch_size, self.num_heads, self.num_features, self.head_dim)
+        return state._replace(conv=empty_history(self.qkv_conv, batch_size))
 
     def step(self, state, q_BxHxD, k_BxHxD, v_BxHxD, position, mask_B=None):
         """Decodes one token: adds its key and value to `state`, reads its output.
@@ -294,10 +312,11 @@ class KernelizedAttention(nnx.Module):
         keep_Bx1 = decode_keep(self.causal, q_BxHxD, mask_B)
         batch = q_BxHxD.shape[0]
         positions_Bx1 = jnp.broadcast_to(jnp.reshape(jnp.asarray(position), (-1, 1)), (batch, 1))
-        qf, kf, v, s = self._phi(
-            q_BxHxD[:, None], k_BxHxD[:, None], v_BxHxD[:, None], keep_Bx1, positions_Bx1
-        )
-        state = _absorb(state, kf, v, s)
+        token = lambda x_BxHxD: x_BxHxD[:, None]
+        (q, k, v), conv = convolve_qkv(
+            self.qkv_conv, token(q_BxHxD), token(k_BxHxD), token(v_BxHxD), keep_Bx1, state.conv)
+        qf, kf, v, s = self._phi(q, k, v, keep_Bx1, positions_Bx1)
+        state = _absorb(state, kf, v, s)._replace(conv=conv)
         num, den = _read(state, qf)
         return state, (num / (den[..., None] + EPS)).astype(q_BxHxD.dtype)[:, 0]
 
@@ -305,9 +324,10 @@ class KernelizedAttention(nnx.Module):
 class LinearAttention(KernelizedAttention):
     """Linear Transformer (Katharopoulos et al., 2020): phi(x) = elu(x) + 1, F = D.
 
-    Options: `form` (parallel | chunked | recurrent) and `chunk_size` (tokens per
-    chunk in the chunked form; any L, padded internally). `dropout_rate` is accepted
-    and not applied (no attention probabilities).
+    Options: `form` (parallel | chunked | recurrent), `chunk_size` (tokens per
+    chunk in the chunked form; any L, padded internally) and `short_conv` (width of the
+    short convolutions of q, k, v; 0 = off). `dropout_rate` is accepted and not applied
+    (no attention probabilities).
     """
 
     @property

@@ -10,6 +10,7 @@ from flax import nnx
 
 from lra.common import boolean
 from lra.models.attention import blocks
+from lra.models.attention.softmax import kv_cache_shapes
 
 
 class LocalAttention(nnx.Module):
@@ -40,11 +41,23 @@ class LocalAttention(nnx.Module):
         block_size: int = 50,
         overlap: bool = False,
     ):
-        del num_heads, head_dim, max_len  # no parameters, no length-dependent state
+        del max_len  # no parameters, no length-dependent state
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.causal = causal
         self.block_size = blocks.check_int("block_size", block_size, 1)
         self.overlap = boolean("overlap", overlap)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    @property
+    def window(self) -> int:
+        """The most keys a causal query sees: its block (block_size), and with `overlap`
+        the previous block too (2 block_size)."""
+        return self.block_size * (2 if self.overlap else 1)
+
+    def kv_cache(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """What causal decoding would carry (there is no `step`): the keys and values of
+        the last `window` tokens, whatever the sequence length."""
+        return kv_cache_shapes(batch_size, self.window, self.num_heads, self.head_dim)
 
     def __call__(
         self,

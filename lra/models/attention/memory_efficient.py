@@ -14,6 +14,7 @@ from flax import nnx
 
 from lra.common import MASKED_LOGIT
 from lra.models.attention import check_length
+from lra.models.attention.softmax import kv_cache_shapes
 
 
 class MemoryEfficientAttention(nnx.Module):
@@ -55,8 +56,8 @@ class MemoryEfficientAttention(nnx.Module):
         """Stores the chunking.
 
         Args:
-          num_heads: H (unused: no parameters).
-          head_dim: D (unused).
+          num_heads: H (no parameters; sizes the `kv_cache`).
+          head_dim: D (sizes the `kv_cache`).
           max_len: the longest length L.
           causal: if True, position i attends only to positions <= i.
           dropout_rate: ignored (no explicit probabilities).
@@ -67,14 +68,19 @@ class MemoryEfficientAttention(nnx.Module):
         Raises:
           ValueError: for a bad option value.
         """
-        del num_heads, head_dim, dropout_rate, rngs
+        del dropout_rate, rngs
         for name, size in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive int; got {size!r}")
-        self.max_len = max_len
+        self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.chunk_size = chunk_size
         self.query_chunk_size = query_chunk_size
+
+    def kv_cache(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """What causal decoding would carry (there is no `step`): as `softmax`, the keys
+        and values of every earlier token, up to max_len."""
+        return kv_cache_shapes(batch_size, self.max_len, self.num_heads, self.head_dim)
 
     def __call__(
         self,

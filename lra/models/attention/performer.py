@@ -88,7 +88,7 @@ class PerformerAttention(KernelizedAttention):
 
     Options: `kernel` (softmax | relu | generalized_relu), `num_features` m (default
     256; unused by generalized_relu, whose F is D), `form` (parallel | chunked |
-    recurrent), `chunk_size`. The random vectors are shared by all heads, drawn at
+    recurrent), `chunk_size`, `short_conv` (linear.py). The random vectors are shared by all heads, drawn at
     construction from ``rngs.params`` and redrawn only by `redraw` (generalized_relu
     has none). `dropout_rate` is accepted and not applied (no attention probabilities).
     """
@@ -106,10 +106,12 @@ class PerformerAttention(KernelizedAttention):
         num_features: int = 256,
         form: str = "chunked",
         chunk_size: int = 64,
+        short_conv: int = 0,
     ):
         super().__init__(
             num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
             dropout_rate=dropout_rate, rngs=rngs, form=form, chunk_size=chunk_size,
+            short_conv=short_conv,
         )
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int; got {num_features!r}")

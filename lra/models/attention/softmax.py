@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import MASKED_LOGIT, Choice
+from lra.common import F32, MASKED_LOGIT, Choice
 
 
 class Implementation(Choice):
@@ -49,7 +49,7 @@ class SoftmaxAttention(nnx.Module):
         rngs: nnx.Rngs,
         implementation: str = "xla",
     ):
-        del num_heads, head_dim, max_len  # no parameters, no length-dependent state
+        self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.implementation = Implementation(implementation)
         if self.implementation is Implementation.CUDNN and dropout_rate > 0:
@@ -80,6 +80,21 @@ class SoftmaxAttention(nnx.Module):
         return jax.nn.dot_product_attention(
             q, k, v, mask=keep_Bx1x1xL, is_causal=self.causal, implementation="xla"
         )
+
+
+    def kv_cache(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """What causal decoding would carry from token to token (there is no `step`): the
+        keys and values of every earlier token, up to max_len (`kv_cache_shapes`)."""
+        return kv_cache_shapes(batch_size, self.max_len, self.num_heads, self.head_dim)
+
+
+def kv_cache_shapes(batch_size: int, length: int, num_heads: int,
+                    head_dim: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """The shapes of a KV cache of `length` tokens: keys and values [B, length, H, D] each,
+    float32 (the dtype of every decoding state in lra: the recurrent cores' are float32
+    whatever the compute dtype), so that cache and states compare at one precision."""
+    shape = jax.ShapeDtypeStruct((batch_size, length, num_heads, head_dim), F32)
+    return shape, shape
 
 
 def seq_lengths_of(mask_BxL: jax.Array | None) -> dict[str, jax.Array]:

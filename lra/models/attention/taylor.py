@@ -27,7 +27,7 @@ class TaylorAttention(KernelizedAttention):
 
     Options: `feature_dim` (project q and k to this many dimensions per head before
     the expansion; 0 = no projection, d = D), `form` (parallel | chunked |
-    recurrent), `chunk_size`. `dropout_rate` is accepted and not applied (no attention
+    recurrent), `chunk_size`, `short_conv` (linear.py). `dropout_rate` is accepted and not applied (no attention
     probabilities).
     """
 
@@ -43,10 +43,12 @@ class TaylorAttention(KernelizedAttention):
         feature_dim: int = 0,
         form: str = "chunked",
         chunk_size: int = 64,
+        short_conv: int = 0,
     ):
         super().__init__(
             num_heads=num_heads, head_dim=head_dim, max_len=max_len, causal=causal,
             dropout_rate=dropout_rate, rngs=rngs, form=form, chunk_size=chunk_size,
+            short_conv=short_conv,
         )
         if not isinstance(feature_dim, int) or feature_dim < 0:
             raise ValueError(f"feature_dim must be an int >= 0 (0 = off); got {feature_dim!r}")

@@ -26,14 +26,26 @@ A class attribute `block_mlp = False` says its paper's block has no MLP sub-bloc
 configs' default of `model.block_mlp`). Parameters that the papers train with their own
 learning rate and no weight decay
 (Lambda, B, dt, ...) are `ssm.SsmParam`s (lra.training.train gives them `config.ssm_learning_rate`).
+
+State size (`state_size`): the bytes per layer and sequence that a causal mixer carries
+from one token to the next when it decodes, read from the shapes of what it carries, never
+from a table: a mixer that decodes (`init_state` / `step`: the linear, gated and delta-rule
+cores in the attention wrapper, and the sequence models) carries `init_state(1)`; an
+attention core without `step` may say what decoding it would carry with
+``kv_cache(batch_size)`` (shapes; softmax and memory_efficient: the keys and values of
+every earlier token, local: of its window). A mixer with neither has no state size.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from lra.models import attention
@@ -187,3 +199,58 @@ def make(
                          f"it accepts: {', '.join(accepted) or 'no options'}")
     return _sequence_model(name)(emb_dim=emb_dim, max_len=max_len, causal=causal,
                                  dropout=dropout, dtype=dtype, rngs=rngs, **options)
+
+
+class StateSize(NamedTuple):
+    """What a causal mixer carries from one token to the next when it decodes, per layer
+    and per sequence (`state_size`)."""
+
+    bytes: int
+    grows_with_length: bool  # True for a cache of every earlier token (exact attention)
+
+
+def state_size(name: str, *, emb_dim: int, qkv_dim: int, num_heads: int, max_len: int,
+               options: Mapping[str, Any] | None = None) -> StateSize:
+    """The decoding state of mixer `name` built causal, in float32 (module docstring).
+
+    Args:
+      name: one of `NAMES`.
+      emb_dim, qkv_dim, num_heads, max_len: as for `make`; a cache of every earlier token
+        holds max_len of them.
+      options: the mixer's options (defaults where not given).
+
+    Returns:
+      `StateSize`: the bytes of the arrays carried (`init_state(1)`, or the core's
+      `kv_cache(1)`), and whether they grow with the sequence length, i.e. are larger when
+      the mixer is built for 2 max_len (measured, not declared). Computed abstractly:
+      nothing is allocated.
+
+    Raises:
+      ValueError: naming the mixer, if it cannot be built causal (no causal form, or a
+        bad option) or carries nothing it can name (neither `step` nor `kv_cache`).
+    """
+    carried = lambda length: _carried_bytes(
+        name, emb_dim=emb_dim, qkv_dim=qkv_dim, num_heads=num_heads, max_len=length,
+        **dict(options or {}))
+    size = carried(max_len)
+    return StateSize(size, carried(2 * max_len) > size)
+
+
+def _carried_bytes(name: str, **settings) -> int:
+    """Bytes of what mixer `name`, built causal with `settings`, carries per sequence."""
+    try:
+        mixer = nnx.eval_shape(lambda: make(
+            name, causal=True, dropout=0.0, attention_dropout=0.0, dtype=jnp.float32,
+            rngs=nnx.Rngs(0), **settings))
+    except ValueError as error:
+        raise ValueError(f"state_size: mixer {name!r} cannot be built causal: {error}") from error
+    if getattr(mixer, "decodes", False):
+        shapes = nnx.eval_shape(lambda built: built.init_state(1), mixer)
+    else:
+        cache = getattr(mixer, "kv_cache", None)
+        shapes = None if cache is None else cache(1)
+    if shapes is None:
+        raise ValueError(f"state_size: mixer {name!r} defines no decoding state (neither "
+                         "init_state / step nor a kv_cache)")
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(shapes))

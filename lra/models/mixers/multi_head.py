@@ -100,6 +100,12 @@ class MultiHeadAttention(nnx.Module):
         """The core's empty decoding state."""
         return self.core.init_state(batch_size)
 
+    def kv_cache(self, batch_size: int):
+        """The shapes of what causal decoding of a core without `step` would carry (its
+        `kv_cache`: exact attention's keys and values); None if the core defines none."""
+        cache = getattr(self.core, "kv_cache", None)
+        return None if cache is None else cache(batch_size)
+
     def step(self, state, x_BxE, mask_B, position):
         """One token through the core's `step` (decoding; no dropout)."""
         q_BxHxD, k_BxHxD, v_BxHxD = self._qkv(x_BxE, position)
