@@ -32,8 +32,6 @@ of the linear, gated and delta-rule families instead, as the recall literature's
 baselines (flash-linear-attention's ShortConvolution); see `set_recall_mixer`.
 """
 
-import os
-
 import numpy as np
 
 from configs import common

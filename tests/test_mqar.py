@@ -131,3 +131,19 @@ def test_softmax_solves_small_mqar_and_a_tiny_linear_state_does_not(mixer, heads
     assert results["task_settings"]["num_kv_pairs"] == 4
     assert results["state_grows_with_length"] == (mixer == "softmax")
     assert 0 <= results["test_sequence_accuracy_at_best"] <= results["test_accuracy_at_best"]
+
+
+def test_prepare_command_takes_the_tasks_own_settings(tmp_path, capsys):
+    from lra.training import data
+
+    folder = tmp_path / "mqar"
+    assert data.command_main(["prepare", "mqar", "--data_dir", str(folder), "--seq_len", "32",
+                              "--vocab_size", "64", "--num_train", "20", "--num_val", "5",
+                              "--num_test", "5", "--random_fillers", "true"]) == 0
+    settings = json.loads((folder / "manifest.json").read_text())["settings"]
+    assert settings["seq_len"] == 32 and settings["random_fillers"] is True
+    assert data.command_main(["prepare", "mqar", "--data_dir", str(tmp_path / "other"),
+                              "--seq_len", "32", "--num_kv_pairs", "9"]) == 2  # 4 * 9 > 32
+    assert "num_kv_pairs=9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        data.command_main(["prepare", "mqar", "--data_dir", str(folder), "--min_length", "3"])

@@ -157,7 +157,8 @@ def plot_recall(points: Sequence[Point], path: Path) -> None:
 
     grouped = panels(points)
     mixers = sorted({p.mixer for p in points})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(mixers)}
+    palette = plt.get_cmap("tab20")  # 11 mixers and more stay apart
+    colors = {m: palette(i % 20) for i, m in enumerate(mixers)}
     figure, axes = plt.subplots(2, len(grouped), figsize=(4.2 * len(grouped), 7), squeeze=False)
     for column, ((task, setting), group) in enumerate(grouped.items()):
         top, bottom = axes[0, column], axes[1, column]

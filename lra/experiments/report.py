@@ -391,7 +391,7 @@ def _ours_cell(cell: Cell | None, reference: float | None) -> str:
 def markdown_table(table: Table) -> str:
     """Task x mixer: our rows, each followed by its published row, and a footer."""
     if not table.rows:
-        return "No finished runs yet.\n"
+        return "No finished classification runs yet (token-task runs: see Recall).\n"
     titles = [TASKS.get(t, t) for t in table.tasks]
     lines = ["| Mixer | " + " | ".join(titles) + " | Avg |",
              "|---|" + "---|" * (len(titles) + 1)]
@@ -600,7 +600,8 @@ def plot_accuracy(table: Table, path: Path, colors: dict[str, str]) -> None:
     axes.set_xticks(range(len(table.tasks)), [TASKS.get(t, t) for t in table.tasks])
     axes.set_ylabel(f"test accuracy (%), {table.metric}")
     axes.set_title("Test accuracy: mean ± std over seeds")
-    axes.legend(fontsize="small", loc="best")
+    if table.rows:
+        axes.legend(fontsize="small", loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
