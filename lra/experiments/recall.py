@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def recall_points(runs: Sequence, metric: str) -> list[Point]:
     for (*key, _), point in points.items():
         if tuple(key) not in best or point.mean > best[tuple(key)].mean:
             best[tuple(key)] = point
-    return sorted(best.values(), key=lambda p: (p.task, p.setting, p.mixer, p.width))
+    numbers = lambda setting: tuple(int(x) for x in re.findall(r"\d+", setting))
+    return sorted(best.values(), key=lambda p: (p.task, numbers(p.setting), p.mixer, p.width))
 
 
 def _recorded_state(run) -> dict:
