@@ -82,12 +82,12 @@ class ShortConvolution(nnx.Module):
         `history_BxPxC` holds the w - 1 inputs before x (zeros at the sequence start).
         """
         kernel_WxC = self.kernel_WxC[...]
-        length, channels = x_BxLxC.shape[1:]
+        width, length = kernel_WxC.shape[0], x_BxLxC.shape[1]
         u_BxTxC = jnp.concatenate([history_BxPxC, x_BxLxC.astype(F32)], axis=1)
-        y_BxLxC = jax.lax.conv_general_dilated(
-            u_BxTxC, kernel_WxC[:, None, :], window_strides=(1,), padding="VALID",
-            dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=channels,
-            precision=jax.lax.Precision.HIGHEST)
+        # A sum of w shifted products, not a grouped conv_general_dilated: elementwise
+        # work that XLA fuses on every platform (on this CPU the grouped convolution made
+        # the MQAR training step 1.4-1.7x slower; docs/mixers.md).
+        y_BxLxC = sum(kernel_WxC[i] * u_BxTxC[:, i:i + length] for i in range(width))
         return jax.nn.silu(y_BxLxC), u_BxTxC[:, length:]
 
 
