@@ -132,6 +132,10 @@ SETTINGS: dict[str, Setting] = {
                        "steps (seeds 0-2)"),
     "gla": Setting(max_steps=300, why="per-channel forget gates (tau=16) fade a token 48 "
                                       "positions away to ~10% at init; measured 81-167 steps"),
+    "fox": Setting({"decay_time_min": 16.0, "decay_time_max": 256.0},
+                   why="the authors' default gate starts at f = 1/2 (a token 48 away weighs "
+                       "2^-48): 0.535 after 200 steps; their fgate_bias_init with decay "
+                       "times 16-256: 45, 36, 66 steps (seeds 0-2)"),
 }
 # Every family with a `chunk_size` (the linear and gated cores) gets chunks of 16, so
 # that the inter-chunk scan carries state across 5 chunks; other options stay default.

@@ -41,6 +41,7 @@ _FAMILIES: dict[str, str] = {
     # exact
     "softmax": "softmax:SoftmaxAttention",
     "memory_efficient": "memory_efficient:MemoryEfficientAttention",
+    "fox": "fox:FoxAttention",  # softmax + forget-gate decay (Lin et al., 2025)
     # sparse patterns, computed on the blocks they attend to
     "local": "local:LocalAttention",
     "sparse": "sparse:SparseAttention",
@@ -65,6 +66,7 @@ _FAMILIES: dict[str, str] = {
     # delta rule: fast weights corrected by error, not summed (delta.py)
     "deltanet": "delta:DeltaNetAttention",
     "gated_deltanet": "delta:GatedDeltaNetAttention",
+    "kda": "kda:KdaAttention",  # Kimi Delta Attention: a decay per key channel
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)

@@ -15,6 +15,14 @@ where alpha_t = 1 for DeltaNet and alpha_t in (0, 1) for Gated DeltaNet (Yang, K
 Hatamizadeh, 2025, "Gated Delta Networks"). q and k are L2-normalised, so with beta_t
 in (0, 1) the eigenvalues of I - beta_t k_t^T k_t lie in [0, 1] and S stays bounded.
 
+Per-channel decays (Kimi Delta Attention, kda.py): the core also takes a log-gate per
+key channel, alpha_t in (0, 1)^D, which scales the rows of S before the erase:
+
+    S_t = (I - beta_t k_t^T k_t) Diag(alpha_t) S_{t-1} + beta_t k_t^T v_t.
+
+For one number per head Diag(alpha_t) = alpha_t I commutes with the erase, so this is
+the rule above; `delta_rule` takes either shape of log-gates.
+
 Gates. The core receives only q, k, v, so the gates are read, per head, from the raw
 key k_t (before its L2 normalisation, whose norm it would otherwise discard) with the
 family's own D -> 1 projections:
@@ -123,9 +131,15 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def delta_update(S_BxHxDxD, k_BxHxD, v_BxHxD, beta_BxH, log_alpha_BxH):
-    """One token: S <- alpha (I - beta k^T k) S + beta k^T v (log_alpha None: alpha = 1)."""
+    """One token: S <- (I - beta k^T k) Diag(alpha) S + beta k^T v.
+
+    log_alpha: [B, H] (one decay per head), [B, H, D] (one per key channel: row d of S
+    decays by alpha[d]) or None (alpha = 1).
+    """
     if log_alpha_BxH is not None:
-        S_BxHxDxD = S_BxHxDxD * jnp.exp(log_alpha_BxH)[..., None, None]
+        alpha = jnp.exp(log_alpha_BxH)
+        per_head = alpha.ndim == beta_BxH.ndim
+        S_BxHxDxD = S_BxHxDxD * (alpha[..., None, None] if per_head else alpha[..., :, None])
     kS_BxHxD = jnp.einsum("bhd,bhde->bhe", k_BxHxD, S_BxHxDxD)
     error_BxHxD = beta_BxH[..., None] * (v_BxHxD - kS_BxHxD)
     return S_BxHxDxD + k_BxHxD[..., :, None] * error_BxHxD[..., None, :]
@@ -158,6 +172,43 @@ def _segsum(log_alpha_xC):
     x_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool), -1), x_xCxC, 0.0)
     seg_xCxC = jnp.cumsum(x_xCxC, axis=-2)
     return jnp.where(jnp.tril(jnp.ones((size, size), bool)), seg_xCxC, -jnp.inf)
+
+
+def _decayed_products(a_xCxD, b_xCxD, log_alpha_xCxD):
+    """M[i, j] = sum_d a_i[d] b_j[d] exp(log_alpha_{j+1}[d] + ... + log_alpha_i[d]) for
+    j <= i, 0 above the diagonal: [..., C, D] (a may have extra leading axes) -> [..., C, C].
+
+    The per-channel decays of a chunk without a [C, C, D] array, by recursive halving:
+    for i in the second half of a block and j in its first, the decay splits at the
+    block's midpoint r into exp(sum over (r, i]) exp(sum over (j, r]), both <= 1, so the
+    (second half, first half) block is one matmul of a and b each scaled by its factor;
+    each half is split again down to single tokens (the diagonal, a_i . b_i). The
+    exponents are sums of the log-gates over those ranges, never differences of two
+    cumulative sums (which would lose a small decay next to a large one). C is padded to
+    a power of two with neutral tokens (zero a, b; log-gate 0).
+    """
+    length, dim = a_xCxD.shape[-2:]
+    size = 1 << (length - 1).bit_length()  # the next power of two >= C
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, size - length), (0, 0)])
+    a, b, log_alpha = pad(a_xCxD), pad(b_xCxD), pad(log_alpha_xCxD)
+    lead = a.shape[:-2]
+    blocks = jnp.sum(a * b, -1)[..., None, None]  # [..., size, 1, 1]: the diagonal
+    half = 1
+    while half < size:  # blocks of 2 * half tokens from pairs of blocks of half
+        pairs = (size // (2 * half), 2, half, dim)
+        a2, b2, log_alpha2 = (x.reshape(*x.shape[:-2], *pairs) for x in (a, b, log_alpha))
+        into_xNxSxD = jnp.cumsum(log_alpha2[..., 1, :, :], -2)  # (r, i]
+        after_j = jnp.pad(log_alpha2[..., 0, 1:, :], [(0, 0)] * (log_alpha2.ndim - 3)
+                          + [(0, 1), (0, 0)])  # log_alpha_{j+1}, 0 after r
+        out_of_xNxSxD = jnp.flip(jnp.cumsum(jnp.flip(after_j, -2), -2), -2)  # (j, r]
+        below = jnp.einsum("...id,...jd->...ij", a2[..., 1, :, :] * jnp.exp(into_xNxSxD),
+                           b2[..., 0, :, :] * jnp.exp(out_of_xNxSxD))
+        previous = blocks.reshape(*lead, size // (2 * half), 2, half, half)
+        top = jnp.concatenate([previous[..., 0, :, :], jnp.zeros_like(below)], -1)
+        bottom = jnp.concatenate([below, previous[..., 1, :, :]], -1)
+        blocks = jnp.concatenate([top, bottom], -2)
+        half *= 2
+    return blocks.reshape(*lead, size, size)[..., :length, :length]
 
 
 def _forward_substitution(N_xCxC, R_xCxE):
@@ -214,12 +265,13 @@ unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
 def _chunk_terms(q, k, v, beta, log_alpha):
     """Everything a chunk needs that does not depend on the incoming state.
 
-    Args are [B, H, C, ...] (one chunk of C tokens), float32.
+    Args are [B, H, C, ...] (one chunk of C tokens), float32; log_alpha [B, H, C] (per
+    head), [B, H, C, D] (per key channel) or None.
 
     Returns:
       (q_read [.., C, D], P [.., C, C], W [.., C, D], U [.., C, D], k_write [.., C, D],
-      decay [B, H]) with O = q_read S + P (U - W S) and
-      S_next = decay S + k_write^T (U - W S).
+      decay [B, H, 1 | D, 1]) with O = q_read S + P (U - W S) and
+      S_next = decay * S + k_write^T (U - W S).
     """
     size, dim = q.shape[-2], q.shape[-1]
     strict_CxC = jnp.tril(jnp.ones((size, size), bool), -1)
@@ -228,7 +280,16 @@ def _chunk_terms(q, k, v, beta, log_alpha):
     if log_alpha is None:  # DeltaNet: no decay
         gamma_k, q_read, k_write = k, q, k
         P_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool)), qk_xCxC, 0.0)
-        decay = jnp.ones(q.shape[:-2], F32)
+        decay = jnp.ones((*q.shape[:-2], 1, 1), F32)
+    elif log_alpha.ndim == q.ndim:  # one decay per key channel (KDA)
+        g_xCxD = jnp.cumsum(log_alpha, -2)  # log gamma_i = sum of log_alpha over [0, i]
+        after_xCxD = jnp.pad(log_alpha[..., 1:, :], [(0, 0)] * (q.ndim - 2) + [(0, 1), (0, 0)])
+        tail_xCxD = jnp.flip(jnp.cumsum(jnp.flip(after_xCxD, -2), -2), -2)  # over (j, C)
+        kk_xCxC = _decayed_products(k, k, log_alpha)
+        P_xCxC = _decayed_products(q, k, log_alpha)
+        gamma_k, q_read = jnp.exp(g_xCxD) * k, jnp.exp(g_xCxD) * q
+        k_write = k * jnp.exp(tail_xCxD)
+        decay = jnp.exp(g_xCxD[..., -1, :])[..., None]
     else:
         gamma_xCxC = jnp.exp(_segsum(log_alpha))  # gamma_i / gamma_j, 0 above the diagonal
         kk_xCxC = kk_xCxC * gamma_xCxC
@@ -236,7 +297,7 @@ def _chunk_terms(q, k, v, beta, log_alpha):
         gamma_k, q_read = gamma_xC[..., None] * k, gamma_xC[..., None] * q
         k_write = k * gamma_xCxC[..., -1, :, None]  # gamma_C / gamma_j
         P_xCxC = qk_xCxC * gamma_xCxC
-        decay = gamma_xC[..., -1]
+        decay = gamma_xC[..., -1, None, None]
     N_xCxC = jnp.where(strict_CxC, beta[..., :, None] * kk_xCxC, 0.0)
     rhs_xCx2D = beta[..., None] * jnp.concatenate([v, gamma_k], -1)
     X_xCx2D = unit_lower_solve(N_xCxC, rhs_xCx2D)  # (I + N)^-1 rhs
@@ -261,11 +322,11 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size):
         return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
 
     def body(S_BxHxDxD, xs):
-        q_read, P_xCxC, W, U, k_write, decay_BxH = _chunk_terms(*xs)
+        q_read, P_xCxC, W, U, k_write, decay_BxHxDx1 = _chunk_terms(*xs)
         U = U - jnp.einsum("bhcd,bhde->bhce", W, S_BxHxDxD)
         out_BxHxCxD = jnp.einsum("bhcd,bhde->bhce", q_read, S_BxHxDxD) + jnp.einsum(
             "bhij,bhje->bhie", P_xCxC, U)
-        S_BxHxDxD = decay_BxH[..., None, None] * S_BxHxDxD + jnp.einsum(
+        S_BxHxDxD = decay_BxHxDx1 * S_BxHxDxD + jnp.einsum(
             "bhcd,bhce->bhde", k_write, U)
         return S_BxHxDxD, out_BxHxCxD
 
@@ -287,7 +348,8 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
       q, k: [B, L, H, D] float32, L2-normalised, zero at masked positions.
       v: [B, L, H, D] float32, zero at masked positions.
       beta: [B, L, H] in [0, 1], 0 at masked positions.
-      log_alpha: [B, L, H] <= 0, 0 at masked positions; None for alpha = 1.
+      log_alpha: [B, L, H] (per head) or [B, L, H, D] (per key channel) <= 0, 0 at
+        masked positions; None for alpha = 1.
       form: a `Form`.
       causal: inclusive causal pass if True, else forward + exclusive reverse with
         symmetric decays (module docstring).
@@ -320,8 +382,9 @@ def _reverse_inputs(q, log_alpha):
     q_prev = jnp.pad(q[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)])  # q_prev[j] = q[j - 1]
     if log_alpha is None:
         return q_prev, None
-    log_alpha_next = jnp.pad(log_alpha[:, 1:], [(0, 0), (0, 1), (0, 0)])
-    return q_prev * jnp.exp(log_alpha)[..., None], log_alpha_next
+    log_alpha_next = jnp.pad(log_alpha[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (log_alpha.ndim - 2))
+    alpha = jnp.exp(log_alpha)  # per head [B, L, H] or per key channel [B, L, H, D]
+    return q_prev * (alpha[..., None] if alpha.ndim == 3 else alpha), log_alpha_next
 
 
 class DeltaNetAttention(nnx.Module):
@@ -365,7 +428,8 @@ class DeltaNetAttention(nnx.Module):
         del rngs
 
     def log_alpha(self, k_BxLxHxD: jax.Array) -> jax.Array | None:
-        """log alpha [B, L, H] from raw float32 keys; None means alpha = 1."""
+        """log alpha [B, L, H] (or [B, L, H, D]: per key channel) from raw float32 keys;
+        None means alpha = 1."""
         del k_BxLxHxD
 
     def beta(self, k_BxLxHxD: jax.Array) -> jax.Array:
@@ -378,9 +442,10 @@ class DeltaNetAttention(nnx.Module):
         keep = keep_BxL[:, :, None, None]
         q, k, v = (jnp.where(keep, x.astype(F32), 0.0) for x in (q, k, v))
         beta_BxLxH = jnp.where(keep_BxL[..., None], self.beta(k), 0.0)
-        log_alpha_BxLxH = self.log_alpha(k)
+        log_alpha_BxLxH = self.log_alpha(k)  # [B, L, H] or [B, L, H, D] (per channel)
         if log_alpha_BxLxH is not None:
-            log_alpha_BxLxH = jnp.where(keep_BxL[..., None], log_alpha_BxLxH, 0.0)
+            keep = keep_BxL.reshape(keep_BxL.shape + (1,) * (log_alpha_BxLxH.ndim - 2))
+            log_alpha_BxLxH = jnp.where(keep, log_alpha_BxLxH, 0.0)
         return l2_normalize(q), l2_normalize(k), v, beta_BxLxH, log_alpha_BxLxH
 
     def __call__(self, q, k, v, mask=None, *, deterministic=True):

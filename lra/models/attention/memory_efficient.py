@@ -2,11 +2,19 @@
 
 Rabe & Staats, 2021, "Self-attention Does Not Need O(n^2) Memory".
 Extra shape letters: C = key chunk length, Q = query chunk length, N = number of chunks.
+
+`blockwise_attention` is the computation itself, also for other families: it takes an
+optional `BlockBias`, an additive logit bias that the caller computes for one (query
+chunk, key chunk) pair at a time (fox.py: the forget gates' decay), so the bias never
+exists as an L x L array either. Without one no term is added: `MemoryEfficientAttention`
+is `blockwise_attention` without a bias.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,25 +105,73 @@ class MemoryEfficientAttention(nnx.Module):
           ValueError: if L > max_len.
         """
         del deterministic
-        batch, length = q.shape[:2]
-        check_length("memory_efficient", length, self.max_len)
-        keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-        k_NxBxCxHxD, kpos_NxC = _chunks(k, min(self.chunk_size, length))
-        v_NxBxCxHxD, _ = _chunks(v, min(self.chunk_size, length))
-        keep_NxBxC, _ = _chunks(keep_BxL, min(self.chunk_size, length))
-        q_MxBxQxHxD, qpos_MxQ = _chunks(q, min(self.query_chunk_size, length))
-        attend = jax.checkpoint(
-            functools.partial(_attend_query_chunk, causal=self.causal, length=length),
-            prevent_cse=False,
-        )
-        out_MxBxQxHxD = jax.lax.map(
-            lambda xs: attend(*xs, k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC),
-            (q_MxBxQxHxD, qpos_MxQ),
-        )
-        out_BxLxHxD = jnp.moveaxis(out_MxBxQxHxD, 0, 1).reshape(
-            (batch, -1) + q.shape[2:]
-        )[:, :length]
+        check_length("memory_efficient", q.shape[1], self.max_len)
+        out_BxLxHxD = blockwise_attention(
+            q, k, v, mask, causal=self.causal, chunk_size=self.chunk_size,
+            query_chunk_size=self.query_chunk_size)
         return out_BxLxHxD.astype(q.dtype)
+
+
+class BlockBias(NamedTuple):
+    """An additive logit bias computed per (query chunk, key chunk) pair.
+
+    `fn(query_side, key_side, qpos_Q, kpos_C)` returns the float32 bias [B, Q, H, C] that
+    is added to the scaled logits q k^T / sqrt(D) of Q queries and C keys before masking
+    (masked, later-if-causal and padded keys are then excluded whatever the bias). Its
+    inputs are the query chunk's and the key chunk's slices of `query_side` and
+    `key_side` (pytrees of [B, L, ...] arrays, cut along L like q and k, zero-padded) and
+    the chunks' positions (int [Q], [C]; padded ones are >= L). `fn` must be a pure
+    function of these: it is recomputed in the backward pass (`jax.checkpoint`).
+    """
+
+    fn: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
+    query_side: Any
+    key_side: Any
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    causal: bool,
+    chunk_size: int,
+    query_chunk_size: int,
+    bias: BlockBias | None = None,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(D) [+ bias]) v by the online softmax (class docstring).
+
+    Args:
+      q, k, v: [B, L, H, D].
+      mask: [B, L] bool (True = real) or None.
+      causal: if True, position i attends only to positions <= i.
+      chunk_size: C, keys per scan step (clipped to L).
+      query_chunk_size: Q, queries per chunk (clipped to L).
+      bias: an optional `BlockBias`; None adds nothing.
+
+    Returns:
+      [B, L, H, D] float32.
+    """
+    batch, length = q.shape[:2]
+    keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+    key_chunk, query_chunk = min(chunk_size, length), min(query_chunk_size, length)
+    k_NxBxCxHxD, kpos_NxC = _chunks(k, key_chunk)
+    v_NxBxCxHxD, _ = _chunks(v, key_chunk)
+    keep_NxBxC, _ = _chunks(keep_BxL, key_chunk)
+    q_MxBxQxHxD, qpos_MxQ = _chunks(q, query_chunk)
+    bias_fn, query_side, key_side = (None, None, None) if bias is None else bias
+    query_side_M = jax.tree.map(lambda x: _chunks(x, query_chunk)[0], query_side)
+    key_side_N = jax.tree.map(lambda x: _chunks(x, key_chunk)[0], key_side)
+    attend = jax.checkpoint(
+        functools.partial(_attend_query_chunk, causal=causal, length=length, bias_fn=bias_fn),
+        prevent_cse=False,
+    )
+    out_MxBxQxHxD = jax.lax.map(
+        lambda xs: attend(*xs, k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC, key_side_N),
+        (q_MxBxQxHxD, qpos_MxQ, query_side_M),
+    )
+    return jnp.moveaxis(out_MxBxQxHxD, 0, 1).reshape((batch, -1) + q.shape[2:])[:, :length]
 
 
 def _chunks(x_BxLx: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -131,24 +187,32 @@ def _chunks(x_BxLx: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
 def _attend_query_chunk(
     q_BxQxHxD: jax.Array,
     qpos_Q: jax.Array,
+    query_side: Any,
     k_NxBxCxHxD: jax.Array,
     v_NxBxCxHxD: jax.Array,
     keep_NxBxC: jax.Array,
     kpos_NxC: jax.Array,
+    key_side_N: Any,
     *,
     causal: bool,
     length: int,
+    bias_fn: Callable | None,
 ) -> jax.Array:
-    """One query chunk against all key chunks (online softmax) -> float32 [B, Q, H, D]."""
+    """One query chunk against all key chunks (online softmax) -> float32 [B, Q, H, D].
+
+    `query_side` / `key_side_N` are the `BlockBias` inputs of this query chunk and of
+    every key chunk (None without a bias)."""
     batch, chunk, heads, dim = q_BxQxHxD.shape
     scale = dim**-0.5
 
     def step(carry, xs):
         max_BxQxH, sum_BxQxH, acc_BxQxHxD = carry
-        k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = xs
+        k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C, key_side = xs
         logits_BxQxHxC = jnp.einsum(
             "bqhd,bkhd->bqhk", q_BxQxHxD, k_BxCxHxD, preferred_element_type=jnp.float32
         ) * scale
+        if bias_fn is not None:
+            logits_BxQxHxC = logits_BxQxHxC + bias_fn(query_side, key_side, qpos_Q, kpos_C)
         keep = keep_BxC[:, None, None, :]
         if causal:
             keep = keep & (kpos_C[None, :] <= qpos_Q[:, None])[None, :, None, :]
@@ -175,7 +239,7 @@ def _attend_query_chunk(
         jnp.zeros((batch, chunk, heads), jnp.float32),
         jnp.zeros((batch, chunk, heads, dim), jnp.float32),
     )
-    xs = (k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC)
+    xs = (k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC, key_side_N)
     (_, sum_BxQxH, acc_BxQxHxD), _ = jax.lax.scan(
         jax.checkpoint(step, prevent_cse=False), init, xs
     )
