@@ -2,7 +2,8 @@
 
 A config file is `get_config(arg)`, where `arg` is the text after the colon in
 `--config configs/<task>.py:<arg>`: comma-separated `runlocal`, `attention=<name>` (or
-its alias `mixer=<name>`), `seed=<int>`, `preset=<name>`. Every key the training loop
+its alias `mixer=<name>`), `pattern=<name>+<name>+...` (per-layer mixers, the first one the
+mixer; lra/models/pattern.py), `seed=<int>`, `preset=<name>`. Every key the training loop
 reads gets its default here or in the task's file, each with a comment; `lra.training.train` never
 falls back to defaults of its own.
 
@@ -26,7 +27,7 @@ import os
 
 import ml_collections
 
-from lra.models import mixers
+from lra.models import mixers, pattern
 from lra.presets import long_range_arena
 from lra.presets import s5 as s5_preset
 from lra.presets import spt as spt_preset
@@ -37,7 +38,8 @@ DATA_ROOT = os.path.expanduser(os.environ.get("LRA_DATA_DIR", "~/.cache/lra"))
 CACHE_ROOT = os.path.join(
     os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "lra")
 
-ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str}
+ARG_TYPES = {"runlocal": bool, "attention": str, "mixer": str, "seed": int, "preset": str,
+             "pattern": str}
 ARG_ALIASES = {"mixer": "attention"}  # an argument set under another name
 
 
@@ -52,7 +54,8 @@ def parse_arg(arg: str | None, presets: tuple[str, ...], *,
     Raises:
       ValueError: for an unknown argument, a malformed value, an unknown preset or mixer.
     """
-    parsed = {"runlocal": False, "attention": None, "seed": 0, "preset": presets[0]}
+    parsed = {"runlocal": False, "attention": None, "seed": 0, "preset": presets[0],
+              "pattern": ""}
     for item in filter(None, (arg or "").split(",")):
         name, has_value, value = item.partition("=")
         name = name.strip()
@@ -70,6 +73,16 @@ def parse_arg(arg: str | None, presets: tuple[str, ...], *,
             parsed[ARG_ALIASES.get(name, name)] = kind(value)
         except ValueError:
             raise ValueError(f"config argument {name}={value!r} is not a {kind.__name__}") from None
+    layers = pattern.parse(parsed["pattern"])
+    if layers and parsed["attention"] not in (None, layers[0]):
+        raise ValueError(f"config arguments pattern={parsed['pattern']} and "
+                         f"mixer={parsed['attention']}: the pattern's first name is the "
+                         "config's mixer; leave mixer= out or make it the first name")
+    parsed["pattern"] = pattern.canonical(parsed["pattern"])
+    if layers and len(set(layers)) == 1:
+        parsed["pattern"] = ""  # one name: today's model, whatever the number of layers
+    if layers:
+        parsed["attention"] = layers[0]
     if parsed["attention"] is None:
         parsed["attention"] = ("s5" if parsed["preset"] == "s5" else
                                runlocal_attention if parsed["runlocal"] else "softmax")
@@ -186,6 +199,17 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # Each block: x + mixer(N(x)), then x + MLP(N(x)) if True (mlp_dim wide); the default
     # is the mixer's paper's block (Transformers: True; S5, S4D, LRU: False).
     config.model.block_mlp = mixers.default_block_mlp(args["attention"])
+    # Per-layer mixers (lra/models/pattern.py): "" = every layer is `attention`; else names
+    # separated by "+", the first one `attention`, repeated to fill num_layers (e.g.
+    # "gated_deltanet+gated_deltanet+gated_deltanet+softmax"). Set with the config argument
+    # pattern=... or --config.model.mixer_pattern=... (launch moves it into the argument).
+    # The first name keeps attention_options and block_mlp; each other name N has its
+    # options in pattern_options.N and its block in pattern_block_mlp.N.
+    config.model.mixer_pattern = args.get("pattern", "")
+    others = [name for name in dict.fromkeys(pattern.parse(config.model.mixer_pattern))
+              if name != args["attention"]]
+    config.model.pattern_options = {name: mixers.default_options(name) for name in others}
+    config.model.pattern_block_mlp = {name: mixers.default_block_mlp(name) for name in others}
     config.model.norm = "layer"  # N: layer | batch (masked BatchNorm over real tokens, as S5)
     config.model.norm_momentum = 0.95  # BatchNorm's running averages (S5's default)
     # The blocks as one stacked block run by nnx.scan: compiled once whatever num_layers

@@ -57,9 +57,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, TimeoutError)
 SWEEP_FLAGS = ("--sweep", "--dry_run", "--emit")
 SHIPPED_PREFIX = "configs/"  # how a command names a config file shipped with the package
-# The config key of the mixer under both its names; `--config.<key>=NAME` is `mixer=NAME`.
+# Config keys that are config arguments in disguise: `--config.<key>=V` is moved into
+# `--config` as `<argument>=V` (the mixer under both its names; the per-layer pattern).
+MOVED_KEYS = {"mixer": "mixer", "attention": "mixer", "model.mixer_pattern": "pattern"}
 MIXER_KEYS = ("mixer", "attention")
-_MIXER_FLAG = re.compile(rf"--?config\.(?:{'|'.join(MIXER_KEYS)})(=|$)")
+_MOVED_FLAG = re.compile(
+    rf"--?config\.({'|'.join(re.escape(key) for key in MOVED_KEYS)})(=|$)")
 HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "-?")
 
 
@@ -105,41 +108,48 @@ def resolve_config_flags(argv: list[str]) -> list[str]:
 
 
 def move_mixer_flags(argv: list[str]) -> list[str]:
-    """`--config.mixer=NAME` and `--config.attention=NAME` moved into `--config` as `mixer=NAME`.
+    """`--config.mixer=NAME` and `--config.attention=NAME` moved into `--config` as
+    `mixer=NAME`, and `--config.model.mixer_pattern=P` as `pattern=P`.
 
-    The mixer decides which keys `model.attention_options` has, `model.block_mlp` and the
-    preset's values, and a config is locked once its file has built it; so the mixer is
-    chosen where the file reads it, the config argument, replacing an `attention=` or
-    `mixer=` given there. The last such flag wins, as for any flag; the value may also be
-    the next argument. Without `--config`, `argv` is returned unchanged.
+    The mixer (and a per-layer pattern's mixers) decide which keys
+    `model.attention_options` (and `model.pattern_options`) have, `model.block_mlp` and the
+    preset's values, and a config is locked once its file has built it; so they are chosen
+    where the file reads them, the config argument, replacing an argument of the same name
+    given there. The last such flag wins, as for any flag; the value may also be the next
+    argument. Without `--config`, `argv` is returned unchanged.
 
     Args:
       argv: command-line arguments (no program name).
 
     Returns:
-      The arguments with the mixer flags folded into the value of `--config`.
+      The arguments with those flags folded into the value of `--config`.
     """
-    rest, names, index = [], [], 0
+    rest, moved, index = [], {}, 0
     while index < len(argv):
-        match = _MIXER_FLAG.match(argv[index])
-        if match is None or (not match.group(1) and index + 1 == len(argv)):
-            rest.append(argv[index])  # not a mixer flag, or one without value (absl says so)
-        elif match.group(1):
-            names.append(argv[index].split("=", 1)[1])
+        match = _MOVED_FLAG.match(argv[index])
+        if match is None or (not match.group(2) and index + 1 == len(argv)):
+            rest.append(argv[index])  # not such a flag, or one without value (absl says so)
+        elif match.group(2):
+            moved[MOVED_KEYS[match.group(1)]] = argv[index].split("=", 1)[1]
         else:
             index += 1
-            names.append(argv[index])
+            moved[MOVED_KEYS[match.group(1)]] = argv[index]
         index += 1
-    if not names or not any(arg.split("=")[0] == "--config" for arg in rest):
+    if not moved or not any(arg.split("=")[0] == "--config" for arg in rest):
         return list(argv)
-    return _map_config_flag(rest, lambda value: _with_mixer(value, names[-1]))
+    if "pattern" in moved:  # the argument's items are comma-separated; a pattern's use "+"
+        moved["pattern"] = moved["pattern"].replace(",", "+")
+    return _map_config_flag(rest, lambda value: _with_arguments(value, moved))
 
 
-def _with_mixer(config_arg: str, name: str) -> str:
+def _with_arguments(config_arg: str, moved: dict[str, str]) -> str:
+    """`path:args` with each of `moved` ({argument: value}) replacing its earlier value."""
     path, _, args = config_arg.partition(":")
+    replaced = {"mixer": MIXER_KEYS}
+    dropped = {key for name in moved for key in replaced.get(name, (name,))}
     items = [item for item in args.split(",")
-             if item.strip() and item.partition("=")[0].strip() not in MIXER_KEYS]
-    return f"{path}:{','.join([*items, f'mixer={name}'])}"
+             if item.strip() and item.partition("=")[0].strip() not in dropped]
+    return f"{path}:{','.join([*items, *(f'{name}={value}' for name, value in moved.items())])}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from lra.models import pattern
 from lra.training import train
 
 # The task settings that make two token-task runs different panels (those a task has).
@@ -84,7 +85,8 @@ def recall_points(runs: Sequence, metric: str) -> list[Point]:
         results = run.results
         setting = setting_text(results.get("task_settings") or {})
         width = int((run.config.get("model") or {}).get("emb_dim", 0))
-        key = (run.get("task"), setting, run.get("attention"), width)
+        mixer = pattern.recorded_label(run.config.get("model") or {}, run.get("attention"))
+        key = (run.get("task"), setting, mixer, width)
         learning_rate = float(run.config.get("learning_rate", math.nan))
         state = _recorded_state(run)
         point = points.setdefault((*key, learning_rate), Point(

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from lra.experiments import recall
-from lra.models import mixers
+from lra.models import mixers, pattern
 from lra.presets import long_range_arena
 from lra.presets import s5 as s5_preset
 from lra.presets import spt as spt_preset
@@ -213,6 +213,9 @@ def mixer_label(run: Run) -> str:
     mixer does not accept, mean the name stood for another model when the run was made.
     """
     name = str(run.get("attention", "?"))
+    model = run.config.get("model") or {}
+    if name in mixers.NAMES and model.get("mixer_pattern"):
+        return pattern.recorded_label(model, name)  # e.g. "gated_deltanet x3 + softmax"
     if name not in mixers.NAMES:
         return name
     recorded = (run.results or {}).get("mixer_kind")

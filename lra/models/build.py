@@ -10,6 +10,7 @@ from flax import nnx
 
 from lra.models.encoder import Classifier, DualEncoderClassifier, Encoder
 from lra.models.language_model import LanguageModel
+from lra.models.pattern import layer_mixers
 
 
 def build_model(
@@ -31,10 +32,12 @@ def build_model(
     Args:
       model_config: the config's ``model`` node (attributes num_layers, emb_dim,
         qkv_dim, num_heads, mlp_dim, dropout, attention_dropout, pooling, positions,
-        attention_options, causal, embedding_init; block_mlp, norm, norm_momentum and
-        scan_layers where present, else True, "layer", 0.95 and False).
+        attention_options, causal, embedding_init; block_mlp, norm, norm_momentum,
+        scan_layers, mixer_pattern, pattern_options and pattern_block_mlp where present,
+        else True, "layer", 0.95, False, "" and each mixer's defaults; see
+        lra/models/pattern.py).
       attention: a mixer name from `lra.models.mixers.NAMES` (an attention family or a
-        sequence model).
+        sequence model); with `model_config.mixer_pattern`, the pattern's first name.
       vocab_size: number of token ids.
       num_classes: number of output classes.
       max_len: longest token sequence.
@@ -76,6 +79,7 @@ def build_model(
         dtype=dtype,
         remat=remat,
         scan_layers=model_config.get("scan_layers", False),
+        pattern=layer_mixers(model_config, attention),
         rngs=rngs,
     )
     if language_model:

@@ -23,6 +23,7 @@ are float32. `remat=True` recomputes each block's activations in the backward pa
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ from flax import nnx
 from lra.common import Choice
 from lra.models import mixers, stack
 from lra.models.norm import make_norm
+from lra.models.pattern import LayerMixer, layer_names
 
 
 class Pooling(Choice):
@@ -159,6 +161,19 @@ class Block(nnx.Module):
         return state, self._mlp(x_BxE + y_BxE, mask_B, deterministic=True)
 
 
+class BlockGroup(nnx.Module):
+    """One repeat of a per-layer mixer pattern: its P blocks, run in order (the unit that
+    `scan_layers` stacks when the pattern has more than one mixer)."""
+
+    def __init__(self, blocks: Sequence[Block]):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x_BxLxE, mask_BxL, *, deterministic: bool):
+        for block in self.blocks:
+            x_BxLxE = block(x_BxLxE, mask_BxL, deterministic=deterministic)
+        return x_BxLxE
+
+
 class Encoder(nnx.Module):
     """Tokens [B, L] and mask [B, L] -> one pooled vector per sequence [B, E].
 
@@ -190,6 +205,7 @@ class Encoder(nnx.Module):
         dtype: Any = jnp.float32,
         remat: bool = False,
         scan_layers: bool = False,
+        pattern: Sequence[LayerMixer] = (),
         rngs: nnx.Rngs,
     ):
         """Builds the encoder.
@@ -219,7 +235,11 @@ class Encoder(nnx.Module):
           remat: if True, each block is rematerialised (recomputed in the backward pass).
           scan_layers: if True, the blocks are one stacked block run by `nnx.scan`
             (attribute `scanned_blocks`, arrays [num_layers, ...]) instead of a list
-            (`blocks`); see lra/models/stack.py.
+            (`blocks`); see lra/models/stack.py. With a pattern of P > 1 mixers the
+            stacked unit is a `BlockGroup` of P blocks, [num_layers / P, ...].
+          pattern: the mixers of one repeat of a per-layer pattern (lra/models/pattern.py),
+            repeated to num_layers; empty = every layer is `attention` with
+            `attention_options` and `block_mlp`, which a pattern replaces.
           rngs: streams ``params`` and ``dropout``.
 
         Raises:
@@ -253,7 +273,9 @@ class Encoder(nnx.Module):
             nnx.Param(init(rngs.params(), (length, emb_dim))) if learned else None
         )
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        new_block = lambda rngs: Block(
+        pattern = tuple(pattern) or (LayerMixer(attention, attention_options, block_mlp),)
+        self.layer_names = layer_names([spec.name for spec in pattern], num_layers)
+        new_block = lambda rngs, spec: Block(
                 emb_dim=emb_dim,
                 qkv_dim=qkv_dim,
                 num_heads=num_heads,
@@ -261,18 +283,27 @@ class Encoder(nnx.Module):
                 max_len=length,
                 dropout=dropout,
                 attention_dropout=attention_dropout,
-                attention=attention,
-                attention_options=attention_options,
+                attention=spec.name,
+                attention_options=spec.options,
                 causal=causal,
                 rotary=self.positions is Positions.ROPE,
-                block_mlp=block_mlp,
+                block_mlp=spec.block_mlp,
                 norm=norm,
                 norm_momentum=norm_momentum,
                 dtype=self.dtype,
                 rngs=rngs,
             )
         self.scan_layers = scan_layers
-        blocks = stack.make_blocks(new_block, num_layers, scan=scan_layers, rngs=rngs)
+        if len(pattern) == 1:  # one mixer: blocks (or one stacked block), as always
+            blocks = stack.make_blocks(lambda rngs: new_block(rngs, pattern[0]), num_layers,
+                                       scan=scan_layers, rngs=rngs)
+        elif scan_layers:  # the pattern's repeats, scanned
+            blocks = stack.make_blocks(
+                lambda rngs: BlockGroup([new_block(rngs, spec) for spec in pattern]),
+                num_layers // len(pattern), scan=True, rngs=rngs)
+        else:
+            blocks = nnx.List(new_block(rngs, pattern[i % len(pattern)])
+                              for i in range(num_layers))
         self.blocks = None if scan_layers else blocks
         self.scanned_blocks = blocks if scan_layers else None
         self.final_norm = nnx.LayerNorm(emb_dim, dtype=self.dtype, rngs=rngs)
@@ -357,9 +388,11 @@ class Encoder(nnx.Module):
                              "(model.scan_layers=False): each block keeps its own state")
         if not self.causal:
             raise ValueError("decoding token by token needs a causal encoder (causal=True)")
-        if not getattr(self.blocks[0].attention, "decodes", False):
+        silent = [name for block, name in zip(self.blocks, self.layer_names)
+                  if not getattr(block.attention, "decodes", False)]
+        if silent:
             raise ValueError(
-                f"mixer {self.attention_name!r} has no step, so it cannot decode token by "
+                f"mixer {silent[0]!r} has no step, so it cannot decode token by "
                 "token; kernelized and gated attentions (linear, performer, cosformer, taylor, "
                 "retnet, gla, deltanet, ...) and the causal sequence models can"
             )

@@ -58,7 +58,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lra import models, tasks
-from lra.models import mixers, stack
+from lra.models import mixers, pattern, stack
 from lra.models.mixers.ssm import SsmParam
 from lra.parallel import distributed, sharding
 from lra.parallel.sharding import batch_spec, make_mesh, state_shardings
@@ -415,18 +415,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def recurrent_state(config: ml_collections.ConfigDict) -> dict:
-    """The run's mixer's decoding state per layer and sequence (`mixers.state_size`), as
+    """The run's decoding state per layer and sequence (`mixers.state_size`), as
     results.json records it: `state_bytes_per_layer` and `state_grows_with_length`; {}
-    for a mixer that names no decoding state."""
+    when a mixer names no decoding state. With a per-layer pattern the bytes are the mean
+    over the layers, the state grows if any layer's does, and `state_bytes_by_mixer` gives
+    each mixer's own."""
     model = config.model
-    try:
-        size = mixers.state_size(config.attention, emb_dim=model.emb_dim, qkv_dim=model.qkv_dim,
-                                 num_heads=model.num_heads, max_len=config.max_length,
-                                 options=dict(model.attention_options))
-    except ValueError as error:
-        logging.warning("no state size recorded: %s", error)
-        return {}
-    return {"state_bytes_per_layer": size.bytes, "state_grows_with_length": size.grows_with_length}
+    specs = pattern.layer_mixers(model, config.attention)
+    sizes = {}
+    for spec in specs:
+        try:
+            sizes[spec.name] = mixers.state_size(
+                spec.name, emb_dim=model.emb_dim, qkv_dim=model.qkv_dim,
+                num_heads=model.num_heads, max_len=config.max_length, options=spec.options)
+        except ValueError as error:
+            logging.warning("no state size recorded: %s", error)
+            return {}
+    record = {"state_bytes_per_layer": sum(sizes[spec.name].bytes for spec in specs) / len(specs),
+              "state_grows_with_length": any(size.grows_with_length for size in sizes.values())}
+    if len(specs) > 1:
+        record["state_bytes_by_mixer"] = {name: size.bytes for name, size in sizes.items()}
+    else:
+        record["state_bytes_per_layer"] = sizes[config.attention].bytes
+    return record
+
+
+def layer_record(config: ml_collections.ConfigDict) -> dict:
+    """results.json's per-layer mixers: the pattern ("" = none), every layer's mixer and a
+    readable label (lra/models/pattern.py)."""
+    names = [spec.name for spec in pattern.layer_mixers(config.model, config.attention)]
+    return {"mixer_pattern": pattern.canonical(config.model.get("mixer_pattern", "")),
+            "layer_mixers": list(pattern.layer_names(names, config.model.num_layers)),
+            "mixer_label": pattern.label(names, config.model.num_layers)}
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -594,6 +614,7 @@ class _Trainer:
             "attention": config.attention,
             "mixer": config.attention,  # the same name under the mixer registry's key
             "mixer_kind": mixers.kind(config.attention),  # attention core | sequence model
+            **layer_record(config),
             "seed": config.seed,
             "step": progress.step,
             "val_accuracy": progress.val_accuracy,

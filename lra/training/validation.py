@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from lra import models
-from lra.models import mixers
+from lra.models import mixers, pattern
 from lra.training.objectives import Objective
 from lra.training.pretraining import CHECKPOINT_FOLDERS
 
@@ -68,6 +68,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _validate_input_pipeline(config)
     _validate_data_preparation(config)
     _validate_option_names(config)
+    _validate_pattern(config)
     _validate_objective(config)
     _validate_cudnn(config)  # before the constructors, whose message names no config key
     _validate_model(config)
@@ -173,6 +174,30 @@ def _validate_data_preparation(config: ml_collections.ConfigDict) -> None:
     if not config.prepare_wait_seconds > 0:
         raise ValueError(f"config.prepare_wait_seconds must be > 0, got "
                          f"{config.prepare_wait_seconds!r}")
+
+
+def _validate_pattern(config: ml_collections.ConfigDict) -> None:
+    """A per-layer pattern (lra/models/pattern.py): known names, the config's mixer first,
+    whole repeats, options and blocks for exactly its other names, each option known."""
+    model = config.model
+    names = pattern.parse(model.get("mixer_pattern", ""))
+    if not names:
+        return
+    pattern.layer_mixers(model, config.attention)  # the first name is config.attention
+    pattern.layer_names(names, model.num_layers)  # the pattern divides num_layers
+    others = set(names) - {config.attention}
+    for key in ("pattern_options", "pattern_block_mlp"):
+        extra = sorted(set(model.get(key) or {}) - others)
+        if extra:
+            raise ValueError(f"config.model.{key} has {', '.join(extra)}, which is not one of "
+                             f"model.mixer_pattern's other mixers ({', '.join(sorted(others))})")
+    for name, options in (model.get("pattern_options") or {}).items():
+        accepted = mixers.family_options(name)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"config.model.pattern_options.{name} has unknown option(s) "
+                f"{', '.join(unknown)}; mixer {name!r} accepts: {', '.join(accepted) or 'none'}")
 
 
 def _validate_option_names(config: ml_collections.ConfigDict) -> None:
