@@ -136,6 +136,9 @@ SETTINGS: dict[str, Setting] = {
                    why="the authors' default gate starts at f = 1/2 (a token 48 away weighs "
                        "2^-48): 0.535 after 200 steps; their fgate_bias_init with decay "
                        "times 16-256: 45, 36, 66 steps (seeds 0-2)"),
+    "rwkv7": Setting({"head_dim": 8},
+                     why="head_dim 8: 4 heads of emb_dim 32 (the default 64 gives 1 head: "
+                         "244 steps, seed 0); measured 129, 83, 116 steps (seeds 0-2)"),
 }
 # Every family with a `chunk_size` (the linear and gated cores) gets chunks of 16, so
 # that the inter-chunk scan carries state across 5 chunks; other options stay default.

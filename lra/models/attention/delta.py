@@ -174,7 +174,7 @@ def _segsum(log_alpha_xC):
     return jnp.where(jnp.tril(jnp.ones((size, size), bool)), seg_xCxC, -jnp.inf)
 
 
-def _decayed_products(a_xCxD, b_xCxD, log_alpha_xCxD):
+def decayed_products(a_xCxD, b_xCxD, log_alpha_xCxD):
     """M[i, j] = sum_d a_i[d] b_j[d] exp(log_alpha_{j+1}[d] + ... + log_alpha_i[d]) for
     j <= i, 0 above the diagonal: [..., C, D] (a may have extra leading axes) -> [..., C, C].
 
@@ -285,8 +285,8 @@ def _chunk_terms(q, k, v, beta, log_alpha):
         g_xCxD = jnp.cumsum(log_alpha, -2)  # log gamma_i = sum of log_alpha over [0, i]
         after_xCxD = jnp.pad(log_alpha[..., 1:, :], [(0, 0)] * (q.ndim - 2) + [(0, 1), (0, 0)])
         tail_xCxD = jnp.flip(jnp.cumsum(jnp.flip(after_xCxD, -2), -2), -2)  # over (j, C)
-        kk_xCxC = _decayed_products(k, k, log_alpha)
-        P_xCxC = _decayed_products(q, k, log_alpha)
+        kk_xCxC = decayed_products(k, k, log_alpha)
+        P_xCxC = decayed_products(q, k, log_alpha)
         gamma_k, q_read = jnp.exp(g_xCxD) * k, jnp.exp(g_xCxD) * q
         k_write = k * jnp.exp(tail_xCxD)
         decay = jnp.exp(g_xCxD[..., -1, :])[..., None]

@@ -8,7 +8,7 @@ MLP sub-block. Two kinds share one name space (`NAMES`):
   q, k, v projections + that attention core + the output projection
   (`MultiHeadAttention`), as in a Transformer;
 - the sequence models of this package (`SEQUENCE_NAMES`: S4D, S5, LRU, the Mamba2
-  block), which take x and the mask directly.
+  block, RWKV-7's time mixing), which take x and the mask directly.
 
 A name means one model: no attention family may share a name with a sequence model
 (importing this package raises otherwise), so `mamba2` is the whole Mamba2 block and `ssd`
@@ -57,6 +57,7 @@ _SEQUENCE_MODELS: dict[str, str] = {
     "s5": "s5:S5",
     "lru": "lru:LRU",
     "mamba2": "mamba2:Mamba2Block",
+    "rwkv7": "rwkv7:Rwkv7TimeMix",
 }
 
 # The two kinds of mixer (`kind`), as results.json's `mixer_kind` records them.
