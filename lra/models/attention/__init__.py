@@ -67,6 +67,7 @@ _FAMILIES: dict[str, str] = {
     "deltanet": "delta:DeltaNetAttention",
     "gated_deltanet": "delta:GatedDeltaNetAttention",
     "kda": "kda:KdaAttention",  # Kimi Delta Attention: a decay per key channel
+    "gated_deltaproduct": "deltaproduct:GatedDeltaProductAttention",  # n_h delta steps per token
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)
