@@ -186,8 +186,12 @@ def plot_recall(points: Sequence[Point], path: Path) -> None:
             axis.set_ylabel("test accuracy (%)")
             axis.set_ylim(-2, 102)
             axis.grid(alpha=0.3)
-    axes[1, -1].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    legend = {}  # every mixer once, from whichever panels show it
+    for axis in axes[1]:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    figure.legend(list(legend.values()), list(legend), fontsize=7, loc="center right")
+    figure.tight_layout(rect=(0, 0, 0.82 if len(grouped) > 1 else 0.72, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
