@@ -88,8 +88,11 @@ def test_run_writes_the_workdir_and_a_rerun_returns_the_stored_results(data_dir,
     expected_keys = {"task", "attention", "mixer", "seed", "step", "val_accuracy", "test_accuracy",
                      "best_val_accuracy", "best_step", "test_accuracy_at_best", "num_params",
                      "train_seconds", "steps_per_second", "config_hash", "versions", "device",
-                     "objective", "init_from", "mixer_kind", "compile_seconds"}
+                     "objective", "init_from", "mixer_kind", "compile_seconds",
+                     "mixer_pattern", "layer_mixers", "mixer_label"}
     assert set(results) == expected_keys
+    assert results["mixer_pattern"] == "" and results["mixer_label"] == config.attention
+    assert results["layer_mixers"] == [config.attention] * config.model.num_layers
     assert results["compile_seconds"] > 0  # the step's compilation, outside train_seconds
     assert (results["mixer"], results["mixer_kind"]) == (config.attention, "attention")
     assert results["step"] == 12 and results["task"] == "listops"
