@@ -192,6 +192,20 @@ def test_step_config_overrides_sizes_and_options():
         bench.step_config("linear", 256, bench.Settings(step_qkv_dim=30, step_heads=4))
 
 
+def test_step_entry_may_be_a_per_layer_pattern():
+    """A hybrid entry builds the pattern's model; its options go to the first name."""
+    from lra.models import pattern
+
+    settings = bench.Settings(step_layers=4, step_emb_dim=16, step_qkv_dim=16, step_heads=2,
+                              step_mlp_dim=32)
+    config = bench.step_config("gated_deltanet+gated_deltanet+softmax+softmax:chunk_size=16",
+                               128, settings)
+    assert config.attention == "gated_deltanet"
+    assert config.model.attention_options["chunk_size"] == 16
+    names = [layer.name for layer in pattern.layer_mixers(config.model, config.attention)]
+    assert names == ["gated_deltanet", "gated_deltanet", "softmax", "softmax"]
+
+
 def test_loop_scope_times_the_training_loop_of_a_config(tmp_path):
     """The real loop of a tiny ListOps config: steps/s, the bare step's and the host share."""
     from configs import listops
@@ -224,6 +238,8 @@ def test_loop_scope_times_the_training_loop_of_a_config(tmp_path):
     (["--lengths", "64,-1"], "positive integers"),
     (["--scopes", "loop", "--loop_steps", "0"], "--loop_steps.*positive integers"),
     (["--attention", "softmx"], "unknown attention"),
+    (["--attention", "linear+softmax", "--scopes", "layer,step"], "only in the step scope"),
+    (["--attention", "linear+softmax+softmax", "--scopes", "step"], "not a multiple"),
 ])
 def test_bad_arguments_fail_before_measuring(argv, match):
     with pytest.raises(ValueError, match=match):

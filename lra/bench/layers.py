@@ -24,7 +24,10 @@ runs that each wait for the result):
          --lengths or sizes: the config's own (`--loop_set key=value,...` changes them).
 
 An entry of --attention is a registry name, optionally with options after colons:
-`linear:form=recurrent:chunk_size=128`. The exact baselines softmax and
+`linear:form=recurrent:chunk_size=128`. In the step scope an entry may also be a per-layer
+pattern (lra/models/pattern.py), names joined by "+": `gated_deltanet+gated_deltanet+
+gated_deltanet+softmax` is a hybrid whose layers follow the pattern (--step_layers a
+multiple of its length); options after colons go to its first name. The exact baselines softmax and
 memory_efficient (--baselines) are measured too unless --no_baseline.
 
 Each record (bench.json is the list of them) holds time_ms, tokens_per_s, the speed-up
@@ -63,7 +66,7 @@ from jax.sharding import NamedSharding
 from lra.bench import flops, output
 from lra.bench import loop as loop_scope
 from lra.bench.flops import dot_flops
-from lra.models import attention, mixers
+from lra.models import attention, mixers, pattern
 from lra.parallel import sharding
 from lra.training import train
 
@@ -80,13 +83,20 @@ STEP_NUM_CLASSES = 2
 
 
 def parse_entry(entry: str) -> tuple[str, dict]:
-    """`name:key=value:...` -> (name, options); values parsed as int, float, bool or str."""
+    """`name:key=value:...` -> (name, options); values parsed as int, float, bool or str.
+
+    `name` may be a pattern `a+b+...` (the step scope only; see `is_pattern`)."""
     name, *pairs = entry.split(":")
     options = {}
     for pair in pairs:
         key, _, text = pair.partition("=")
         options[key] = _literal(text)
     return name, options
+
+
+def is_pattern(name: str) -> bool:
+    """Whether an entry's name is a per-layer pattern (`a+b+...`) rather than one mixer."""
+    return pattern.SEPARATOR in name
 
 
 def _literal(text: str):
@@ -136,6 +146,10 @@ class Program:
 
 def _layer_module(name: str, length: int, settings: Settings, options: dict) -> nnx.Module:
     """An attention core (q, k, v [B, L, H, D]), or a sequence model (x [B, L, H*D])."""
+    if is_pattern(name):
+        raise ValueError(f"--attention {name}: a per-layer pattern is a whole model, measured "
+                         "only in the step scope (--scopes step); the layer scope times one "
+                         "mixer")
     if name not in mixers.SEQUENCE_NAMES:  # (an unknown name: attention.make says so)
         return attention.make(name, num_heads=settings.heads, head_dim=settings.head_dim,
                               max_len=length, causal=settings.causal, rngs=nnx.Rngs(0),
@@ -196,7 +210,8 @@ def step_config(entry: str, length: int, settings: Settings):
                           "which ships with lra: install it (pip install .) or run "
                           "`python -m lra.bench` from the repository root") from error
     name, options = parse_entry(entry)
-    config = common.base_config("bench", common.parse_arg(f"attention={name}", ("bench",)))
+    arg = f"pattern={name}" if is_pattern(name) else f"attention={name}"
+    config = common.base_config("bench", common.parse_arg(arg, ("bench",)))
     config.max_length = length
     config.batch_size = config.eval_batch_size = settings.step_batch
     config.num_devices = 1
@@ -484,8 +499,16 @@ def _entries(args) -> list[str]:
     if not args.no_baseline:
         missing = [b for b in args.baselines.split(",") if b and b not in entries]
         entries = missing + entries
+    kernel_scopes = [scope for scope in args.scopes.split(",") if scope != "loop"]
     for entry in entries:  # fail before measuring anything
         name, options = parse_entry(entry)
+        if is_pattern(name) and kernel_scopes == ["step"]:
+            names = pattern.parse(name)
+            if args.step_layers % len(names):
+                raise ValueError(f"--attention {entry}: --step_layers {args.step_layers} is "
+                                 f"not a multiple of the pattern's {len(names)} names")
+            _layer_module(names[0], 1, Settings(heads=1, head_dim=2), options)
+            continue
         _layer_module(name, 1, Settings(heads=1, head_dim=2), options)
     return entries
 

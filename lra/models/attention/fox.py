@@ -205,7 +205,7 @@ class FoxAttention(nnx.Module):
             raise ValueError(
                 f"fox: form='blockwise' has no explicit attention probabilities, so no "
                 f"attention dropout; got dropout_rate={dropout_rate} (set the attention "
-                f"dropout to 0, or use form='quadratic')")
+                f"dropout, config.model.attention_dropout, to 0, or use form='quadratic')")
         times = (real_number("decay_time_min", decay_time_min),
                  real_number("decay_time_max", decay_time_max))
         if times != (0.0, 0.0) and not 0 < times[0] <= times[1]:
