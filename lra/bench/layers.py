@@ -37,7 +37,11 @@ and when this program raised the process's peak; "compiled": XLA's compiled memo
 analysis, arguments + outputs + temporaries - aliased), `flops` (XLA's cost analysis,
 which counts a loop body once), `dot_flops` (every matrix product the program performs,
 counted from its jaxpr with scan bodies times their length) and `matmul_fraction`
-(dot_flops / time over the FLOP/s of a large matmul measured on the same device).
+(dot_flops / time over the FLOP/s of a large matmul measured on the same device), and
+`depth_forward` / `depth_backward`: the sequential depth (loop iterations run one after
+another, lra/bench/depth.py; None = unknown) of the loss the program differentiates (the
+layer scope's summed output; the step's model loss, its dropout off) and of its backward
+pass alone.
 Out-of-memory is a record with `oom: true`: a program whose compiled analysis exceeds
 --memory_budget_gb is not run, and RESOURCE_EXHAUSTED at compile or run time is caught.
 With --out: DIR/bench.json, DIR/bench.md (tables in the layout of the LRA paper's
@@ -63,12 +67,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lra.bench import flops, output
+from lra.bench import depth, flops, output
 from lra.bench import loop as loop_scope
 from lra.bench.flops import dot_flops
 from lra.models import attention, mixers, pattern
 from lra.parallel import sharding
-from lra.training import train
+from lra.training import objectives, train
 
 SCOPES = ("layer", "step", "loop")  # loop: lra/bench/loop.py
 EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
@@ -138,6 +142,9 @@ class Program:
     make_args: Callable[[], tuple]
     feeds_back: bool  # a train step: its first output (the donated state) is the next input
     shape: dict  # batch, heads, head_dim, num_layers, emb_dim, mlp_dim of the record
+    # fn's arguments -> (the scalar loss fn differentiates, its inputs): whose sequential
+    # depths (lra/bench/depth.py) the record holds; None = not known
+    loss: Callable[..., tuple[Callable, tuple]] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +191,8 @@ def _layer_program(entry: str, length: int, settings: Settings) -> Program:
     return Program(jax.jit(grad), make_args, feeds_back=False,
                    shape={"batch": settings.batch, "heads": settings.heads,
                           "head_dim": settings.head_dim, "num_layers": 1, "emb_dim": None,
-                          "mlp_dim": None})
+                          "mlp_dim": None},
+                   loss=lambda *inputs: (loss, inputs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,11 +258,24 @@ def _step_program(entry: str, length: int, settings: Settings) -> Program:
                  "targets": rng.integers(0, task.num_classes, shape[:1], dtype=np.int32)}
         return state, rng_state, jax.device_put(batch, batch_sharding)
 
+    def model_loss(state, rng_state, batch):
+        """The summed loss of the step's model as a function of its parameters (no dropout)."""
+        model, _ = nnx.merge(graphdef, rng_state, state)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            sums = objectives.loss_sums(nnx.merge(model_def, params, rest), batch, spec,
+                                        deterministic=True)
+            return sums["loss"]
+
+        return loss, (params,)
+
+    spec = train.objective_spec(config)
     return Program(step, make_args, feeds_back=True, shape={
         "batch": settings.step_batch, "heads": settings.step_heads,
         "head_dim": settings.step_qkv_dim // settings.step_heads,
         "num_layers": settings.step_layers, "emb_dim": settings.step_emb_dim,
-        "mlp_dim": settings.step_mlp_dim})
+        "mlp_dim": settings.step_mlp_dim}, loss=model_loss)
 
 
 PROGRAMS: dict[str, Callable[[str, int, Settings], Program]] = {
@@ -308,10 +329,14 @@ def prepare(entry: str, scope: str, length: int, settings: Settings,
               "steps_per_s": None, "tokens_per_s": None, "speedup_vs_softmax": None,
               "speedup_vs_exact": None, "exact_baseline": None, "peak_bytes": None,
               "compiled_peak_bytes": None, "memory_source": "compiled", "flops": None,
-              "dot_flops": None, "matmul_fraction": None, "oom": False, "error": None,
-              **device_info}
+              "dot_flops": None, "matmul_fraction": None, "depth_forward": None,
+              "depth_backward": None, "oom": False, "error": None, **device_info}
     try:
         args = program.make_args()
+        if program.loss is not None:
+            loss, inputs = program.loss(*args)
+            record["depth_forward"], record["depth_backward"] = (
+                depth.forward_backward_depth(loss, *inputs))
         compiled = program.fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
         return Prepared(_oom_record(record, error))

@@ -117,6 +117,28 @@ def scope_markdown(scope: str, records: list[dict]) -> str:
               for name in names]
     sources = sorted({r["memory_source"] for r in records if not r["oom"]})
     lines += ["", f"Memory source: {', '.join(sources) or 'compiled'} (see `memory_source`)."]
+    if any("depth_forward" in r for r in records):  # (records written before depths)
+        lines += ["", depth_markdown(records)]
+    return "\n".join(lines)
+
+
+def _depth_cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    return " / ".join("?" if r.get(key) is None else f"{r[key]:,}"
+                      for key in ("depth_forward", "depth_backward"))
+
+
+def depth_markdown(records: list[dict]) -> str:
+    """One scope's sequential depths (lra/bench/depth.py): rows = entries, columns =
+    lengths, cells `forward / backward`."""
+    lengths, names, cells = _grid(records)
+    title = ("Sequential depth (forward / backward): loop iterations run one after another "
+             "(? = unknown):")
+    lines = [title, "", _row("attention", [length_label(n) for n in lengths]),
+             "|---" * (len(lengths) + 1) + "|"]
+    lines += [_row(name, [_depth_cell(cells.get((name, n))) for n in lengths])
+              for name in names]
     return "\n".join(lines)
 
 
