@@ -196,6 +196,34 @@ def _reference_mixer(mixer, x, mask):
     return out
 
 
+def test_chunked_form_is_exact_at_the_largest_chunk_and_the_fastest_decay():
+    """The chunked form factors each decay as exp(g_i) exp(-g_j) within a chunk, valid
+    because RWKV-7's log-decay is >= -e^{-1/2}: at that bound over a whole chunk of
+    MAX_CHUNK tokens (factors up to exp(+-39)), outputs and gradients still equal the
+    recurrent form's; a larger chunk is refused."""
+    length, chunk = 2 * rwkv7.MAX_CHUNK, rwkv7.MAX_CHUNK
+    rng = np.random.default_rng(7)
+    r, k, v, kappa = (jnp.asarray(rng.normal(size=(1, length, 1, N)), jnp.float32)
+                      for _ in range(4))
+    kappa = kappa / jnp.linalg.norm(kappa, axis=-1, keepdims=True)
+    log_w = jnp.full((1, length, 1, N), -rwkv7.LOG_DECAY_SCALE, jnp.float32)
+
+    def loss(form, r, k, v, kappa):
+        out = rwkv7.wkv(r, k, v, kappa, 0.5 * kappa, log_w, form=form, causal=True,
+                        chunk_size=chunk)
+        return jnp.sum(out * jnp.cos(jnp.arange(length))[None, :, None, None]), out
+
+    run = lambda form: jax.grad(functools.partial(loss, form), argnums=(0, 1, 2, 3),
+                                has_aux=True)(r, k, v, kappa)
+    (grads_c, out_c), (grads_r, out_r) = run(Form.CHUNKED), run(Form.RECURRENT)
+    assert_close_relative(out_c, out_r, 1e-5)
+    for chunked, recurrent in zip(grads_c, grads_r, strict=True):
+        assert_close_relative(chunked, recurrent, 1e-5)
+    with pytest.raises(ValueError, match="chunk_size=128: at most 64"):
+        make_mixer("rwkv7", emb_dim=E, max_len=L, causal=True, head_dim=N,
+                   chunk_size=2 * rwkv7.MAX_CHUNK)
+
+
 def test_mixer_matches_the_reference_forward():
     mixer, mask = _mixer(causal=True, form="recurrent"), _mask()
     x = random_x((B, L, E), seed=3)

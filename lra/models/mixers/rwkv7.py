@@ -70,14 +70,19 @@ Forms (option `form`, `delta.Form`; the same numbers in outputs and gradients):
              removal read e_i = -kappa_i S_{i-1} satisfies
                  (I + A_b) E = -(kappa * exp(g_{i-1})) S_in - A_k V,
              A_k[i, j] = kappa_i diag(exp(g_{i-1} - g_j)) k~_j^T and A_b the same with
-             b_j = a_j kappa_j (strictly lower triangular; `delta.decayed_products` of
+             b_j = a_j kappa_j (strictly lower triangular; `decayed_products` of
              kappa shifted one token back, then shifted down a row), solved by forward
              substitution (`delta.unit_lower_solve`): E = -(W S_in + U). Then
                  O = (r * exp(g)) S_in + P_k V + P_b E,
                  S_out = exp(g_C) S_in + (k~ * exp(g_C - g))^T V + (b * exp(g_C - g))^T E,
-             P_k, P_b the inclusive decayed products of r with k~ and b. Every
-             exponent is a sum of log-decays over a range of tokens (never a
-             difference of two cumulative sums), so only exp of values <= 0 is taken.
+             P_k, P_b the inclusive decayed products of r with k~ and b.
+             The four decayed products are one matmul each: RWKV-7's decay is bounded
+             (log w >= -e^{-1/2} per token), so within a chunk the factors exp(g_i) <= 1
+             and exp(-g_j) >= 1 stay within exp(+-0.61 C) (C <= MAX_CHUNK = 64: within
+             exp(+-39), far from float32's limits) and their product is the decay
+             exp(g_i - g_j) to float32 rounding; entry (i, j) reads tokens <= i only.
+             (Unbounded gates, as KDA's, need `delta.decayed_products`'s recursive
+             halving instead.) The other exponents are <= 0.
 
 Bidirectional (causal=False): the forward (inclusive) pass plus an exclusive reverse
 pass, as delta.py: the reverse pass runs the same recurrence from the last token to the
@@ -112,12 +117,13 @@ from flax import nnx
 
 from lra import common
 from lra.common import F32
-from lra.models.attention.delta import Form, decayed_products, unit_lower_solve
+from lra.models.attention.delta import Form, unit_lower_solve
 from lra.models.mixers import ssm
 
 NORM_EPS = 64e-5  # the reference's GroupNorm eps (1e-5 * head_size_divisor^2, divisor 8)
 NORMALIZE_EPS = 1e-12  # kappa = x / max(|x|, eps), torch's F.normalize default
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w = -e^{-1/2} sigmoid(.) = -0.6065306597...
+MAX_CHUNK = 64  # decay factors within exp(+-LOG_DECAY_SCALE * MAX_CHUNK) (`decayed_products`)
 _SHIFT_POWERS = (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)  # mu_c = 1 - (i/E)^p for r, w, k, v, a, g
 
 
@@ -170,6 +176,20 @@ def _shift_up(x_xCxN):
 def _shift_down(x_xCxN):
     """x[i - 1] at row i, zero in the first row."""
     return jnp.pad(x_xCxN[..., :-1, :], [(0, 0)] * (x_xCxN.ndim - 2) + [(1, 0), (0, 0)])
+
+
+def decayed_products(a_xCxN, b_xCxN, log_w_xCxN):
+    """M[i, j] = sum_n a_i[n] b_j[n] exp(sum of log_w over (j, i]) for j <= i, 0 above:
+    [..., C, N] (a and b may have extra leading axes) -> [..., C, C].
+
+    One matmul: with g the inclusive cumulative log-decay the decay is exp(g_i) exp(-g_j).
+    RWKV-7's per-token log-decay is >= -LOG_DECAY_SCALE, so both factors lie within
+    exp(+-LOG_DECAY_SCALE * C) (module docstring); row i reads tokens <= i only.
+    """
+    size = log_w_xCxN.shape[-2]
+    g_xCxN = jnp.cumsum(log_w_xCxN, -2)
+    M = jnp.einsum("...in,...jn->...ij", a_xCxN * jnp.exp(g_xCxN), b_xCxN * jnp.exp(-g_xCxN))
+    return jnp.where(jnp.tril(jnp.ones((size, size), bool)), M, 0.0)
 
 
 def _chunk_terms(r, k, v, kappa, b, log_w):
@@ -301,7 +321,7 @@ class Rwkv7TimeMix(nnx.Module):
           decay_rank, a_rank, gate_rank: the LoRA ranks of w, a and g; 0 = the
             reference's suggestion for E (module docstring).
           form: "chunked" or "recurrent".
-          chunk_size: C of the chunked form.
+          chunk_size: C of the chunked form, at most MAX_CHUNK.
 
         Raises:
           ValueError: naming the option, for a bad option value.
@@ -312,6 +332,9 @@ class Rwkv7TimeMix(nnx.Module):
             raise ValueError(f"head_dim ({head_dim}) must divide emb_dim ({emb_dim})")
         self.form = Form(form)
         self.chunk_size = common.positive_int("chunk_size", chunk_size)
+        if self.chunk_size > MAX_CHUNK:
+            raise ValueError(f"chunk_size={chunk_size}: at most {MAX_CHUNK}, so that the "
+                             "chunked form's decay factors stay within float32's range")
         ranks = {"decay_rank": (decay_rank, 2.5), "a_rank": (a_rank, 2.5),
                  "gate_rank": (gate_rank, 5.0)}
         rank = {name: _lora_rank(emb_dim, factor) if value == 0
