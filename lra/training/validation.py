@@ -70,27 +70,49 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _validate_option_names(config)
     _validate_pattern(config)
     _validate_objective(config)
-    _validate_cudnn(config)  # before the constructors, whose message names no config key
+    _validate_fused_softmax(config)  # before the constructors, whose message names no config key
     _validate_model(config)
 
 
-def _validate_cudnn(config: ml_collections.ConfigDict) -> None:
-    """cuDNN attention has no dropout and needs 16-bit compute: say so before training."""
-    options = config.model.attention_options
-    if config.attention != "softmax" or options.implementation != "cudnn":
-        return
-    problems = []
-    if config.model.attention_dropout > 0:
-        problems.append(f"config.model.attention_dropout={config.model.attention_dropout} "
-                        "(cuDNN has no dropout on the probabilities: set it to 0)")
-    if config.dtype != "bfloat16":
-        problems.append(f"config.dtype={config.dtype!r} (cuDNN runs in 16-bit: set "
-                        "config.dtype=bfloat16)")
-    if problems:
-        raise ValueError(
-            "config.model.attention_options.implementation='cudnn' cannot run with "
-            + "; ".join(problems) + ", or use implementation='xla'"
-        )
+# softmax's fused implementations, each with what has no dropout on the probabilities.
+_FUSED_SOFTMAX = {"cudnn": "cuDNN has", "pallas": "the Pallas kernels have"}
+
+
+def _validate_fused_softmax(config: ml_collections.ConfigDict) -> None:
+    """softmax's fused kernels (`cudnn`, `pallas`) have no dropout on the probabilities and
+    cuDNN needs 16-bit compute: say so before training, naming the keys, for softmax as the
+    mixer and as another layer of a per-layer pattern."""
+    for key, options in _softmax_options(config):
+        implementation = options.get("implementation", "xla")
+        implementation = getattr(implementation, "value", implementation)  # a Choice member
+        if implementation not in _FUSED_SOFTMAX:
+            continue
+        problems = []
+        if config.model.attention_dropout > 0:
+            problems.append(f"config.model.attention_dropout={config.model.attention_dropout} "
+                            f"({_FUSED_SOFTMAX[implementation]} no dropout on the "
+                            "probabilities: set it to 0)")
+        if implementation == "cudnn" and config.dtype != "bfloat16":
+            problems.append(f"config.dtype={config.dtype!r} (cuDNN runs in 16-bit: set "
+                            "config.dtype=bfloat16)")
+        if problems:
+            raise ValueError(
+                f"{key}.implementation={implementation!r} cannot run with "
+                + "; ".join(problems) + ", or use implementation='xla'"
+            )
+
+
+def _softmax_options(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
+    """(config key, options) of every softmax layer: the mixer's options and, when softmax
+    is another name of the per-layer pattern, its `pattern_options` entry."""
+    found = []
+    if config.attention == "softmax":
+        found.append(("config.model.attention_options", config.model.attention_options))
+    pattern_options = config.model.get("pattern_options") or {}
+    if ("softmax" in pattern.parse(config.model.get("mixer_pattern", ""))
+            and config.attention != "softmax" and "softmax" in pattern_options):
+        found.append(("config.model.pattern_options.softmax", pattern_options["softmax"]))
+    return found
 
 
 def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -1,4 +1,5 @@
-"""Exact softmax attention (the quadratic baseline) on `jax.nn.dot_product_attention`."""
+"""Exact softmax attention (the quadratic baseline) on `jax.nn.dot_product_attention` or,
+with ``implementation="pallas"``, on JAX's Pallas flash-attention kernels (`flash.py`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.common import F32, MASKED_LOGIT, Choice
+from lra.models.attention import flash
 
 
 class Implementation(Choice):
-    """Backend of `jax.nn.dot_product_attention`."""
+    """Which code computes the attention."""
 
-    XLA = "xla"  # any platform
+    XLA = "xla"  # jax.nn.dot_product_attention's XLA path: any platform
     CUDNN = "cudnn"  # cuDNN flash attention: NVIDIA GPUs, fp16/bf16, some shapes only
+    PALLAS = "pallas"  # JAX's Pallas kernels (flash.py): GPU, TPU; interpreted on CPU
 
 
 class SoftmaxAttention(nnx.Module):
@@ -36,6 +39,15 @@ class SoftmaxAttention(nnx.Module):
     every lra task and the encoder (CLS first) produce. cuDNN has no dropout on the
     probabilities and runs in float16/bfloat16 only, so `lra.training.train` rejects
     ``implementation="cudnn"`` with attention dropout > 0 or float32 compute before training.
+
+    With ``implementation="pallas"`` JAX's own Pallas flash-attention kernels run
+    (`lra.models.attention.flash`): on a GPU `jax.experimental.pallas.ops.gpu.attention.mha`
+    (Triton), on a TPU splash attention, elsewhere (CPU) the GPU kernel in Pallas' interpret
+    mode, a slow correctness path; the platform is `jax.default_backend()` at trace time.
+    The mask goes in as segment ids (real 1, masked 0), so real queries see only real keys
+    and masked queries only masked ones (finite, unused); any real positions, not only a
+    prefix. The kernels have no dropout on the probabilities (refused here and, naming the
+    config key, by `lra.training.train`); any dtype.
     """
 
     def __init__(
@@ -52,9 +64,11 @@ class SoftmaxAttention(nnx.Module):
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.implementation = Implementation(implementation)
-        if self.implementation is Implementation.CUDNN and dropout_rate > 0:
+        fused = (Implementation.CUDNN, Implementation.PALLAS)
+        if self.implementation in fused and dropout_rate > 0:
             raise ValueError(
-                f"implementation='cudnn' has no attention dropout; got dropout_rate={dropout_rate}"
+                f"implementation={self.implementation.value!r} has no attention dropout; "
+                f"got dropout_rate={dropout_rate}"
             )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -77,6 +91,8 @@ class SoftmaxAttention(nnx.Module):
                 q, k, v, is_causal=self.causal, implementation="cudnn",
                 **seq_lengths_of(mask),
             )
+        if self.implementation is Implementation.PALLAS:
+            return flash.attention(q, k, v, mask, causal=self.causal)
         return jax.nn.dot_product_attention(
             q, k, v, mask=keep_Bx1x1xL, is_causal=self.causal, implementation="xla"
         )
