@@ -158,11 +158,6 @@ def test_batch_split_over_the_mesh_in_context():
     np.testing.assert_allclose(np.asarray(split)[real], np.asarray(alone)[real], atol=1e-6)
 
 
-def test_platform_rule_on_this_cpu():
-    assert jax.default_backend() == "cpu"
-    assert flash.platform_kernel() == (flash.Kernel.GPU, True)
-
-
 def test_pallas_refuses_attention_dropout():
     with pytest.raises(ValueError, match="implementation='pallas' has no attention dropout"):
         _pallas(False, dropout_rate=0.1)

@@ -14,10 +14,13 @@ JAX ships the kernels under `jax.experimental.pallas.ops`; this module only call
   grid runs as XLA loops on the host. This is a correctness path for tests, slow for long
   sequences, not a fast path.
 
-Platform rule: the kernel is chosen by `jax.default_backend()` when the call is traced
-('gpu' -> the GPU kernel, compiled; 'tpu' -> splash, compiled; anything else -> the GPU
-kernel interpreted). `attention(..., kernel=..., interpret=...)` overrides either choice
-(the tests run both kernels interpreted on a CPU).
+Platform rule: the kernel is chosen by the platform the program is lowered for, with
+`jax.lax.platform_dependent` ('cuda' or 'rocm' -> the GPU kernel, compiled; 'tpu' ->
+splash, compiled; anything else -> the GPU kernel interpreted), so a program traced on
+this CPU and exported for 'cuda' or 'tpu' (`jax.export`, one platform per export: JAX
+lowers a Pallas call for every platform of a multi-platform export) carries that
+platform's real kernel. `attention(..., kernel=..., interpret=...)` fixes the choice
+instead (the tests run both kernels interpreted on a CPU).
 
 Masking: the mask becomes segment ids (real token = 1, masked token = 0), so a real query
 attends to real keys only (and, causal, to earlier ones), a masked query to masked keys
@@ -67,14 +70,18 @@ class Kernel(Choice):
     TPU = "tpu"  # jax.experimental.pallas.ops.tpu.splash_attention (Mosaic)
 
 
-def platform_kernel() -> tuple[Kernel, bool]:
-    """(kernel, interpret) for the platform `jax.default_backend()` names (module
-    docstring): the TPU kernel on a TPU, the GPU kernel elsewhere, interpreted unless on a
-    GPU."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return Kernel.TPU, False
-    return Kernel.GPU, backend != "gpu"
+def _kernel_call(kernel: Kernel, interpret: bool, causal: bool) -> Callable:
+    call = _gpu_attention if kernel is Kernel.GPU else _tpu_attention
+    return functools.partial(call, causal=causal, interpret=interpret)
+
+
+def _platform_call(causal: bool) -> Callable:
+    """The kernel of the platform the program is lowered for (module docstring)."""
+    gpu = _kernel_call(Kernel.GPU, False, causal)
+    return functools.partial(
+        jax.lax.platform_dependent, cuda=gpu, rocm=gpu,
+        tpu=_kernel_call(Kernel.TPU, False, causal),
+        default=_kernel_call(Kernel.GPU, True, causal))
 
 
 def attention(
@@ -93,20 +100,22 @@ def attention(
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD: queries, keys and values, one dtype.
       mask_BxL: True = real token; None = all real.
       causal: if True, position i attends only to positions <= i.
-      kernel: "gpu" or "tpu"; None = the platform's (`platform_kernel`).
+      kernel: "gpu" or "tpu"; None (with interpret None) = the lowering platform's.
       interpret: run the kernel in Pallas' interpret mode; None = unless the kernel's own
-        platform runs the computation.
+        platform (`jax.default_backend()`) runs the computation.
 
     Returns:
       [B, L, H, D] in q's dtype; rows of masked queries are finite and meaningless.
     """
-    default_kernel, _ = platform_kernel()
-    kernel = default_kernel if kernel is None else Kernel(kernel)
-    if interpret is None:
-        interpret = jax.default_backend() != kernel.value
+    if kernel is None and interpret is None:
+        call = _platform_call(causal)
+    else:
+        kernel = Kernel("tpu" if jax.default_backend() == "tpu" else "gpu") if kernel is None \
+            else Kernel(kernel)
+        if interpret is None:
+            interpret = jax.default_backend() != kernel.value
+        call = _kernel_call(kernel, interpret, causal)
     batch = q_BxLxHxD.shape[0]
-    call = _gpu_attention if kernel is Kernel.GPU else _tpu_attention
-    call = functools.partial(call, causal=causal, interpret=interpret)
     if jax.config.jax_enable_x64:
         call = _in_32_bit_mode(call)
     segments_BxL = None if mask_BxL is None else mask_BxL.astype(jnp.int32)
