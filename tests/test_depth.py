@@ -140,3 +140,13 @@ def test_depth_table_layout(scope):
     assert output.depth_markdown(records).splitlines()[2:] == [
         "| attention | 1K | 2K |", "|---|---|---|", "| x | 16 / 16 | 32 / ? |",
         "| y | 1,024 / 2,048 |  |"]
+
+
+def test_depth_only_traces_without_compiling_or_timing(tmp_path):
+    records = bench.main(["--attention", "linear:form=recurrent", "--no_baseline", "--causal",
+                          "--lengths", "64", "--scopes", "layer", "--depth_only",
+                          "--heads", "2", "--head_dim", "8", "--out", str(tmp_path)])
+    (record,) = records
+    assert (record["depth_forward"], record["time_ms"], record["peak_bytes"]) == (64, None, None)
+    text = (tmp_path / "bench.md").read_text()
+    assert "Sequential depth" in text and "| linear:form=recurrent | 64 / 64 |" in text

@@ -42,6 +42,8 @@ counted from its jaxpr with scan bodies times their length) and `matmul_fraction
 another, lra/bench/depth.py; None = unknown) of the loss the program differentiates (the
 layer scope's summed output; the step's model loss, its dropout off) and of its backward
 pass alone.
+--depth_only traces each program for its depths and compiles and times nothing (records
+with time_ms None; only the depth tables are written).
 Out-of-memory is a record with `oom: true`: a program whose compiled analysis exceeds
 --memory_budget_gb is not run, and RESOURCE_EXHAUSTED at compile or run time is caught.
 With --out: DIR/bench.json, DIR/bench.md (tables in the layout of the LRA paper's
@@ -132,6 +134,7 @@ class Settings:
     step_heads: int = 4
     step_mlp_dim: int = 1024
     step_dropout: float = 0.1
+    depth_only: bool = False  # trace only: sequential depths, nothing compiled or timed
 
 
 @dataclasses.dataclass
@@ -337,6 +340,8 @@ def prepare(entry: str, scope: str, length: int, settings: Settings,
             loss, inputs = program.loss(*args)
             record["depth_forward"], record["depth_backward"] = (
                 depth.forward_backward_depth(loss, *inputs))
+        if settings.depth_only:
+            return Prepared(record)
         compiled = program.fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:
         return Prepared(_oom_record(record, error))
@@ -388,7 +393,7 @@ def peak_raised(stats: Callable[[], dict | None], work: Callable[[], object]) ->
 def execute(prepared: Prepared, settings: Settings, matmul_peak: float) -> dict:
     """Times a prepared measurement (median of repeats) and completes its record."""
     record = prepared.record
-    if record["oom"]:
+    if record["oom"] or prepared.program is None:  # (out of memory, or --depth_only)
         return record
     program, args = prepared.program, prepared.args
     prepared.args = None  # donated or consumed from here on
@@ -444,6 +449,10 @@ def _progress(index: int, total: int, record: dict) -> None:
     head = f"[{index}/{total}] {record['scope']} {record['attention']} L={record['length']}"
     if record["oom"]:
         print(f"{head}: OOM ({record['error']})", file=sys.stderr, flush=True)
+        return
+    if record["time_ms"] is None:
+        print(f"{head}: depth {record['depth_forward']} forward, {record['depth_backward']} "
+              "backward", file=sys.stderr, flush=True)
         return
     print(f"{head}: {record['time_ms']:,.1f} ms, {record['tokens_per_s']:,.0f} tokens/s, "
           f"{output.mib(record['peak_bytes'])} MiB ({record['memory_source']})",
@@ -502,6 +511,8 @@ def _parser() -> argparse.ArgumentParser:
              f"device's memory limit where it reports one, else {DEFAULT_BUDGET_GB:g})")
     add("--baselines", default=",".join(EXACT), help="exact attentions always measured")
     add("--no_baseline", action="store_true", help="measure only the --attention entries")
+    add("--depth_only", action="store_true",
+        help="trace only: each entry's sequential depth, nothing compiled or timed")
     add("--step_batch", type=int, default=None, help="batch of the step scope (default --batch)")
     add("--step_layers", type=int, default=4)
     add("--step_emb_dim", type=int, default=256)
@@ -566,7 +577,9 @@ def _kernel_records(args, scopes: list[str]) -> list[dict]:
         step_batch=args.step_batch or args.batch, step_layers=args.step_layers,
         step_emb_dim=args.step_emb_dim, step_qkv_dim=args.step_qkv_dim,
         step_heads=args.step_heads, step_mlp_dim=args.step_mlp_dim,
-        step_dropout=args.step_dropout)
+        step_dropout=args.step_dropout, depth_only=args.depth_only)
+    if args.depth_only:
+        return run(entries, scopes, lengths, settings, matmul_peak=0.0)
     matmul_peak = flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
     print(f"{device_name()}: {args.matmul_size}^2 matmul at {matmul_peak / 1e9:,.1f} GFLOP/s "
           f"({args.dtype})", file=sys.stderr, flush=True)
@@ -607,6 +620,7 @@ def main(argv=None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(records, indent=2) + "\n")
         (out / "bench.md").write_text(text + "\n")
-        output.plot(records, out)
+        if not args.depth_only:  # (nothing timed to plot)
+            output.plot(records, out)
     return records
 

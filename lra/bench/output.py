@@ -92,6 +92,8 @@ def _row(name: str, cells: list[str]) -> str:
 
 def scope_markdown(scope: str, records: list[dict]) -> str:
     """The two tables of one scope: LRA layout (steps/s, memory) and time / efficiency."""
+    if all(r["time_ms"] is None and not r["oom"] for r in records):  # --depth_only
+        return "\n".join([_title(scope, records), "", depth_markdown(records)])
     lengths, names, cells = _grid(records)
     labels = [length_label(n) for n in lengths]
     softmax = {n: cells.get(("softmax", n)) for n in lengths}
