@@ -16,9 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from mixer_checks import check_contract, make_mixer, random_x
+from mixer_checks import (
+    check_contract,
+    check_no_mask_leak,
+    check_step_equals_full_pass,
+    make_mixer,
+    random_x,
+)
 
 from lra.models import mixers
+from lra.models.attention import ssd
 from lra.models.mixers import mamba2, ssm
 
 B, L, E = 3, 11, 8
@@ -60,12 +67,15 @@ def _softplus(x):
 
 
 def _reference_row(block, u_TxE, causal):
-    """The block on one sequence of T real tokens (no padding), float64 [T, E]."""
+    """The block on one sequence of T real tokens (no padding), float64 [T, E]. B and C
+    per group of heads (head h in group h // (H / G), Mamba2's layout); the SSD state
+    starts from the learned one if any (forward direction only); dt clamped to dt_limit."""
     d_inner, n, heads, p = block.d_inner, block.d_state, block.num_heads, block.head_dim
-    k_conv = block.conv_size
+    groups, k_conv = block.ngroups, block.conv_size
     zxbcdt = u_TxE @ _np(block.in_proj.kernel)  # no bias
-    z, xbc, dt_raw = (zxbcdt[:, :d_inner], zxbcdt[:, d_inner:2 * d_inner + 2 * n],
-                      zxbcdt[:, 2 * d_inner + 2 * n:])
+    gn = groups * n
+    z, xbc, dt_raw = (zxbcdt[:, :d_inner], zxbcdt[:, d_inner:2 * d_inner + 2 * gn],
+                      zxbcdt[:, 2 * d_inner + 2 * gn:])
     # depthwise convolution: causal sees t-K+1..t; bidirectional t-K+1..t+K-1
     w, bias = _np(block.conv_weight_KxC), _np(block.conv_bias_C)
     offsets = range(-(k_conv - 1), 1) if causal else range(-(k_conv - 1), k_conv)
@@ -78,21 +88,24 @@ def _reference_row(block, u_TxE, causal):
                 conv[t] += w[tap] * xbc[t + offset]
     xbc = _silu(conv)
     x = xbc[:, :d_inner].reshape(T, heads, p)
-    Bm, Cm = xbc[:, d_inner:d_inner + n], xbc[:, d_inner + n:]
-    dt = _softplus(dt_raw + _np(block.dt_bias_H))  # [T, H]
+    of_head = np.arange(heads) // (heads // groups)  # each head's group
+    Bm = xbc[:, d_inner:d_inner + gn].reshape(T, groups, n)[:, of_head]  # [T, H, N]
+    Cm = xbc[:, d_inner + gn:].reshape(T, groups, n)[:, of_head]
+    dt = np.clip(_softplus(dt_raw + _np(block.dt_bias_H)), *block.dt_limit)  # [T, H]
     A = -np.exp(_np(block.A_log_H))
     a = np.exp(dt * A)  # [T, H]
     y = np.zeros((T, heads, p))
-    h = np.zeros((heads, n, p))
+    h = (np.zeros((heads, n, p)) if block.init_states_HxNxP is None
+         else _np(block.init_states_HxNxP))
     for t in range(T):  # forward, inclusive: h_t = a_t h_{t-1} + B_t^T dt_t x_t
-        h = a[t][:, None, None] * h + np.einsum("n,hp->hnp", Bm[t], dt[t][:, None] * x[t])
-        y[t] += np.einsum("n,hnp->hp", Cm[t], h)
+        h = a[t][:, None, None] * h + np.einsum("hn,hp->hnp", Bm[t], dt[t][:, None] * x[t])
+        y[t] += np.einsum("hn,hnp->hp", Cm[t], h)
     if not causal:  # reverse, exclusive: r_t = sum_{s>t} a_{t+1}..a_s B_s^T dt_s x_s
         r = np.zeros((heads, n, p))
         for t in range(T - 2, -1, -1):
             r = a[t + 1][:, None, None] * (
-                r + np.einsum("n,hp->hnp", Bm[t + 1], dt[t + 1][:, None] * x[t + 1]))
-            y[t] += np.einsum("n,hnp->hp", Cm[t], r)
+                r + np.einsum("hn,hp->hnp", Bm[t + 1], dt[t + 1][:, None] * x[t + 1]))
+            y[t] += np.einsum("hn,hnp->hp", Cm[t], r)
     y = (y + _np(block.D_H)[:, None] * x).reshape(T, d_inner)
     y = y * _silu(z)
     y = y / np.sqrt(np.mean(y**2, -1, keepdims=True) + 1e-5) * _np(block.norm_scale_I)
@@ -183,7 +196,9 @@ def test_shapes_from_options_and_head_dim_is_clipped():
 
 @pytest.mark.parametrize("option,value", [
     ("expand", 0), ("head_dim", 3), ("head_dim", 0), ("d_state", 0), ("conv_size", 0),
-    ("chunk_size", 0), ("chunk_size", 2.5), ("form", "nope"), ("expand", True)])
+    ("chunk_size", 0), ("chunk_size", 2.5), ("form", "nope"), ("expand", True),
+    ("ngroups", 0), ("ngroups", 3), ("learnable_init_states", "yes"), ("dt_limit", 0.1),
+    ("dt_limit", (0.1, 0.01)), ("dt_limit", (-1.0, 1.0)), ("dt_limit", ("a", 1.0))])
 def test_bad_options_raise_naming_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         _block(causal=False, **{option: value})
@@ -195,7 +210,8 @@ def test_registry_makes_the_block_under_mamba2():
     assert not mixers.default_block_mlp("mamba2")
     assert mixers.default_options("mamba2") == {
         "expand": 2, "head_dim": 64, "d_state": 64, "conv_size": 4, "form": "chunked",
-        "chunk_size": 64}
+        "chunk_size": 64, "ngroups": 1, "learnable_init_states": False,
+        "dt_limit": (0.0, float("inf"))}
     assert isinstance(_block(causal=False), mamba2.Mamba2Block)
 
 
@@ -247,3 +263,179 @@ def test_input_gradient_matches_finite_differences_of_the_reference(causal):
             step[t, e] = eps
             expected[t, e] = (reference_loss(x64 + step) - reference_loss(x64 - step)) / (2 * eps)
     assert_close_relative(grad, expected, rtol=1e-4)  # masked positions: 0 in both
+
+
+# --- Mamba2's ngroups, learnable_init_states and dt_limit --------------------------------
+
+RICH = {"ngroups": 2, "learnable_init_states": True, "dt_limit": (0.005, 0.05)}
+
+
+def _with_random_initial_state(block, seed=9):
+    """The learned initial state is zero at init; a random one makes the checks bite."""
+    if block.init_states_HxNxP is not None:
+        shape = block.init_states_HxNxP.shape
+        block.init_states_HxNxP[...] = random_x(shape, seed=seed)
+    return block
+
+
+@pytest.mark.parametrize("causal,form,options", [
+    (True, "chunked", RICH), (False, "chunked", RICH),
+    (True, "recurrent", {**RICH, "ngroups": 4}), (False, "parallel", {"ngroups": 4})])
+def test_groups_initial_state_and_dt_limit_match_numpy_reference(causal, form, options):
+    """B and C per group of heads, the learned starting state (forward direction only) and
+    dt clamped to dt_limit, against the float64 reference; masked tokens dropped (the row
+    with a masked first token, a hole and right padding, and the right-padded row)."""
+    block = _with_random_initial_state(_block(causal=causal, form=form, **options))
+    x, mask = random_x((B, L, E), seed=1), _edge_mask()
+    out = np.asarray(block(x, mask), np.float64)
+    real = np.asarray(mask)
+    assert_close_relative(out[real], _reference(block, x, mask, causal)[real])
+    if "dt_limit" in options:  # the clamp binds (the check can fail)
+        unclamped = _with_random_initial_state(
+            _block(causal=causal, form=form, **{**options, "dt_limit": (0.0, np.inf)}))
+        assert np.abs(np.asarray(unclamped(x, mask)) - out)[real].max() > 1e-3
+
+
+def test_groups_shape_the_projection_and_the_convolution():
+    block = _block(causal=True, ngroups=2)
+    assert block.in_proj.kernel.shape == (E, 2 * 16 + 2 * 2 * 4 + 4)
+    assert block.conv_weight_KxC.shape == (4, 16 + 2 * 2 * 4)
+    assert block.init_state(B).conv_BxKxC.shape == (B, 3, 16 + 2 * 2 * 4)
+    assert block.init_states_HxNxP is None
+    learned = _block(causal=True, learnable_init_states=True)
+    names = {path[-1] for path, _ in nnx.to_flat_state(nnx.state(learned, ssm.SsmParam))}
+    assert names == {"A_log_H", "dt_bias_H", "D_H", "init_states_HxNxP"}
+    np.testing.assert_array_equal(_np(learned.init_states_HxNxP), np.zeros((4, 4, 4)))
+
+
+def test_learned_initial_state_decodes_and_masks_leak_nothing():
+    """`step` starts from the learned state and gives the full causal pass; masked values
+    change no real output (right padding, holes, a masked first token), both directions."""
+    x, mask = random_x((B, L, E), seed=4), _edge_mask()
+    block = _with_random_initial_state(_block(causal=True, **RICH))
+    np.testing.assert_array_equal(np.asarray(block.init_state(2).ssd_BxHxNxP[1]),
+                                  _np(block.init_states_HxNxP))
+    check_step_equals_full_pass(block, x, mask)
+    for causal in (True, False):
+        check_no_mask_leak(_with_random_initial_state(_block(causal=causal, **RICH)), x, mask)
+
+
+# --- the grouped SSD core (ssd.grouped_ssd) -------------------------------------------------
+
+H, N, P = 4, 3, 2
+
+
+def _core_inputs(groups, seed=0):
+    """Random C, B [B, L, G, N], x [B, L, H, P], dt, A, D, h0 and the edge mask."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.normal(size=shape)
+    return {"C": normal(B, L, groups, N), "B": normal(B, L, groups, N),
+            "x": normal(B, L, H, P), "dt": _softplus(normal(B, L, H) - 1.0),
+            "A": -rng.uniform(0.2, 2.0, H), "D": normal(H), "h0": normal(H, N, P),
+            "mask": np.asarray(_edge_mask())}
+
+
+def _core(inputs, *, form, causal, initial=True, dtype=jnp.float32):
+    """The block's use of the core: zero at masked tokens, log-gate dt A, input dt x."""
+    keep = inputs["mask"]
+    zero = lambda a: jnp.asarray(np.where(keep.reshape(*keep.shape, *[1] * (a.ndim - 2)),
+                                          a, 0.0), jnp.float32)
+    x, C, Bm = zero(inputs["x"]), zero(inputs["C"]), zero(inputs["B"])
+    dt = jnp.asarray(inputs["dt"], jnp.float32)
+    g = zero(inputs["dt"] * inputs["A"])
+    h0 = jnp.asarray(inputs["h0"], jnp.float32) if initial else None
+    y = ssd.grouped_ssd(C.astype(dtype), Bm.astype(dtype), (x * dt[..., None]).astype(dtype),
+                        g, h0, form=form, causal=causal, chunk_size=4)
+    return y + jnp.asarray(inputs["D"], jnp.float32)[:, None] * x
+
+
+def _core_reference(inputs, *, causal, initial=True):
+    """float64, token by token over each row's real tokens: h_t = exp(dt_t A) h_{t-1} +
+    dt_t B_t^T x_t (h_{-1} = h0), y_t = C_t h_t + D x_t, the heads of group g reading B
+    and C of group g; bidirectional adds the reverse exclusive sums from a zero state."""
+    groups = inputs["C"].shape[2]
+    of_head = np.arange(H) // (H // groups)
+    out = np.full((B, L, H, P), np.nan)
+    for row in range(B):
+        real = inputs["mask"][row]
+        x, dt = inputs["x"][row, real], inputs["dt"][row, real]
+        Bm, C = inputs["B"][row, real][:, of_head], inputs["C"][row, real][:, of_head]
+        a = np.exp(dt * inputs["A"])
+        h = inputs["h0"].copy() if initial else np.zeros((H, N, P))
+        y = inputs["D"][:, None] * x
+        for t in range(len(x)):
+            h = a[t][:, None, None] * h + np.einsum("hn,hp->hnp", Bm[t], dt[t][:, None] * x[t])
+            y[t] += np.einsum("hn,hnp->hp", C[t], h)
+        if not causal:
+            r = np.zeros((H, N, P))
+            for t in range(len(x) - 2, -1, -1):
+                r = a[t + 1][:, None, None] * (
+                    r + np.einsum("hn,hp->hnp", Bm[t + 1], dt[t + 1][:, None] * x[t + 1]))
+                y[t] += np.einsum("hn,hnp->hp", C[t], r)
+        out[row, real] = y
+    return out
+
+
+@pytest.mark.parametrize("groups,form,causal,initial", [
+    (1, "chunked", True, True), (1, "recurrent", True, True), (1, "parallel", True, False),
+    (2, "chunked", True, True), (1, "chunked", False, True), (2, "recurrent", False, True)])
+def test_grouped_core_matches_token_by_token_recurrence(groups, form, causal, initial):
+    inputs = _core_inputs(groups)
+    out = np.asarray(_core(inputs, form=form, causal=causal, initial=initial), np.float64)
+    real = inputs["mask"]
+    expected = _core_reference(inputs, causal=causal, initial=initial)
+    assert_close_relative(out[real], expected[real])
+
+
+@pytest.mark.parametrize("form,causal", [("chunked", True), ("chunked", False),
+                                         ("parallel", False), ("recurrent", True)])
+def test_grouped_core_equals_the_per_head_gated_core(form, causal):
+    """ngroups = heads is the per-head computation of gated.retain (q = C, k = B per head),
+    and one group is that computation with B and C broadcast to every head (the block's
+    path before groups existed)."""
+    from lra.models.attention import gated
+
+    rng = np.random.default_rng(3)
+    v = jnp.asarray(rng.normal(size=(B, L, H, P)), jnp.float32)
+    g = jnp.asarray(-rng.uniform(0.0, 1.0, (B, L, H)), jnp.float32)
+    for groups in (H, 1):
+        C, Bm = (jnp.asarray(rng.normal(size=(B, L, groups, N)), jnp.float32) for _ in "CB")
+        q, k = (jnp.broadcast_to(m, (B, L, H, N)) for m in (C, Bm))  # = m when G = H
+        got = ssd.grouped_ssd(C, Bm, v, g, form=form, causal=causal, chunk_size=4)
+        want = gated.retain(q, k, v, g[..., None], form=gated.Form(form), causal=causal,
+                            chunk_size=4)
+        assert_close_relative(got, want)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general of a jaxpr, its sub-jaxprs (scan, jit, custom_vjp) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _dot_generals(sub)
+
+
+def test_bfloat16_matmuls_take_bf16_with_float32_accumulation_and_states():
+    """Under dtype=bfloat16 every matmul of the block (projections, C B^T, the chunk's
+    output, the state's read and write) takes bfloat16 operands and accumulates in
+    float32; the decoding state stays float32; the core's bf16 output is close to its
+    float32 output."""
+    block = _with_random_initial_state(_block(causal=True, dtype=jnp.bfloat16, **RICH))
+    x, mask = random_x((B, L, E), seed=1, dtype=jnp.bfloat16), _edge_mask()
+    dots = list(_dot_generals(jax.make_jaxpr(lambda x: block(x, mask))(x).jaxpr))
+    assert len(dots) >= 6
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+    state, out = jax.eval_shape(lambda s, x: block.step(s, x, mask[:, 0], 0),
+                                block.init_state(B), x[:, 0])
+    assert out.dtype == jnp.bfloat16
+    assert {a.dtype for a in state} == {jnp.dtype(jnp.float32)}
+    inputs = _core_inputs(2)
+    low = np.asarray(_core(inputs, form="chunked", causal=False, dtype=jnp.bfloat16))
+    full = np.asarray(_core(inputs, form="chunked", causal=False))
+    assert_close_relative(low[inputs["mask"]], full[inputs["mask"]], rtol=2e-2)

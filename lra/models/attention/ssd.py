@@ -23,17 +23,37 @@ No scaling of q or k (SSD has none). The output is normalised per head
 (`group_norm`, on by default), standing in for the Mamba2 block's norm: without it the
 dt-scaled output is small and the far-pair test (one layer) stays at chance. Bidirectional as
 fwd + rev - diag (gated.py), the D skip added once.
+
+`grouped_ssd` (and `grouped_ssd_step`) is the SSD of the Mamba2 block, where B and C
+come from the block's input projection per group of heads (Mamba2's ngroups) rather
+than per head: written from the paper's chunked SSD (its Listing 1, the [C, C]
+intra-chunk matrix plus states passed between chunks) and the conventions of
+github.com/state-spaces/mamba at commit e9594ce1c732d97440f0332fdc43170a2294dbfa
+(mamba_ssm/ops/triton/ssd_combined.py `_mamba_chunk_scan_combined_fwd`: head h reads
+group h // (H / G), C B^T computed per group by `_bmm_chunk_fwd`, `initial_states`;
+mamba_ssm/modules/ssd_minimal.py), not copied. Per chunk, C B^T [C, C] is one matmul
+per group; each head's decay exp(cum_i - cum_j) multiplies it (the only per-head
+[C, C] array); the state is read with C per group and written with B per group, the
+decays since the chunk start and until its end applied to the output and to dt x.
+With one group per head it is gated.py's computation with q = C, k = B (tested); the
+numerics (log-space decays, float32 cumulative sums restarted each chunk, exponents
+<= 0, matmuls in the inputs' dtype with float32 accumulation, float32 state) are
+gated.py's. It lives here rather than in gated.py so that the per-head gated core
+keeps one layout.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lra.common import F32, dot_f32
 from lra.models.attention.gated import GatedAttention
+from lra.models.attention.linear import Form
 
 A_RANGE = (1.0, 16.0)
 DT_RANGE = (0.001, 0.1)
@@ -97,3 +117,149 @@ class SsdAttention(GatedAttention):
         if self.D_H is not None:
             out_BxLxHxD = out_BxLxHxD + self.D_H[...][:, None] * v
         return super().finish(out_BxLxHxD, q, k, v)
+
+
+# --- the grouped SSD of the Mamba2 block (B and C shared by groups of heads) ------------
+
+
+def _segment_decay(cum_BxCxGxR: jax.Array) -> jax.Array:
+    """exp(cum_i - cum_j) for j <= i, else 0: [B, G, R, C, C]. The upper triangle is
+    replaced before exp(), so nothing overflows and gradients stay finite."""
+    cum = jnp.moveaxis(cum_BxCxGxR, 1, -1)  # [B, G, R, C]
+    length = cum.shape[-1]
+    tril_CxC = jnp.tril(jnp.ones((length, length), bool))
+    diff = cum[..., :, None] - cum[..., None, :]
+    return jnp.where(tril_CxC, jnp.exp(jnp.where(tril_CxC, diff, 0.0)), 0.0)
+
+
+def _grouped_chunked(c, b, x, g, S0, chunk_size):
+    """The causal grouped SSD, one chunk per `lax.scan` step (Listing 1 of the paper,
+    chunk by chunk): the chunk's own [C, C] part, the read of the state that all earlier
+    chunks left, and the chunk's contribution to that state.
+
+    c, b [B, L, G, N]; x [B, L, G, R, P] (dt-scaled); g [B, L, G, R] float32; S0
+    [B, G, R, N, P] float32. C B^T is formed once per group ([B, G, C, C]) and meets
+    the per-head decay only in the product with it; the state is read with C per group
+    and written with B per group, the per-head decays applied to x and to the output.
+    """
+    batch, length = x.shape[:2]
+    chunk = min(chunk_size, length)
+    n = -(-length // chunk)
+    dtype = x.dtype
+
+    def chunks(a):  # [B, L, ...] -> [n, B, C, ...], zero-padded (zero b, x and log-gate)
+        a = jnp.pad(a, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(batch, n, chunk, *a.shape[2:]), 1, 0)
+
+    def body(S_BxGxRxNxP, xs):
+        c_BxCxGxN, b_BxCxGxN, x_BxCxGxRxP, g_BxCxGxR = xs
+        cum_BxCxGxR = jnp.cumsum(g_BxCxGxR, axis=1)  # restarts at each chunk
+        cb_BxGxCxC = dot_f32("bign,bjgn->bgij", c_BxCxGxN, b_BxCxGxN)  # once per group
+        a_BxGxRxCxC = cb_BxGxCxC[:, :, None] * _segment_decay(cum_BxCxGxR)
+        out = dot_f32("bgrij,bjgrp->bigrp", a_BxGxRxCxC.astype(dtype), x_BxCxGxRxP)
+        read = dot_f32("bign,bgrnp->bigrp", c_BxCxGxN, S_BxGxRxNxP.astype(dtype))
+        out = out + jnp.exp(cum_BxCxGxR)[..., None] * read  # decay since the chunk start
+        total_BxGxR = cum_BxCxGxR[:, -1]
+        to_end = jnp.exp(total_BxGxR[:, None] - cum_BxCxGxR)[..., None]  # until chunk end
+        x_end = (x_BxCxGxRxP.astype(F32) * to_end).astype(dtype)
+        S_BxGxRxNxP = (jnp.exp(total_BxGxR)[..., None, None] * S_BxGxRxNxP
+                       + dot_f32("bjgn,bjgrp->bgrnp", b_BxCxGxN, x_end))
+        return S_BxGxRxNxP, out
+
+    _, out_nxBxCxGxRxP = jax.lax.scan(body, S0, tuple(chunks(a) for a in (c, b, x, g)))
+    out = jnp.moveaxis(out_nxBxCxGxRxP, 0, 1)
+    return out.reshape(batch, n * chunk, *x.shape[2:])[:, :length]
+
+
+def _grouped_parallel(c, b, x, g, S0, chunk_size):
+    """The quadratic form: the whole sequence as one chunk (the L x L matrix)."""
+    del chunk_size
+    return _grouped_chunked(c, b, x, g, S0, x.shape[1])
+
+
+def _grouped_token(S_BxGxRxNxP, c_BxGxN, b_BxGxN, x_BxGxRxP, g_BxGxR):
+    """h = exp(g) h + B^T x, y = C h: one token (float32 state, read in float32)."""
+    write = dot_f32("bgn,bgrp->bgrnp", b_BxGxN, x_BxGxRxP)
+    S_BxGxRxNxP = jnp.exp(g_BxGxR.astype(F32))[..., None, None] * S_BxGxRxNxP + write
+    return S_BxGxRxNxP, dot_f32("bgn,bgrnp->bgrp", c_BxGxN.astype(F32), S_BxGxRxNxP)
+
+
+def _grouped_recurrent(c, b, x, g, S0, chunk_size):
+    del chunk_size
+    body = lambda S, xs: _grouped_token(S, *xs)
+    _, out = jax.lax.scan(body, S0, tuple(jnp.moveaxis(a, 1, 0) for a in (c, b, x, g)))
+    return jnp.moveaxis(out, 0, 1)
+
+
+_GROUPED_FORMS = {Form.PARALLEL: _grouped_parallel, Form.CHUNKED: _grouped_chunked,
+                  Form.RECURRENT: _grouped_recurrent}
+
+
+def _by_group(a, groups):
+    """[..., H, D] -> [..., G, H / G, D]: head h is in group h // (H / G), as Mamba2."""
+    return a.reshape(*a.shape[:-2], groups, a.shape[-2] // groups, a.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size"))
+def grouped_ssd(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_state=None, *,
+                form: Form, causal: bool, chunk_size: int) -> jax.Array:
+    """Mamba2's SSD with B and C shared by groups of heads, float32 [B, L, H, P].
+
+    Per head h of group G(h) = h // (H / G) (Mamba2's layout: the heads of a group are
+    consecutive) and token t, with x already scaled by dt and g = dt A <= 0:
+
+        S_t = exp(g_{t,h}) S_{t-1} + B_{t,G(h)}^T x_{t,h}     [N, P], S_{-1} = initial_state
+        y_{t,h} = C_{t,G(h)} S_t
+
+    Forms (`Form`, the same numbers): `chunked` (the C x C product C B^T once per group and
+    chunk, scaled by each head's decay; the state carried by `lax.scan`), `parallel` (one
+    chunk of the whole length) and `recurrent` (`lax.scan` over tokens). Bidirectional
+    (causal=False) as gated.py: fwd + rev - diag, the reverse pass over the reversed
+    sequence with the gates shifted by one token, starting from a zero state (the initial
+    state enters the forward pass only). Matmuls take the inputs' dtype (x's) with float32
+    accumulation; the state and the decays are float32.
+
+    Args:
+      C_BxLxGxN, B_BxLxGxN: C and B per group, zero at masked positions.
+      x_BxLxHxP: dt x per head, zero at masked positions; its dtype is the matmuls'.
+      g_BxLxH: float log-gates dt A <= 0, 0 at masked positions (the state passes).
+      initial_state: None (zero) or float, broadcastable to [B, H, N, P].
+      form: a `Form`.
+      causal: causal, or bidirectional (fwd + rev - diag).
+      chunk_size: C of the chunked form.
+
+    Raises:
+      ValueError: if the groups do not divide the heads.
+    """
+    batch, _, heads, dim = x_BxLxHxP.shape
+    groups, d_state = C_BxLxGxN.shape[-2:]
+    if heads % groups:
+        raise ValueError(f"ngroups ({groups}) must divide the number of heads ({heads})")
+    dtype = x_BxLxHxP.dtype
+    c, b = C_BxLxGxN.astype(dtype), B_BxLxGxN.astype(dtype)
+    x = _by_group(x_BxLxHxP, groups)
+    g = g_BxLxH.astype(F32).reshape(*g_BxLxH.shape[:2], groups, heads // groups)
+    state_shape = (batch, groups, heads // groups, d_state, dim)
+    zero_S0 = jnp.zeros(state_shape, F32)
+    S0 = zero_S0 if initial_state is None else jnp.broadcast_to(
+        initial_state.astype(F32), (batch, heads, d_state, dim)).reshape(state_shape)
+    attend = functools.partial(_GROUPED_FORMS[Form(form)], chunk_size=chunk_size)
+    out = attend(c, b, x, g, S0)
+    if not causal:
+        g_next = jnp.concatenate([g[:, 1:], jnp.zeros_like(g[:, :1])], axis=1)
+        flip = lambda a: a[:, ::-1]
+        out = out + flip(attend(flip(c), flip(b), flip(x), flip(g_next), zero_S0))
+        diag_BxLxG = jnp.sum(c.astype(F32) * b.astype(F32), -1)
+        out = out - diag_BxLxG[..., None, None] * x.astype(F32)
+    return out.reshape(*out.shape[:2], heads, dim)
+
+
+def grouped_ssd_step(S_BxHxNxP, C_BxGxN, B_BxGxN, x_BxHxP, g_BxH):
+    """One token of `grouped_ssd` (causal): (new float32 state, float32 output [B, H, P])."""
+    batch, heads, d_state, dim = S_BxHxNxP.shape
+    groups = C_BxGxN.shape[-2]
+    S = S_BxHxNxP.reshape(batch, groups, heads // groups, d_state, dim)
+    dtype = x_BxHxP.dtype
+    S, y = _grouped_token(S, C_BxGxN.astype(dtype), B_BxGxN.astype(dtype),
+                          _by_group(x_BxHxP, groups), g_BxH.reshape(batch, groups, -1))
+    return S.reshape(S_BxHxNxP.shape), y.reshape(batch, heads, dim)

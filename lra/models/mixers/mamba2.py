@@ -2,28 +2,47 @@
 
 Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
 Structured State Space Duality", ICML 2024 (the Mamba2 block, Fig. 6 and Sec. 7).
-Checked against the authors' code (github.com/state-spaces/mamba):
-mamba_ssm/modules/mamba2_simple.py (`Mamba2Simple`: the layout, the initialisation,
-`_no_weight_decay`) and mamba_ssm/modules/mamba2.py (`Mamba2`: the defaults headdim=64,
-d_state=128, and `step`). The code here is written from the paper's equations; the SSD
-itself is the gated linear-attention core (`lra.models.attention.gated.retain`), the
-same one as the attention `ssd` (ssd.py), not a second implementation.
+Checked against the authors' code (github.com/state-spaces/mamba; read at commit
+e9594ce1c732d97440f0332fdc43170a2294dbfa): mamba_ssm/modules/mamba2_simple.py
+(`Mamba2Simple`: the layout, the initialisation, `_no_weight_decay`, and the options
+ngroups, learnable_init_states, dt_limit), mamba_ssm/modules/mamba2.py (`Mamba2`: the
+defaults headdim=64, d_state=128, and `step`) and mamba_ssm/ops/triton/ssd_combined.py
+(`_mamba_chunk_scan_combined_fwd`: head h reads the B and C of group h // (H / G);
+initial_states; dt clamped to dt_limit after the softplus). The code here is written
+from the paper's equations and those conventions, not copied; the SSD is
+`lra.models.attention.ssd.grouped_ssd` (the paper's chunked SSD with C B^T formed once
+per group), which equals the gated linear-attention core (gated.py) with B and C
+broadcast to every head (tested).
 
 Per token t, with E the width, d_inner = expand E, H = d_inner / head_dim heads of
-P = head_dim channels, N = d_state and one group (B, C shared by the heads):
+P = head_dim channels, N = d_state and G = ngroups groups of H / G consecutive heads
+that share B and C (head h in group G(h) = h // (H / G), as Mamba2):
 
-    [z, xBC, dt_raw] = in_proj(u_t)          z, x [d_inner], B, C [N], dt_raw [H]
+    [z, xBC, dt_raw] = in_proj(u_t)          z, x [d_inner], B, C [G N], dt_raw [H]
     xBC = silu(conv1d(xBC))                   depthwise, kernel conv_size, with bias
-    dt_h = softplus(dt_raw_h + dt_bias_h),    A_h = -exp(A_log_h)
-    h_t = exp(dt_h A_h) h_{t-1} + B_t^T (dt_h x_{t,h})    [N, P] per head
-    y_{t,h} = C_t h_t + D_h x_{t,h}
+    dt_h = clamp(softplus(dt_raw_h + dt_bias_h), dt_limit),   A_h = -exp(A_log_h)
+    h_t = exp(dt_h A_h) h_{t-1} + B_{t,G(h)}^T (dt_h x_{t,h})    [N, P] per head
+    y_{t,h} = C_{t,G(h)} h_t + D_h x_{t,h}
     out_t = out_proj(RMSNorm(y_t * silu(z_t)))            (norm_before_gate=False)
 
+with h_{-1} = 0, or the learned per-head [N, P] state with learnable_init_states.
 Both nonlinearities are SiLU, x sigmoid(x), exact, as the authors' code (`nn.SiLU()` /
-the "swish" activation of the fused kernels); the block has no GELU. On the gated core
-q = C, k = B (broadcast over heads), v = dt x, and the log-gate is g = dt A <= 0 (one
-per head). in_proj and out_proj have no bias (Mamba2's bias=False);
-the RMSNorm is over all d_inner channels (one group) with a learned scale and eps 1e-5.
+the "swish" activation of the fused kernels); the block has no GELU. The convolution
+covers x, B and C (d_inner + 2 G N channels), as Mamba2's. in_proj and out_proj have no
+bias (Mamba2's bias=False); the RMSNorm is over all d_inner channels (one group,
+Mamba2Simple's `RMSNormGated(d_inner)`, whatever ngroups: Mamba2's fused module
+normalises each of the G groups of d_inner / G channels instead) with a learned scale
+and eps 1e-5.
+
+Options from Mamba2Simple, all off by default (the defaults give the block as it was
+before they existed, to float32 rounding: the SSD's operations are ordered differently):
+`ngroups` (1: one B and one C for all heads; must divide H; the C B^T matrix of a chunk
+is computed once per group, the per-head decays applied to it afterwards);
+`learnable_init_states` (False; a per-head [N, P] `SsmParam`,
+`init_states_HxNxP`, zeros at init, that the SSD state starts from in every form and
+in `init_state`; Mamba2Simple's `init_states` [H, P, N], here the state's [N, P]
+layout); `dt_limit` ((0, inf): no clamp, and none is applied; else dt is clamped to
+[lo, hi] after the softplus, as `ssd_combined`'s dt_limit).
 
 Initialisation as Mamba2Simple: A ~ U[1, 16] (A_log = log A), dt ~ log-uniform in
 [0.001, 0.1] floored at 1e-4 and dt_bias = softplus^-1(dt) (`ssd.mamba2_init`), D = 1,
@@ -33,19 +52,23 @@ default (LeCun normal, the same 1/fan_in scale family as torch's Linear default)
 reference's per-layer rescaling of out_proj (in its language-model wrapper) is not
 applied.
 
-Parameter groups: Mamba2 marks A_log, dt_bias and D `_no_weight_decay`; here they are
-`ssm.SsmParam`s, so lra.training.train gives them no weight decay and `config.ssm_learning_rate`
-(Mamba2 itself trains them at the model's learning rate: set ssm_learning_rate equal to
-learning_rate to match it exactly). Every other parameter is an ordinary `nnx.Param`.
+Parameter groups: Mamba2 marks A_log, dt_bias and D `_no_weight_decay` (Mamba2Simple
+also init_states); here they are `ssm.SsmParam`s, so lra.training.train gives them no
+weight decay and `config.ssm_learning_rate` (Mamba2 itself trains them at the model's
+learning rate: set ssm_learning_rate equal to learning_rate to match it exactly). Every
+other parameter is an ordinary `nnx.Param`.
 
 Bidirectional (causal=False): two choices, both documented here.
 - Convolution: centred, 2 conv_size - 1 taps (a token sees conv_size - 1 tokens on each
   side and itself), so both directions see a symmetric window; as Hydra (Hwang et al.,
   2024), whose bidirectional Mamba2 uses a centred convolution of 7 taps (= 2 * 4 - 1).
   Causal: conv_size taps, a token sees itself and the conv_size - 1 before it.
-- SSD: fwd + rev - diag of the gated core (gated.py): y_t = C_t (sum_{s <= t}
+- SSD: fwd + rev - diag, as the gated core (gated.py): y_t = C_t (sum_{s <= t}
   decay(s, t] B_s^T dt_s x_s) + C_t (sum_{s > t} decay(t, s] B_s^T dt_s x_s), the decay
   over (min, max] the product of exp(dt A) of those tokens; the D skip is added once.
+- Learned initial state: it starts the forward pass only (the state before the first
+  token, decayed to t: + C_t decay[0, t] h_{-1}); the reverse pass starts from zero.
+  Mamba2 is causal and has no reverse pass to follow.
 
 Masking ("skip"): padding is removed from the sequence. The input is zeroed at masked
 positions (`ssm.masked`); the convolution runs over the real tokens only (each row's
@@ -53,13 +76,20 @@ real tokens are gathered to the front, convolved, and scattered back), so a real
 window holds the real tokens next to it, never a masked one; after the convolution x, B
 and C are zeroed at masked positions and the log-gate set to 0 (the state passes
 unchanged, as gated.py's `_gated`). A real output therefore equals that of the sequence
-of real tokens alone (holes, left or right padding alike), and `step` with mask False
-leaves the whole state (convolution window and SSD state) unchanged. Outputs at masked
-positions are finite and meaningless.
+of real tokens alone (holes, left or right padding alike; with a learned initial state,
+that sequence starts from it: a masked first token leaves it as it is), and `step` with
+mask False leaves the whole state (convolution window and SSD state) unchanged. Outputs
+at masked positions are finite and meaningless.
 
-Numerics: the projections run in the compute dtype with float32 parameters; the
-convolution, SSD (float32 state), D skip and norm run in float32; the result has x's
-dtype. No outer norm and no residual (the encoder block adds them); no MLP sub-block
+Numerics: the projections take the compute dtype (`dtype`, float32 parameters cast)
+and accumulate in float32 (`preferred_element_type`); the convolution, dt, the decays
+and the D skip and norm run in float32. The SSD's matmuls (C B^T, the chunk's output,
+the state's read and write) take C, B and dt x in the compute dtype, and the state
+(float32) cast to it for the read, with float32 accumulation, as gated.py; decays and
+the state stay float32 (the recurrent form and `step` read the state in float32, as
+gated.py's). Under bfloat16 every matmul of the block has bfloat16 operands and
+float32 results (tested); the result has x's dtype. No outer norm and no residual (the
+encoder block adds them); no MLP sub-block
 (`block_mlp = False`); dropout on the block's output.
 """
 
@@ -73,17 +103,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra import common
-from lra.models.attention import gated, ssd
+from lra.models.attention import ssd
 from lra.models.attention.linear import Form
 from lra.models.mixers import ssm
 
 _F32 = jnp.float32
 NORM_EPS = 1e-5  # Mamba2's RMSNormGated eps
+DT_NO_LIMIT = (0.0, math.inf)  # Mamba2's default dt_limit: no clamp
+
+
+def _dt_limit(value) -> tuple[float, float]:
+    """dt_limit as (lo, hi) floats, or a ValueError naming it unless 0 <= lo <= hi."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"dt_limit must be a pair (lo, hi); got {value!r}")
+    lo, hi = (common.real_number("dt_limit", v) for v in value)
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"dt_limit must have 0 <= lo <= hi; got {value!r}")
+    return lo, hi
 
 
 class State(NamedTuple):
     """Decoding state, float32: the last conv_size - 1 inputs of the convolution
-    [B, conv_size - 1, d_inner + 2 N] and the SSD state [B, H, N, P]."""
+    [B, conv_size - 1, d_inner + 2 G N] and the SSD state [B, H, N, P]."""
 
     conv_BxKxC: jax.Array
     ssd_BxHxNxP: jax.Array
@@ -113,6 +154,9 @@ class Mamba2Block(nnx.Module):
         conv_size: int = 4,
         form: str = "chunked",
         chunk_size: int = 64,
+        ngroups: int = 1,
+        learnable_init_states: bool = False,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
     ):
         """Builds the block.
 
@@ -131,6 +175,13 @@ class Mamba2Block(nnx.Module):
             bidirectional one has 2 conv_size - 1 centred taps.
           form: how the SSD is computed: "chunked", "parallel" or "recurrent".
           chunk_size: the chunked form's chunk (Mamba2's 256; 64 here as the gated cores).
+          ngroups: G, the groups of heads that share B and C (Mamba2's ngroups, default 1:
+            one B and one C for all heads); must divide the number of heads.
+          learnable_init_states: if True, the SSD state starts from a learned per-head
+            [N, P] parameter (zeros at init), in the forward direction (Mamba2Simple's
+            learnable_init_states, default False: a zero state).
+          dt_limit: (lo, hi): dt is clamped to [lo, hi] after the softplus (Mamba2's
+            dt_limit; the default (0, inf) clamps nothing and is skipped).
 
         Raises:
           ValueError: naming the option, for a bad option value.
@@ -140,6 +191,10 @@ class Mamba2Block(nnx.Module):
                             ("conv_size", conv_size), ("chunk_size", chunk_size)):
             common.positive_int(name, value)
         self.form = Form(form)
+        ngroups = common.positive_int("ngroups", ngroups)
+        self.learnable_init_states = common.boolean("learnable_init_states",
+                                                    learnable_init_states)
+        self.dt_limit = _dt_limit(dt_limit)
         d_inner = expand * emb_dim
         head_dim = min(head_dim, d_inner)
         if d_inner % head_dim:
@@ -148,12 +203,17 @@ class Mamba2Block(nnx.Module):
         self.emb_dim, self.causal, self.dtype = emb_dim, bool(causal), dtype
         self.d_inner, self.head_dim, self.d_state = d_inner, head_dim, d_state
         self.num_heads = d_inner // head_dim
+        if self.num_heads % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads "
+                             f"d_inner / head_dim = {self.num_heads}")
+        self.ngroups = ngroups
         self.conv_size, self.chunk_size = conv_size, chunk_size
-        self.conv_dim = d_inner + 2 * d_state
+        self.conv_dim = d_inner + 2 * ngroups * d_state
         taps = conv_size if self.causal else 2 * conv_size - 1
 
-        self.in_proj = nnx.Linear(emb_dim, 2 * d_inner + 2 * d_state + self.num_heads,
-                                  use_bias=False, dtype=dtype, rngs=rngs)
+        self.in_proj = nnx.Linear(emb_dim, d_inner + self.conv_dim + self.num_heads,
+                                  use_bias=False, dtype=dtype, preferred_element_type=_F32,
+                                  rngs=rngs)
         bound = 1.0 / math.sqrt(taps)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, _F32, -bound, bound)
         self.conv_weight_KxC = nnx.Param(uniform((taps, self.conv_dim)))
@@ -162,8 +222,12 @@ class Mamba2Block(nnx.Module):
         self.A_log_H = ssm.SsmParam(a_log_H)
         self.dt_bias_H = ssm.SsmParam(dt_bias_H)
         self.D_H = ssm.SsmParam(jnp.ones((self.num_heads,), _F32))
+        self.init_states_HxNxP = (
+            ssm.SsmParam(jnp.zeros((self.num_heads, d_state, head_dim), _F32))
+            if self.learnable_init_states else None)
         self.norm_scale_I = nnx.Param(jnp.ones((d_inner,), _F32))
-        self.out_proj = nnx.Linear(d_inner, emb_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(d_inner, emb_dim, use_bias=False, dtype=dtype,
+                                   preferred_element_type=_F32, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     @property
@@ -174,22 +238,29 @@ class Mamba2Block(nnx.Module):
     # --- pieces shared by __call__ and step ------------------------------------------
 
     def _split_proj(self, zxbcdt):
-        i, n = self.d_inner, self.d_state
-        return zxbcdt[..., :i], zxbcdt[..., i:2 * i + 2 * n], zxbcdt[..., 2 * i + 2 * n:]
+        i, c = self.d_inner, self.conv_dim
+        return zxbcdt[..., :i], zxbcdt[..., i:i + c], zxbcdt[..., i + c:]
 
     def _ssd_inputs(self, xBC, dt_raw, keep):
-        """x [.., H, P], q = C and k = B [.., H, N], v = dt x, log-gate [.., H, 1]; zero
-        (neutral gate) where `keep` [..] is False."""
+        """x [.., H, P], C and B [.., G, N] in the compute dtype, dt x [.., H, P] in the
+        compute dtype, log-gate dt A [.., H] float32; zero (neutral gate) where `keep`
+        [..] is False."""
         keep = keep[..., None]
         xBC = jnp.where(keep, xBC, 0.0)
-        x = xBC[..., :self.d_inner].reshape(*xBC.shape[:-1], self.num_heads, self.head_dim)
-        heads = lambda m: jnp.broadcast_to(m[..., None, :], (*m.shape[:-1], self.num_heads,
-                                                              self.d_state))
-        k = heads(xBC[..., self.d_inner:self.d_inner + self.d_state])
-        q = heads(xBC[..., self.d_inner + self.d_state:])
+        i, gn = self.d_inner, self.ngroups * self.d_state
+        x = xBC[..., :i].reshape(*xBC.shape[:-1], self.num_heads, self.head_dim)
+        groups = lambda m: m.reshape(*m.shape[:-1], self.ngroups, self.d_state)
+        B, C = groups(xBC[..., i:i + gn]), groups(xBC[..., i + gn:])
         dt = jax.nn.softplus(dt_raw + self.dt_bias_H[...])
+        if self.dt_limit != DT_NO_LIMIT:
+            dt = jnp.clip(dt, *self.dt_limit)
         g = jnp.where(keep, -dt * jnp.exp(self.A_log_H[...]), 0.0)
-        return x, q, k, x * dt[..., None], g[..., None]
+        low = lambda m: m.astype(self.dtype)  # the SSD's matmul inputs
+        return x, low(C), low(B), low(x * dt[..., None]), g
+
+    def _initial_state(self):
+        """The SSD's starting state, [H, N, P] float32, or None (zero)."""
+        return None if self.init_states_HxNxP is None else self.init_states_HxNxP[...]
 
     def _finish(self, y_xHxP, x_xHxP, z, deterministic):
         y = y_xHxP + self.D_H[...][:, None] * x_xHxP
@@ -220,15 +291,18 @@ class Mamba2Block(nnx.Module):
         zxbcdt = self.in_proj(ssm.masked(x_BxLxE, keep_BxL)).astype(_F32)
         z, xBC, dt_raw = self._split_proj(zxbcdt)
         xBC = jax.nn.silu(self._conv(xBC, keep_BxL))
-        x, q, k, v, g = self._ssd_inputs(xBC, dt_raw, keep_BxL)
-        y = gated.retain(q, k, v, g, form=self.form, causal=self.causal,
-                         chunk_size=self.chunk_size)
+        x, C, B, v, g = self._ssd_inputs(xBC, dt_raw, keep_BxL)
+        y = ssd.grouped_ssd(C, B, v, g, self._initial_state(), form=self.form,
+                            causal=self.causal, chunk_size=self.chunk_size)
         return self._finish(y, x, z, deterministic).astype(x_BxLxE.dtype)
 
     def init_state(self, batch_size: int) -> State:
-        """The empty decoding state (zero convolution window, zero SSD state)."""
-        return State(jnp.zeros((batch_size, self.conv_size - 1, self.conv_dim), _F32),
-                     jnp.zeros((batch_size, self.num_heads, self.d_state, self.head_dim), _F32))
+        """The decoding state before the first token: a zero convolution window and the
+        SSD's starting state (zero, or the learned one)."""
+        shape = (batch_size, self.num_heads, self.d_state, self.head_dim)
+        initial = self._initial_state()
+        S = jnp.zeros(shape, _F32) if initial is None else jnp.broadcast_to(initial, shape)
+        return State(jnp.zeros((batch_size, self.conv_size - 1, self.conv_dim), _F32), S)
 
     def step(self, state: State, x_BxE: jax.Array, mask_B: jax.Array | None,
              position: int) -> tuple[State, jax.Array]:
@@ -256,8 +330,8 @@ class Mamba2Block(nnx.Module):
         window_BxKxC = jnp.concatenate([state.conv_BxKxC, xBC[:, None]], axis=1)
         xBC = jax.nn.silu(jnp.sum(window_BxKxC * self.conv_weight_KxC[...], axis=1)
                           + self.conv_bias_C[...])
-        x, q, k, v, g = self._ssd_inputs(xBC, dt_raw, keep_B)
-        S, y = gated._recurrent_step(state.ssd_BxHxNxP, q, k, v, g)
+        x, C, B, v, g = self._ssd_inputs(xBC, dt_raw, keep_B)
+        S, y = ssd.grouped_ssd_step(state.ssd_BxHxNxP, C, B, v, g)
         keep = keep_B[:, None, None]
         new_state = State(jnp.where(keep, window_BxKxC[:, 1:], state.conv_BxKxC),
                           jnp.where(keep[..., None], S, state.ssd_BxHxNxP))
