@@ -131,6 +131,24 @@ def test_a_run_from_before_a_config_key_existed_still_resumes(data_dir, tmp_path
         workdir.check_and_write_config(tmp_path, config)
 
 
+@pytest.mark.parametrize("mixer, added", [
+    ("gated_deltanet", ("chunk_strategy",)),
+    ("mamba2", ("ngroups", "learnable_init_states", "dt_limit")),
+])
+def test_mixer_options_added_since_keep_the_config_hash(mixer, added):
+    """Options a family gained after runs were started (ADDED_DEFAULTS), at their defaults,
+    leave the hash of an older config.json unchanged, so sweeps still skip or resume it."""
+    from configs import listops
+
+    from lra.training import workdir
+
+    config = listops.get_config(f"mixer={mixer}")
+    old = workdir.config_dict(config)
+    for option in added:
+        del old["model"]["attention_options"][option]
+    assert workdir.config_hash(ml_collections.ConfigDict(old)) == workdir.config_hash(config)
+
+
 def test_logged_train_metrics_are_the_means_of_their_steps(data_dir, tmp_path):
     """Metrics are summed on the devices and read at eval and checkpoint steps too; each
     logged record must still be the mean of its interval's per-step values (log_every=1)."""

@@ -35,6 +35,12 @@ ADDED_DEFAULTS = {
     "objective": "classify", "mask_rate": 0.15, "init_from": "", "init_from_checkpoint": "best",
     "spt": {"pretrain_steps": 0, "objective": "", "learning_rate": 1e-3, "warmup_steps": 100},
     "model.scan_layers": False,
+    # model.attention_options of the gated and delta-rule families ("auto" = the per-chunk
+    # scan on CPU, as before) and of the Mamba2 block (Mamba2's defaults: as before)
+    "model.attention_options.chunk_strategy": "auto",
+    "model.attention_options.ngroups": 1,
+    "model.attention_options.learnable_init_states": False,
+    "model.attention_options.dt_limit": [0.0, float("inf")],
 }
 
 
