@@ -24,6 +24,7 @@ from attention_checks import (
     check_no_future_leak,
     edge_mask,
     make_core,
+    pure,
     random_qkv,
 )
 from flax import nnx
@@ -38,9 +39,9 @@ NAMES = ("deltanet", "gated_deltanet")
 FORMS = ("chunked", "recurrent")
 
 
-def _core(name, *, causal, form="chunked", length=L, **options):
+def _core(name, *, causal, form="chunked", length=L, chunk_size=CHUNK, **options):
     return make_core(name, num_heads=H, head_dim=D, max_len=length, causal=causal,
-                     form=form, chunk_size=CHUNK, **options)
+                     form=form, chunk_size=chunk_size, **options)
 
 
 # --- the reference: the papers' recurrence, float64, token by token -------------------
@@ -286,13 +287,100 @@ def test_state_stays_bounded_over_4k_steps(log_alpha):
     assert float(jnp.linalg.norm(jnp.einsum("tbhd,tbhe->de", k, v))) > 4.0 * dim
 
 
+# --- chunk strategies, the triangular inverse, bfloat16 -------------------------------------
+
+
+def _strategy_outputs_and_grads(core, q, k, v, mask):
+    """(output, (dq, dk, dv)) of sum(output * fixed weights), compiled at a low XLA
+    optimisation level (compile time dominates on the CPU)."""
+    apply = pure(core, mask)
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out = apply(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    (_, out), grads = fn.lower(q, k, v).compile({"xla_backend_optimization_level": 0})(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_chunk_strategies_agree_in_outputs_and_gradients(name, causal):
+    """`batched` (terms of all chunks before the scan, the inverse by recursive halving)
+    equals `scan` (forward substitution per chunk), with right padding and a padded last
+    chunk of a chunk size that is not a power of two."""
+    q, k, v = random_qkv((B, L, H, D), seed=4)
+    results = {strategy: _strategy_outputs_and_grads(
+        _core(name, causal=causal, chunk_size=3, chunk_strategy=strategy), q, k, v, _mask())
+        for strategy in ("scan", "batched")}
+    (out, grads), (out_scan, grads_scan) = results["batched"], results["scan"]
+    assert_close_relative(out, out_scan)
+    for grad, grad_scan in zip(grads, grads_scan):
+        assert_close_relative(grad, grad_scan)
+
+
+def _realistic_N(size, *, batch=8, dim=16, seed=0):
+    """beta K K^T below the diagonal, unit keys sharing a direction (entries near 1)."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(batch, 1, dim)) + 0.5 * rng.normal(size=(batch, size, dim))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = rng.uniform(size=(batch, size, 1))
+    return np.tril(beta * (k @ np.swapaxes(k, -1, -2)), -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [64, 12])
+def test_unit_lower_inverse_matches_solve_and_its_gradient_the_textbook_one(size):
+    N_xCxC = _realistic_N(size)
+    identity = np.broadcast_to(np.eye(size, dtype=np.float32), N_xCxC.shape)
+    inverse = np.asarray(delta.unit_lower_inverse(N_xCxC + np.triu(np.ones((size, size)))))
+    assert_close_relative(inverse, delta.unit_lower_solve(N_xCxC, identity))
+    A_xCxC = np.eye(size) + N_xCxC.astype(np.float64)
+    assert_close_relative(inverse, np.linalg.inv(A_xCxC))
+    # d/dN of sum(G * A^-1) = tril(-A^-T G A^-T, -1), from solve_triangular in float32
+    G_xCxC = np.random.default_rng(1).normal(size=N_xCxC.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda N: jnp.sum(G_xCxC * delta.unit_lower_inverse(N))))(N_xCxC)
+    A32 = jnp.asarray(A_xCxC, jnp.float32)
+    solve = lambda B, trans: jax.scipy.linalg.solve_triangular(A32, B, lower=True, trans=trans)
+    AtG_xCxC = solve(G_xCxC, 1)  # A^-T G
+    AtGAt_xCxC = jnp.swapaxes(solve(jnp.swapaxes(AtG_xCxC, -1, -2), 0), -1, -2)  # A^-T G A^-T
+    expected = -np.tril(AtGAt_xCxC, -1)
+    assert_close_relative(grad, expected, 1e-4)
+
+
+def test_unit_lower_inverse_gradient_matches_finite_differences():
+    N_xCxC = _realistic_N(6, batch=2, dim=4, seed=2)
+    jax.test_util.check_grads(delta.unit_lower_inverse, (N_xCxC,), order=1, modes=["rev"],
+                              atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("strategy", ["scan", "batched"])
+def test_bfloat16_inputs_close_to_float32(strategy):
+    """bfloat16 q, k, v (float32 state and accumulation): bfloat16-sized differences."""
+    q, k, v = random_qkv((B, L, H, D), seed=5)
+    core = _core("gated_deltanet", causal=False, chunk_size=3, chunk_strategy=strategy)
+    expected = core(q, k, v, _mask())
+    low = core(*(x.astype(jnp.bfloat16) for x in (q, k, v)), _mask())
+    assert low.dtype == jnp.bfloat16
+    assert_close_relative(np.asarray(low, np.float32), expected, 2e-2)
+
+
+def test_auto_chunk_strategy_and_bad_value():
+    expected = "scan" if jax.default_backend() == "cpu" else "batched"
+    assert delta.resolve_chunk_strategy("auto") == expected
+    assert _core("deltanet", causal=True).chunk_strategy == "auto"
+    with pytest.raises(ValueError, match="chunk_strategy.*'auto'.*'scan'.*'batched'"):
+        make_core("deltanet", chunk_strategy="loop")
+
+
 # --- options and registry ------------------------------------------------------------------
 
 
 def test_options_and_defaults():
     for name in NAMES:
         assert attention.default_options(name) == {"form": "chunked", "chunk_size": 64,
-                                                   "short_conv": 0}
+                                                   "chunk_strategy": "auto", "short_conv": 0}
 
 
 @pytest.mark.parametrize(

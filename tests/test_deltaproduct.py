@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_checks import assert_close_relative, edge_mask, make_core, random_qkv
+from attention_checks import (
+    assert_close_relative,
+    edge_mask,
+    make_core,
+    pure,
+    random_qkv,
+)
 from flax import nnx
 from mixer_checks import (
     check_no_future_leak_in,
@@ -224,6 +230,35 @@ def test_contract_with_short_chunks_and_short_convolutions(form, causal):
         check_sees_later_tokens(result, mask)
 
 
+def _strategy_outputs_and_grads(core, q, k, v, mask):
+    """(output, (dq, dk, dv)) of sum(output * fixed weights), compiled quickly."""
+    apply = pure(core, mask)
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out = apply(q, k, v)
+        return jnp.sum(out * weights), out
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    (_, out), grads = fn.lower(q, k, v).compile(QUICK_COMPILE)(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunk_strategies_agree_in_outputs_and_gradients(causal):
+    """`batched` (all chunks' terms before the scan, delta.py's triangular inverse by
+    recursive halving) equals `scan` (forward substitution per chunk), right padding
+    included; chunks split tokens' steps."""
+    q, k, v = _inputs(seed=6)
+    results = {strategy: _strategy_outputs_and_grads(
+        _core(causal=causal, chunk_strategy=strategy), q, k, v, _mask())
+        for strategy in ("scan", "batched")}
+    (out, grads), (out_scan, grads_scan) = results["batched"], results["scan"]
+    assert_close_relative(out, out_scan)
+    for grad, grad_scan in zip(grads, grads_scan):
+        assert_close_relative(grad, grad_scan)
+
+
 def test_state_stays_bounded_over_4k_steps():
     """`step` over 4096 random tokens, beta in (0, 2), decays that barely act: each step
     maps the value stored along the unit key k to (1 - beta) (k S) + beta v with
@@ -247,7 +282,7 @@ def test_state_stays_bounded_over_4k_steps():
 def test_options_parameters_and_dtype():
     assert attention.default_options("gated_deltaproduct") == {
         "num_householder": 2, "allow_neg_eigval": True, "form": "chunked", "chunk_size": 64,
-        "short_conv": 0}
+        "chunk_strategy": "auto", "short_conv": 0}
     core = _core(causal=False)
     shapes = {name: x.shape for name, x in _params(core).items()}
     assert shapes == {"beta_w_HxD": (H, D), "beta_b_H": (H,), "alpha_w_HxD": (H, D),

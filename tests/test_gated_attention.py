@@ -20,10 +20,12 @@ from attention_checks import (
     edge_mask,
     make_core,
     outputs_and_grads,
+    pure,
     random_qkv,
 )
 
 from lra.models import attention
+from lra.models.attention import gated
 from lra.models.attention.linear import Form
 
 B, L, H, D = 3, 11, 2, 5
@@ -224,19 +226,64 @@ def test_extreme_gates_forms_agree(family):
                 assert_close_relative(grad, grad_recurrent, 1e-4)
 
 
+# --- chunk strategies ------------------------------------------------------------------
+
+
+def _strategy_outputs_and_grads(core, q, k, v, mask):
+    """(output, (dq, dk, dv)) of sum(output * fixed weights), compiled at a low XLA
+    optimisation level (compile time dominates on the CPU)."""
+    apply = pure(core, mask)
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), q.dtype)
+
+    def loss(q, k, v):
+        out = apply(q, k, v)
+        return jnp.sum(out * weights), out
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    (_, out), grads = fn.lower(q, k, v).compile({"xla_backend_optimization_level": 0})(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunk_strategies_agree_in_outputs_and_gradients(family, causal):
+    """`batched` (every chunk's C x C part before the scan) equals `scan`, with masks
+    that include right padding and a padded last chunk."""
+    q, k, v = random_qkv((B, L, H, D), seed=4)
+    mask = edge_mask(B, L, seed=4).at[2].set(jnp.arange(L) < 7)  # row 2: right padded
+    results = {}
+    for strategy in ("scan", "batched"):
+        core = _core(family, causal=causal)
+        core.chunk_strategy = gated.ChunkStrategy(strategy)  # ssd.py does not pass it yet
+        results[strategy] = _strategy_outputs_and_grads(core, q, k, v, mask)
+    (out, grads), (out_scan, grads_scan) = results["batched"], results["scan"]
+    assert_close_relative(out, out_scan)
+    for grad, grad_scan in zip(grads, grads_scan):
+        assert_close_relative(grad, grad_scan)
+
+
+def test_auto_chunk_strategy_is_scan_on_cpu_for_per_head_gates_and_batched_elsewhere():
+    expected = "scan" if jax.default_backend() == "cpu" else "batched"
+    assert gated.resolve_chunk_strategy("auto") == expected
+    assert gated.resolve_chunk_strategy("auto", batched_on_cpu=True) == "batched"
+    assert gated.resolve_chunk_strategy("batched") == "batched"
+    assert _core("retnet", causal=True).chunk_strategy == "auto"
+    assert _core("gla", causal=True, chunk_strategy="scan").chunk_strategy == "scan"
+
+
 # --- options, initialisation ----------------------------------------------------------
 
 
 def test_options_and_defaults():
     assert attention.default_options("retnet") == {
         "gammas": (), "group_norm": True, "form": "chunked", "chunk_size": 64,
-        "short_conv": 0}
+        "chunk_strategy": "auto", "short_conv": 0}
     assert attention.default_options("gla") == {
         "rank": 16, "tau": 16.0, "output_gate": True, "group_norm": True,
-        "form": "chunked", "chunk_size": 64, "short_conv": 0}
+        "form": "chunked", "chunk_size": 64, "chunk_strategy": "auto", "short_conv": 0}
     assert attention.default_options("ssd") == {
         "d_skip": False, "group_norm": True, "form": "chunked", "chunk_size": 64,
-        "short_conv": 0}
+        "chunk_strategy": "auto", "short_conv": 0}
 
 
 @pytest.mark.parametrize(
@@ -246,6 +293,7 @@ def test_options_and_defaults():
         ("retnet", {"gammas": (0.5,)}, "gammas"),
         ("gla", {"rank": 0}, "rank"),
         ("gla", {"tau": 0.0}, "tau"),
+        ("gla", {"chunk_strategy": "loop"}, "chunk_strategy.*'auto'.*'scan'.*'batched'"),
         ("ssd", {"chunk_size": 0}, "chunk_size"),
         ("ssd", {"bogus": 1}, "bogus.*d_skip"),
     ],

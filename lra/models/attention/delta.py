@@ -48,6 +48,19 @@ exists):
              numbers; then U' = U - W S, O = diag(gamma) Q S + P U',
              S <- gamma_C S + (K * exp(g_C - g))^T U'.
              Memory O(L (C + D)) per head: no L x L array.
+             Chunk strategy (option `chunk_strategy`, gated.py's `ChunkStrategy`):
+             `scan` forms each chunk's T, W, U, P inside the scan step, T by a
+             row-by-row forward substitution (C sequential steps per chunk, each way);
+             `batched` forms them for all chunks at once before the scan, T as the
+             explicit inverse (I + N)^-1 by recursive halving (`unit_lower_inverse`:
+             log2 C levels of batched matmuls, no row loop), so only the state
+             recurrence (U' = U - W S, the read and the update: L / C steps) stays
+             sequential; `auto` (the default) is `scan` when `jax.default_backend()` is
+             "cpu" at trace time and `batched` on any other backend (gpu, tpu). On a
+             CPU `scan` is faster: batched / scan time (forward + backward, 8 heads x
+             64, a loaded 2-core CPU) 1.3-1.8 for deltanet and gated_deltanet, 1.1-1.3
+             for kda at 4K and 16K (also docs/benchmarks.md). The same numbers to
+             float32 rounding.
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time
              in O(1) memory with the same update.
 
@@ -83,8 +96,14 @@ Masking: q, k and v are zeroed at masked positions, beta = 0 and alpha = 1 there
 a masked token adds no write and no decay in either direction (between two real tokens
 the decay is the product of the real tokens' gates between them; with right padding the
 reverse pass starts at the last real token) and its values change nothing, outputs or
-gradients; masked queries read 0. The core computes in float32 (state, cumulative
-log-gates, triangular solves) and returns q's dtype.
+gradients; masked queries read 0.
+
+Precision: the state, the gates, their cumulative sums, the triangular solve or
+inverse, its product with the right-hand side and W S are float32 whatever the input
+dtype. q, k and v reach the core in their input dtype (e.g. bfloat16): the chunk's
+Q K^T and K K^T products and the output-only products (the read of the state and
+P U') take that dtype with float32 accumulation; everything else is float32. The
+families return q's dtype.
 """
 
 from __future__ import annotations
@@ -97,7 +116,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, Choice, positive_int
+from lra.common import F32, Choice, dot_f32, positive_int
+from lra.models.attention.gated import ChunkStrategy, resolve_chunk_strategy
 from lra.models.attention.linear import decode_keep
 from lra.models.attention.short_conv import (
     History,
@@ -145,9 +165,9 @@ def delta_update(S_BxHxDxD, k_BxHxD, v_BxHxD, beta_BxH, log_alpha_BxH):
     return S_BxHxDxD + k_BxHxD[..., :, None] * error_BxHxD[..., None, :]
 
 
-def _recurrent(q, k, v, beta, log_alpha, chunk_size):
+def _recurrent(q, k, v, beta, log_alpha, chunk_size, chunk_strategy=None):
     """Inclusive causal outputs by `lax.scan` over tokens; inputs [B, L, H, ...]."""
-    del chunk_size
+    del chunk_size, chunk_strategy
     batch, _, heads, dim = q.shape
 
     def body(S_BxHxDxD, xs):
@@ -262,11 +282,58 @@ def _unit_lower_solve_bwd(residuals, dX_xCxE):
 unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
 
 
-def _chunk_terms(q, k, v, beta, log_alpha):
+def unit_lower_inverse(N_xCxC):
+    """(I + tril(N, -1))^-1, batched over leading axes, without a row loop.
+
+    Recursive halving of the unit lower triangular A = I + N into blocks
+
+        A = [[A11, 0], [A21, A22]],   A^-1 = [[A11^-1, 0], [-A22^-1 A21 A11^-1, A22^-1]],
+
+    where A11 and A22 are inverted together (stacked on a new leading axis) by the same
+    rule, down to 1 x 1 blocks (1). Each of the log2 C levels is two batched matmuls, so
+    the depth is O(log C) and the gradient is that of plain matmuls (no custom rule).
+    Numerically it is forward substitution by blocks: no powers of N are formed (the
+    Neumann product (I - N)(I + N^2)(I + N^4)... would be, and loses precision when N
+    has entries near 1). C is padded to a power of two with identity rows. The matmuls
+    run at the highest precision (no TF32 or bfloat16 passes on accelerators). Entries
+    of N on and above the diagonal are ignored.
+    """
+    N_xCxC = jnp.asarray(N_xCxC)
+    length = N_xCxC.shape[-1]
+    size = 1 << (length - 1).bit_length()  # the next power of two >= C
+    strict_CxC = jnp.tril(jnp.ones((length, length), bool), -1)
+    N_xCxC = jnp.where(strict_CxC, N_xCxC, jnp.zeros((), N_xCxC.dtype))
+    pad = [(0, 0)] * (N_xCxC.ndim - 2) + [(0, size - length)] * 2
+    return _halving_inverse(jnp.pad(N_xCxC, pad))[..., :length, :length]
+
+
+def _halving_inverse(N_xSxS):
+    """`unit_lower_inverse` of a strictly lower triangular N whose size is a power of 2."""
+    size = N_xSxS.shape[-1]
+    if size == 1:
+        return jnp.ones_like(N_xSxS)
+    half = size // 2
+    diagonal_xSxS = jnp.stack([N_xSxS[..., :half, :half], N_xSxS[..., half:, half:]], -3)
+    inverses = _halving_inverse(diagonal_xSxS)  # [..., 2, half, half]
+    top, bottom = inverses[..., 0, :, :], inverses[..., 1, :, :]
+    matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    below = -matmul(bottom, matmul(N_xSxS[..., half:, :half], top))
+    upper = jnp.concatenate([top, jnp.zeros_like(top)], -1)
+    return jnp.concatenate([upper, jnp.concatenate([below, bottom], -1)], -2)
+
+
+def _inverse_solve(N_xCxC, R_xCxE):
+    """X = (I + tril(N, -1))^-1 R through the explicit inverse (no row loop)."""
+    return jnp.einsum("...ij,...je->...ie", unit_lower_inverse(N_xCxC), R_xCxE)
+
+
+def _chunk_terms(q, k, v, beta, log_alpha, solve=unit_lower_solve):
     """Everything a chunk needs that does not depend on the incoming state.
 
-    Args are [B, H, C, ...] (one chunk of C tokens), float32; log_alpha [B, H, C] (per
-    head), [B, H, C, D] (per key channel) or None.
+    Args are [..., B, H, C, ...] (one chunk of C tokens; any leading axes, e.g. all
+    chunks at once), q, k, v in the input dtype, beta and log_alpha float32; log_alpha
+    [B, H, C] (per head), [B, H, C, D] (per key channel) or None. `solve(N, R)` gives
+    (I + N)^-1 R: `unit_lower_solve` or `_inverse_solve`.
 
     Returns:
       (q_read [.., C, D], P [.., C, C], W [.., C, D], U [.., C, D], k_write [.., C, D],
@@ -275,8 +342,9 @@ def _chunk_terms(q, k, v, beta, log_alpha):
     """
     size, dim = q.shape[-2], q.shape[-1]
     strict_CxC = jnp.tril(jnp.ones((size, size), bool), -1)
-    kk_xCxC = jnp.einsum("...id,...jd->...ij", k, k)
-    qk_xCxC = jnp.einsum("...id,...jd->...ij", q, k)
+    kk_xCxC = dot_f32("...id,...jd->...ij", k, k)  # input dtype, float32 accumulation
+    qk_xCxC = dot_f32("...id,...jd->...ij", q, k)
+    q, k, v = (x.astype(F32) for x in (q, k, v))
     if log_alpha is None:  # DeltaNet: no decay
         gamma_k, q_read, k_write = k, q, k
         P_xCxC = jnp.where(jnp.tril(jnp.ones((size, size), bool)), qk_xCxC, 0.0)
@@ -300,39 +368,50 @@ def _chunk_terms(q, k, v, beta, log_alpha):
         decay = gamma_xC[..., -1, None, None]
     N_xCxC = jnp.where(strict_CxC, beta[..., :, None] * kk_xCxC, 0.0)
     rhs_xCx2D = beta[..., None] * jnp.concatenate([v, gamma_k], -1)
-    X_xCx2D = unit_lower_solve(N_xCxC, rhs_xCx2D)  # (I + N)^-1 rhs
+    X_xCx2D = solve(N_xCxC, rhs_xCx2D)  # (I + N)^-1 rhs
     return q_read, P_xCxC, X_xCx2D[..., dim:], X_xCx2D[..., :dim], k_write, decay
 
 
-def _chunked(q, k, v, beta, log_alpha, chunk_size):
+def _chunked(q, k, v, beta, log_alpha, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
     """Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...].
 
-    One chunk per `lax.scan` step, its terms included: the step's arrays stay in cache
-    (measured against computing the terms of all chunks at once before the scan:
-    deltanet 192 -> 122 ms at 4K, 936 -> 495 ms at 16K).
+    `scan`: one chunk per `lax.scan` step, its terms included (forward substitution,
+    C rows one after another): the step's arrays stay in cache (measured on a CPU
+    against computing the terms of all chunks at once before the scan: deltanet
+    192 -> 122 ms at 4K, 936 -> 495 ms at 16K). `batched`: the terms of all chunks at
+    once, with the triangular inverse by recursive halving, then a scan that carries
+    only the state (module docstring).
     """
     batch, length, heads, dim = q.shape
     chunk = min(chunk_size, length)
     n = -(-length // chunk)
     pad = n * chunk - length
+    dtype = q.dtype
 
     def chunks(x):  # [B, L, H, ...] -> [N, B, H, C, ...]; padding = identity tokens
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         x = x.reshape(batch, n, chunk, *x.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
 
-    def body(S_BxHxDxD, xs):
-        q_read, P_xCxC, W, U, k_write, decay_BxHxDx1 = _chunk_terms(*xs)
+    def state_step(S_BxHxDxD, terms):
+        q_read, P_xCxC, W, U, k_write, decay_BxHxDx1 = terms
         U = U - jnp.einsum("bhcd,bhde->bhce", W, S_BxHxDxD)
-        out_BxHxCxD = jnp.einsum("bhcd,bhde->bhce", q_read, S_BxHxDxD) + jnp.einsum(
-            "bhij,bhje->bhie", P_xCxC, U)
+        # output-only products in the input dtype, float32 accumulation
+        out_BxHxCxD = dot_f32("bhcd,bhde->bhce", q_read.astype(dtype),
+                              S_BxHxDxD.astype(dtype)) + dot_f32(
+            "bhij,bhje->bhie", P_xCxC.astype(dtype), U.astype(dtype))
         S_BxHxDxD = decay_BxHxDx1 * S_BxHxDxD + jnp.einsum(
             "bhcd,bhce->bhde", k_write, U)
         return S_BxHxDxD, out_BxHxCxD
 
     S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), F32)
     xs = tuple(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha))
-    _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
+    if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
+        body = lambda S, xs: state_step(S, _chunk_terms(*xs))
+        _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
+    else:  # every chunk's terms before the scan, batched over the chunk axis
+        terms = _chunk_terms(*xs, solve=_inverse_solve)
+        _, out_NxBxHxCxD = jax.lax.scan(state_step, S0, terms)
     out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
     return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length]
 
@@ -340,13 +419,15 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size):
 _FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
 
 
-@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size"))
-def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size: int):
+@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size", "chunk_strategy"))
+def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size: int,
+               chunk_strategy: str = ChunkStrategy.AUTO):
     """Delta-rule outputs from prepared inputs (see the module docstring).
 
     Args:
-      q, k: [B, L, H, D] float32, L2-normalised, zero at masked positions.
-      v: [B, L, H, D] float32, zero at masked positions.
+      q, k: [B, L, H, D] float32 or bfloat16 (one dtype for q, k, v), L2-normalised,
+        zero at masked positions.
+      v: [B, L, H, D], zero at masked positions.
       beta: [B, L, H] in [0, 1], 0 at masked positions.
       log_alpha: [B, L, H] (per head) or [B, L, H, D] (per key channel) <= 0, 0 at
         masked positions; None for alpha = 1.
@@ -354,11 +435,14 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
       causal: inclusive causal pass if True, else forward + exclusive reverse with
         symmetric decays (module docstring).
       chunk_size: C in the chunked form.
+      chunk_strategy: a `ChunkStrategy` of the chunked form (`auto` resolved at trace
+        time from `jax.default_backend()`: `scan` on cpu, else `batched`).
 
     Returns:
       [B, L, H, D] float32.
     """
-    run = _FORMS[form]
+    run = functools.partial(_FORMS[form],
+                            chunk_strategy=resolve_chunk_strategy(chunk_strategy))
     if causal:
         return run(q, k, v, beta, log_alpha, chunk_size)
     batch = q.shape[0]
@@ -384,15 +468,17 @@ def _reverse_inputs(q, log_alpha):
         return q_prev, None
     log_alpha_next = jnp.pad(log_alpha[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (log_alpha.ndim - 2))
     alpha = jnp.exp(log_alpha)  # per head [B, L, H] or per key channel [B, L, H, D]
-    return q_prev * (alpha[..., None] if alpha.ndim == 3 else alpha), log_alpha_next
+    q_prev = q_prev * (alpha[..., None] if alpha.ndim == 3 else alpha)
+    return q_prev.astype(q.dtype), log_alpha_next
 
 
 class DeltaNetAttention(nnx.Module):
     """DeltaNet (Schlag et al., 2021; chunked as Yang et al., 2024): the delta rule.
 
     Options: `form` (chunked | recurrent), `chunk_size` (tokens per chunk in the
-    chunked form; any L, padded internally) and `short_conv` (width of the short
-    convolutions of q, k, v; 0 = off). Parameters: per head, the beta projection
+    chunked form; any L, padded internally), `chunk_strategy` (auto | scan | batched:
+    module docstring) and `short_conv` (width of the short convolutions of q, k, v;
+    0 = off). Parameters: per head, the beta projection
     of the raw key (`beta_w_HxD`, `beta_b_H`). `dropout_rate` is accepted and not
     applied (no attention probabilities). Causal cores decode with `init_state` /
     `step`.
@@ -409,6 +495,7 @@ class DeltaNetAttention(nnx.Module):
         rngs: nnx.Rngs,
         form: str = "chunked",
         chunk_size: int = 64,
+        chunk_strategy: str = "auto",
         short_conv: int = 0,
     ):
         del dropout_rate  # no probabilities to drop
@@ -416,6 +503,7 @@ class DeltaNetAttention(nnx.Module):
         self.causal = causal
         self.form = Form(form)
         self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_strategy = ChunkStrategy(chunk_strategy)
         init = nnx.initializers.normal(1.0 / math.sqrt(head_dim))
         self.beta_w_HxD = nnx.Param(init(rngs.params(), (num_heads, head_dim), F32))
         self.beta_b_H = nnx.Param(jnp.zeros((num_heads,), F32))
@@ -453,8 +541,10 @@ class DeltaNetAttention(nnx.Module):
         del deterministic  # no dropout (see the class docstring)
         keep_BxL = jnp.ones(q.shape[:2], bool) if mask is None else mask.astype(bool)
         (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
-        inputs = self._prepare(q, k, v, keep_BxL)
-        out = delta_rule(*inputs, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
+        q_, k_, v_, beta, log_alpha = self._prepare(q, k, v, keep_BxL)  # float32
+        q_, k_, v_ = (x.astype(q.dtype) for x in (q_, k_, v_))  # the input dtype
+        out = delta_rule(q_, k_, v_, beta, log_alpha, form=self.form, causal=self.causal,
+                         chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
         return out.astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:
@@ -496,7 +586,8 @@ class GatedDeltaNetAttention(DeltaNetAttention):
 
     alpha_t = exp(-exp(a_log) softplus(k_t . w_alpha + dt_bias)) per head, from the raw
     key (parameters `alpha_w_HxD`, `dt_bias_H`, `a_log_H`, initialised as Mamba2's);
-    otherwise as `DeltaNetAttention` (options `form`, `chunk_size`, `short_conv`).
+    otherwise as `DeltaNetAttention` (options `form`, `chunk_size`, `chunk_strategy`,
+    `short_conv`).
     """
 
     def _init_gate(self, rngs: nnx.Rngs) -> None:

@@ -121,7 +121,8 @@ class GatedDeltaProductAttention(GatedDeltaNetAttention):
 
     Options: `num_householder` (n_h, default 2), `allow_neg_eigval` (beta in (0, 2),
     default True; False: (0, 1)), `form` (chunked | recurrent), `chunk_size` (positions
-    of the expanded L * n_h sequence per chunk), `short_conv` (as delta.py). Parameters:
+    of the expanded L * n_h sequence per chunk), `chunk_strategy` (auto | scan |
+    batched) and `short_conv` (as delta.py). Parameters:
     Gated DeltaNet's (`beta_w_HxD`, `beta_b_H` for step 1; `alpha_w_HxD`, `dt_bias_H`,
     `a_log_H`) and, for n_h > 1, `beta_w_HxNxD`, `beta_b_HxN`, `key_w_HxNxDxD`,
     `value_w_HxNxDxD` for steps 2..n_h. Causal cores decode with `init_state` / `step`.
@@ -140,11 +141,13 @@ class GatedDeltaProductAttention(GatedDeltaNetAttention):
         allow_neg_eigval: bool = True,
         form: str = "chunked",
         chunk_size: int = 64,
+        chunk_strategy: str = "auto",
         short_conv: int = 0,
     ):
         super().__init__(num_heads=num_heads, head_dim=head_dim, max_len=max_len,
                          causal=causal, dropout_rate=dropout_rate, rngs=rngs, form=form,
-                         chunk_size=chunk_size, short_conv=short_conv)
+                         chunk_size=chunk_size, chunk_strategy=chunk_strategy,
+                         short_conv=short_conv)
         self.num_householder = positive_int("num_householder", num_householder)
         self.allow_neg_eigval = boolean("allow_neg_eigval", allow_neg_eigval)
         extra = self.num_householder - 1
@@ -196,9 +199,11 @@ class GatedDeltaProductAttention(GatedDeltaNetAttention):
         batch, length, steps = keys.shape[:3]
         expand = lambda x: x.reshape(batch, length * steps, *x.shape[3:])
         at = lambda x, j: jnp.zeros((batch, length, steps, *x.shape[2:]), F32).at[:, :, j].set(x)
-        out = delta_rule(expand(at(q_BxLxHxD, -1)), expand(keys), expand(values),
-                         expand(betas), expand(at(log_alpha_BxLxH, 0)), form=self.form,
-                         causal=self.causal, chunk_size=self.chunk_size)
+        dtype = q.dtype  # q, k, v reach delta_rule in the input dtype (delta.py)
+        out = delta_rule(expand(at(q_BxLxHxD, -1)).astype(dtype), expand(keys).astype(dtype),
+                         expand(values).astype(dtype), expand(betas),
+                         expand(at(log_alpha_BxLxH, 0)), form=self.form, causal=self.causal,
+                         chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
         out_BxLxHxD = out.reshape(batch, length, steps, *out.shape[2:])[:, :, -1]
         return out_BxLxHxD.astype(q.dtype)
 

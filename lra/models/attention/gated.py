@@ -18,6 +18,27 @@ D skip, per-head GroupNorm, output gate). Three forms compute the same numbers (
              of all earlier chunks, carried by `lax.scan` (the default).
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time.
 
+Chunk strategy (option `chunk_strategy`, `ChunkStrategy`; the chunked form only, the
+same numbers either way):
+
+  scan       each `lax.scan` step over the chunks computes its chunk's C x C part,
+             then reads and updates the state: the step's arrays stay in cache.
+  batched    the C x C parts, their products with V and the scaled q and k of all
+             chunks are computed at once (batched over chunks) before the scan, which
+             keeps only the state recurrence (one read, one update per chunk): fewer,
+             larger kernels, for accelerators whose loop trips are costly.
+  auto       (the default) decided at trace time from `jax.default_backend()`:
+             `batched` on every backend but "cpu" (gpu, tpu); on "cpu" `scan` for
+             per-head gates (retnet, ssd) and `batched` for per-channel gates (gla).
+             Measured for this option (forward + backward, 8 heads x 64, a loaded
+             2-core CPU), batched / scan time was 0.90-1.49 for retnet but 0.64-0.75
+             for gla at 4K and 16K; `scan` had also kept retnet's 16K/4K time ratio
+             lower (docs/benchmarks.md). The delta rule's `scan` is faster on the CPU
+             (delta.py).
+
+With `batched` the bidirectional form runs its two passes as one scan over the batch
+stacked with its reversal (as delta.py), so its sequential depth is L / C, as causal.
+
 Numerics: gates stay in log space; cumulative sums are float32 and restart at every
 chunk; every exponent is a difference cum_i - cum_j with j <= i (or the state's
 "since chunk start" / "until chunk end" factors), so it is <= 0 and exp() never
@@ -53,7 +74,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, dot_f32, positive_int
+from lra.common import F32, Choice, dot_f32, positive_int
 from lra.models.attention.linear import Form, decode_keep
 from lra.models.attention.short_conv import (
     History,
@@ -63,6 +84,26 @@ from lra.models.attention.short_conv import (
 )
 
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default, as RetNet's GroupNorm
+
+
+class ChunkStrategy(Choice):
+    """Where a chunked core computes the terms that do not depend on the carried state
+    (module docstring); shared with the delta-rule core (delta.py)."""
+
+    AUTO = "auto"  # batched, except scan on the cpu backend for per-head gates (trace time)
+    SCAN = "scan"  # inside the lax.scan step, one chunk at a time
+    BATCHED = "batched"  # for all chunks at once before the scan; the scan carries S only
+
+
+def resolve_chunk_strategy(strategy: str, *, batched_on_cpu: bool = False) -> ChunkStrategy:
+    """`strategy` with `auto` resolved at trace time: `batched`, except `scan` when
+    `jax.default_backend()` is "cpu" and not `batched_on_cpu` (the core measured faster
+    batched there: gla's per-channel gates; module docstring)."""
+    strategy = ChunkStrategy(strategy)
+    if strategy is ChunkStrategy.AUTO:
+        cpu = jax.default_backend() == "cpu"
+        return ChunkStrategy.SCAN if cpu and not batched_on_cpu else ChunkStrategy.BATCHED
+    return strategy
 
 
 class State(NamedTuple):
@@ -126,19 +167,49 @@ def _intra_channels(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxD) -> jax.Array:
     return blocks.reshape(batch, heads, size, size)[:, :, :length, :length]
 
 
-def _parallel(q, k, v, g_BxLxHxG, chunk_size):
+def _parallel(q, k, v, g_BxLxHxG, chunk_size, chunk_strategy=None):
     """Causal output from the L x L matrix (the quadratic reference)."""
-    del chunk_size
+    del chunk_size, chunk_strategy
     a_BxHxLxL = _intra(q, k, jnp.cumsum(g_BxLxHxG.astype(F32), axis=1))
     return dot_f32("bhij,bjhd->bihd", a_BxHxLxL.astype(v.dtype), v)
 
 
-def _chunked(q, k, v, g, chunk_size):
-    """One chunk per `lax.scan` step: its own C x C part, the read of the state of all
-    earlier chunks, and its contribution to that state. Computing the C x C part inside
-    the step (as linear.py does) keeps each step's arrays in cache: batched over all
-    chunks at once they are as long as the sequence (measured: 16K/4K time 4.3 instead
-    of 5.4 for retnet)."""
+def _chunk_terms(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, g_BxCxHxG):
+    """Everything of a chunk that does not depend on the incoming state.
+
+    Args are one chunk per batch row, [B, C, H, ...] (B may stand for chunks x batch).
+
+    Returns:
+      (out [B, C, H, D] float32: the chunk's own C x C part applied to v; q_old: q
+      decayed since the chunk's start; k_new: k decayed until its end (both v's dtype);
+      decay [B, H, G, 1] float32: the whole chunk's decay), so that the output is
+      out + q_old S and the next state decay * S + k_new^T v.
+    """
+    cum_BxCxHxG = jnp.cumsum(g_BxCxHxG.astype(F32), axis=1)  # restarts at each chunk
+    a_BxHxCxC = _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
+    dtype = v_BxCxHxD.dtype
+    out_BxCxHxD = dot_f32("bhij,bjhd->bihd", a_BxHxCxC.astype(dtype), v_BxCxHxD)
+    q_old = (q_BxCxHxD * jnp.exp(cum_BxCxHxG)).astype(dtype)  # decay since chunk start
+    total_BxHxG = cum_BxCxHxG[:, -1]
+    k_new = (k_BxCxHxD * jnp.exp(total_BxHxG[:, None] - cum_BxCxHxG)).astype(dtype)
+    return out_BxCxHxD, q_old, k_new, jnp.exp(total_BxHxG)[..., None]
+
+
+def _state_step(S_BxHxDxD, q_old, k_new, v_BxCxHxD, decay_BxHxGx1):
+    """The read of the incoming state and the state after the chunk."""
+    out_BxCxHxD = dot_f32("bihd,bhde->bihe", q_old, S_BxHxDxD.astype(v_BxCxHxD.dtype))
+    S_BxHxDxD = decay_BxHxGx1 * S_BxHxDxD + dot_f32("bjhd,bjhe->bhde", k_new, v_BxCxHxD)
+    return S_BxHxDxD, out_BxCxHxD
+
+
+def _chunked(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
+    """The state of all earlier chunks carried by `lax.scan`, plus each chunk's own
+    C x C part. With `scan` a step computes its chunk's part, reads the state and
+    updates it; computing the C x C part inside the step (as linear.py does) keeps each
+    step's arrays in cache on a CPU: batched over all chunks at once they are as long
+    as the sequence (measured: 16K/4K time 4.3 instead of 5.4 for retnet). With
+    `batched` every chunk's part is computed before the scan, batched over chunks, and
+    the scan does only the read and the update (module docstring)."""
     batch, length, heads, dim = v.shape
     chunk = min(chunk_size, length)
     n = -(-length // chunk)
@@ -147,21 +218,22 @@ def _chunked(q, k, v, g, chunk_size):
         x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
 
-    def body(S_BxHxDxD, xs):
-        q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, g_BxCxHxG = xs
-        cum_BxCxHxG = jnp.cumsum(g_BxCxHxG.astype(F32), axis=1)  # restarts at each chunk
-        a_BxHxCxC = _intra(q_BxCxHxD, k_BxCxHxD, cum_BxCxHxG)
-        out_BxCxHxD = dot_f32("bhij,bjhd->bihd", a_BxHxCxC.astype(v.dtype), v_BxCxHxD)
-        q_old = (q_BxCxHxD * jnp.exp(cum_BxCxHxG)).astype(v.dtype)  # decay since chunk start
-        out_BxCxHxD = out_BxCxHxD + dot_f32("bihd,bhde->bihe", q_old, S_BxHxDxD.astype(v.dtype))
-        total_BxHxG = cum_BxCxHxG[:, -1]
-        k_new = (k_BxCxHxD * jnp.exp(total_BxHxG[:, None] - cum_BxCxHxG)).astype(v.dtype)
-        S_BxHxDxD = (jnp.exp(total_BxHxG)[..., None] * S_BxHxDxD
-                     + dot_f32("bjhd,bjhe->bhde", k_new, v_BxCxHxD))
-        return S_BxHxDxD, out_BxCxHxD
-
     S0 = jnp.zeros((batch, heads, q.shape[-1], dim), F32)
-    _, out_NxBxCxHxD = jax.lax.scan(body, S0, tuple(chunks(x) for x in (q, k, v, g)))
+    xs = tuple(chunks(x) for x in (q, k, v, g))
+    if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
+        def body(S_BxHxDxD, xs):
+            own_BxCxHxD, q_old, k_new, decay = _chunk_terms(*xs)
+            S_BxHxDxD, out_BxCxHxD = _state_step(S_BxHxDxD, q_old, k_new, xs[2], decay)
+            return S_BxHxDxD, own_BxCxHxD + out_BxCxHxD
+
+        _, out_NxBxCxHxD = jax.lax.scan(body, S0, xs)
+    else:
+        merge = lambda x: x.reshape(n * batch, *x.shape[2:])  # chunks x batch as one axis
+        split = lambda x: x.reshape(n, batch, *x.shape[1:])
+        own, q_old, k_new, decay = map(split, _chunk_terms(*map(merge, xs)))
+        body = lambda S, terms: _state_step(S, *terms)
+        _, read_NxBxCxHxD = jax.lax.scan(body, S0, (q_old, k_new, xs[2], decay))
+        out_NxBxCxHxD = own + read_NxBxCxHxD
     return jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)[:, :length]
 
 
@@ -172,8 +244,8 @@ def _recurrent_step(S_BxHxDxD, q_BxHxD, k_BxHxD, v_BxHxD, g_BxHxG):
     return S_BxHxDxD, dot_f32("bhd,bhde->bhe", q_BxHxD.astype(F32), S_BxHxDxD)
 
 
-def _recurrent(q, k, v, g, chunk_size):
-    del chunk_size
+def _recurrent(q, k, v, g, chunk_size, chunk_strategy=None):
+    del chunk_size, chunk_strategy
     batch, length, heads, dim = v.shape
     S0 = jnp.zeros((batch, heads, q.shape[-1], dim), F32)
     body = lambda S, xs: _recurrent_step(S, *xs)
@@ -184,8 +256,9 @@ def _recurrent(q, k, v, g, chunk_size):
 _FORMS = {Form.PARALLEL: _parallel, Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
 
 
-@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size"))
-def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("form", "causal", "chunk_size", "chunk_strategy"))
+def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int,
+           chunk_strategy: str = ChunkStrategy.AUTO) -> jax.Array:
     """The gated linear attention of gated inputs, float32 [B, L, H, D].
 
     Args:
@@ -195,14 +268,23 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int) -> 
       form: a `Form`.
       causal: causal, or bidirectional as fwd + rev - diag (module docstring).
       chunk_size: C of the chunked form.
+      chunk_strategy: a `ChunkStrategy` of the chunked form (`auto` resolved here, at
+        trace time, from `jax.default_backend()` and G).
     """
-    attend = functools.partial(_FORMS[form], chunk_size=chunk_size)
-    fwd_BxLxHxD = attend(q, k, v, g_BxLxHxG)
+    strategy = resolve_chunk_strategy(chunk_strategy, batched_on_cpu=g_BxLxHxG.shape[-1] > 1)
+    attend = functools.partial(_FORMS[form], chunk_size=chunk_size, chunk_strategy=strategy)
     if causal:
-        return fwd_BxLxHxD
+        return attend(q, k, v, g_BxLxHxG)
     g_next = jnp.concatenate([g_BxLxHxG[:, 1:], jnp.zeros_like(g_BxLxHxG[:, :1])], axis=1)
     flip = lambda x: x[:, ::-1]
-    rev_BxLxHxD = flip(attend(flip(q), flip(k), flip(v), flip(g_next)))
+    if form == Form.CHUNKED and strategy is ChunkStrategy.BATCHED:
+        # one scan over the batch stacked with its reversal (half the sequential steps)
+        both = lambda x, reverse: jnp.concatenate([x, flip(reverse)], 0)
+        out = attend(both(q, q), both(k, k), both(v, v), both(g_BxLxHxG, g_next))
+        fwd_BxLxHxD, rev_BxLxHxD = out[: q.shape[0]], flip(out[q.shape[0]:])
+    else:
+        fwd_BxLxHxD = attend(q, k, v, g_BxLxHxG)
+        rev_BxLxHxD = flip(attend(flip(q), flip(k), flip(v), flip(g_next)))
     diag_BxLxH = jnp.sum(q.astype(F32) * k.astype(F32), -1)
     return fwd_BxLxHxD + rev_BxLxHxD - diag_BxLxH[..., None] * v.astype(F32)
 
@@ -257,7 +339,8 @@ class GatedAttention(nnx.Module):
     A subclass implements `gate` (its scales, log-gates and input transform) and may
     override `finish` (post-processing of the float32 output); it has its own
     keyword-only constructor (the registry reads its options from it) that calls
-    this one, passing on the options `form`, `chunk_size` and `short_conv`. The core
+    this one, passing on the options `form`, `chunk_size`, `chunk_strategy` and
+    `short_conv`. The core
     gives `__call__` (the registry contract, computed in `form`) and, for causal cores,
     `init_state` / `step`. No attention probabilities exist, so `dropout_rate` is
     accepted (the registry contract) and not applied.
@@ -275,11 +358,13 @@ class GatedAttention(nnx.Module):
         group_norm: bool,
         short_conv: int,
         rngs: nnx.Rngs,
+        chunk_strategy: str = "auto",
     ):
         self.num_heads, self.head_dim, self.max_len = num_heads, head_dim, max_len
         self.causal = causal
         self.form = Form(form)
         self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_strategy = ChunkStrategy(chunk_strategy)
         self.norm = GroupNorm(num_heads, head_dim) if group_norm else None
         self.qkv_conv = make_qkv_conv(short_conv, num_heads=num_heads, head_dim=head_dim,
                                       rngs=rngs)
@@ -311,7 +396,8 @@ class GatedAttention(nnx.Module):
         (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         q32, k32, v32, (qg, kg, vg, g) = self._gated(q, k, v, keep_BxL)
         qg, kg, vg = (x.astype(q.dtype) for x in (qg, kg, vg))
-        out = retain(qg, kg, vg, g, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
+        out = retain(qg, kg, vg, g, form=self.form, causal=self.causal,
+                     chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
         return self.finish(out, q32, k32, v32).astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:

@@ -35,7 +35,8 @@ class GlaAttention(GatedAttention):
 
     Options: `rank` (r of the gate projection), `tau` (gate temperature),
     `output_gate` (swish gate from q), `group_norm`, `form` (parallel | chunked |
-    recurrent), `chunk_size`, `short_conv` (gated.py). `dropout_rate` is accepted and not applied.
+    recurrent), `chunk_size`, `chunk_strategy` (auto | scan | batched), `short_conv`
+    (gated.py). `dropout_rate` is accepted and not applied.
     """
 
     def __init__(
@@ -53,12 +54,14 @@ class GlaAttention(GatedAttention):
         group_norm: bool = True,
         form: str = "chunked",
         chunk_size: int = 64,
+        chunk_strategy: str = "auto",
         short_conv: int = 0,
     ):
         del dropout_rate  # no probabilities
         super().__init__(num_heads=num_heads, head_dim=head_dim, max_len=max_len,
                          causal=causal, form=form, chunk_size=chunk_size,
-                         group_norm=group_norm, short_conv=short_conv, rngs=rngs)
+                         group_norm=group_norm, short_conv=short_conv, rngs=rngs,
+                         chunk_strategy=chunk_strategy)
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int; got {rank!r}")
         if not tau > 0:

@@ -32,8 +32,8 @@ class RetNetAttention(GatedAttention):
 
     Options: `gammas` (one decay per head in (0, 1]; empty = RetNet's schedule),
     `group_norm` (per-head GroupNorm of the output), `form` (parallel | chunked |
-    recurrent), `chunk_size`, `short_conv` (gated.py). `dropout_rate` is accepted and
-    not applied.
+    recurrent), `chunk_size`, `chunk_strategy` (auto | scan | batched), `short_conv`
+    (gated.py). `dropout_rate` is accepted and not applied.
     """
 
     def __init__(
@@ -49,12 +49,14 @@ class RetNetAttention(GatedAttention):
         group_norm: bool = True,
         form: str = "chunked",
         chunk_size: int = 64,
+        chunk_strategy: str = "auto",
         short_conv: int = 0,
     ):
         del dropout_rate  # no probabilities
         super().__init__(num_heads=num_heads, head_dim=head_dim, max_len=max_len,
                          causal=causal, form=form, chunk_size=chunk_size,
-                         group_norm=group_norm, short_conv=short_conv, rngs=rngs)
+                         group_norm=group_norm, short_conv=short_conv, rngs=rngs,
+                         chunk_strategy=chunk_strategy)
         gammas = tuple(gammas) or retnet_gammas(num_heads)
         if len(gammas) != num_heads or not all(0.0 < g <= 1.0 for g in gammas):
             raise ValueError(f"gammas must be {num_heads} decays in (0, 1]; got {gammas!r}")

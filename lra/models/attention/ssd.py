@@ -76,7 +76,7 @@ class SsdAttention(GatedAttention):
     Options: `d_skip` (add D_h x_t; off, see the module docstring), `group_norm`
     (per-head GroupNorm of the output, on: it stands in for the norm that Mamba2's block
     applies to the SSD output before its output projection),
-    `form` (parallel | chunked | recurrent), `chunk_size`, `short_conv` (gated.py).
+    `form` (parallel | chunked | recurrent), `chunk_size`, `chunk_strategy`, `short_conv` (gated.py).
     `dropout_rate` is accepted and not applied.
     """
 
@@ -93,12 +93,13 @@ class SsdAttention(GatedAttention):
         group_norm: bool = True,
         form: str = "chunked",
         chunk_size: int = 64,
+        chunk_strategy: str = "auto",
         short_conv: int = 0,
     ):
         del dropout_rate  # no probabilities
         super().__init__(num_heads=num_heads, head_dim=head_dim, max_len=max_len,
                          causal=causal, form=form, chunk_size=chunk_size,
-                         group_norm=group_norm, short_conv=short_conv, rngs=rngs)
+                         chunk_strategy=chunk_strategy, group_norm=group_norm, short_conv=short_conv, rngs=rngs)
         a_log_H, dt_bias_H = mamba2_init(rngs.params(), num_heads)
         self.A_log_H = nnx.Param(a_log_H)
         self.dt_bias_H = nnx.Param(dt_bias_H)
