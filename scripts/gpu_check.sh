@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check (`make gpu-check`): on one NVIDIA GPU, in under 8 minutes,
 #   1. the attention test files, run on the GPU (LRA_TEST_PLATFORM=cuda: no fake CPU devices),
-#   2. `python -m lra.bench`: softmax (xla and cudnn), memory_efficient, linear, performer,
-#      local, nystromformer, retnet, gla, mamba2, deltanet, s5, lru at 1K/4K/16K tokens,
-#      layer and step scopes, in bfloat16 and in float32 (cuDNN runs in 16 bit only); step
-#      dropout 0 for every entry, since cuDNN's fused attention has none,
+#      the Pallas flash-attention tests among them (on a GPU: the compiled Triton kernel),
+#   2. `python -m lra.bench`: softmax (xla, cudnn and pallas), memory_efficient, linear,
+#      performer, local, nystromformer, retnet, gla, mamba2, deltanet, gated_deltanet (both
+#      chunk strategies), s5, lru at 1K/4K/16K tokens, layer and step scopes, in bfloat16
+#      and in float32 (cuDNN runs in 16 bit only), with each record's sequential depth; step
+#      dropout 0 for every entry, since the fused attentions have none,
 #   3. a 300-step ListOps `preset=lra` run (its model and optimizer; 30 warmup steps instead
 #      of 1,000, and 9,600 / 500 / 500 generated lists: one pass of 300 batches of 32),
 # each part under its own time limit, and writes to $OUT (default results/bench-gpu/):
@@ -27,18 +29,19 @@ PLATFORM=${GPU_CHECK_PLATFORM:-cuda}
 DRY_RUN=0
 [[ ${1:-} == --dry_run ]] && DRY_RUN=1
 
-# Seconds per part: 90 + 2 x (45 + 110) + 60 = 460, with start-up under 8 minutes.
-TESTS_SECONDS=90
-LAYER_SECONDS=45  # per dtype
+# Seconds per part: 80 + 2 x (55 + 110) + 50 = 460, with start-up under 8 minutes.
+TESTS_SECONDS=80
+LAYER_SECONDS=55  # per dtype
 STEP_SECONDS=110  # per dtype
-LISTOPS_SECONDS=60
+LISTOPS_SECONDS=50
 
 TESTS=${GPU_CHECK_TESTS:-tests/test_attention.py tests/test_linear_attention.py \
 tests/test_gated_attention.py tests/test_delta_attention.py tests/test_lowrank_attention.py \
-tests/test_sparse_attention.py tests/test_hashing_attention.py -n 4}
-ENTRIES=memory_efficient,linear,performer,local,nystromformer,retnet,gla,mamba2,deltanet,s5,lru
-BF16_ENTRIES=softmax:implementation=xla,softmax:implementation=cudnn,$ENTRIES
-F32_ENTRIES=softmax:implementation=xla,$ENTRIES
+tests/test_sparse_attention.py tests/test_hashing_attention.py tests/test_pallas_attention.py -n 4}
+ENTRIES=memory_efficient,linear,performer,local,nystromformer,retnet,gla,mamba2,deltanet,\
+gated_deltanet:chunk_strategy=scan,gated_deltanet:chunk_strategy=batched,s5,lru
+BF16_ENTRIES=softmax:implementation=xla,softmax:implementation=cudnn,softmax:implementation=pallas,$ENTRIES
+F32_ENTRIES=softmax:implementation=xla,softmax:implementation=pallas,$ENTRIES
 BENCH_FLAGS="--no_baseline --lengths ${GPU_CHECK_LENGTHS:-1024,4096,16384} \
 --repeats ${GPU_CHECK_REPEATS:-3} --step_dropout 0 ${GPU_CHECK_BENCH_FLAGS:-}"
 LISTOPS_WORKDIR=runs/gpu-check-listops

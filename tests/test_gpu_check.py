@@ -12,9 +12,11 @@ from lra.models import mixers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-REQUIRED = ("softmax:implementation=xla", "softmax:implementation=cudnn", "memory_efficient",
-            "linear", "performer", "local", "nystromformer", "retnet", "gla", "mamba2",
-            "deltanet", "s5", "lru")
+REQUIRED = ("softmax:implementation=xla", "softmax:implementation=cudnn",
+            "softmax:implementation=pallas", "memory_efficient", "linear", "performer", "local",
+            "nystromformer", "retnet", "gla", "mamba2", "deltanet",
+            "gated_deltanet:chunk_strategy=scan", "gated_deltanet:chunk_strategy=batched",
+            "s5", "lru")
 
 
 def _flag(words: list[str], name: str) -> str:
@@ -29,6 +31,7 @@ def test_dry_run_covers_the_tests_every_entry_both_scopes_and_dtypes_and_listops
     assert sum(int(words[1]) for words in commands) <= 8 * 60 - 20
     tests = next(words for words in commands if "pytest" in words)
     assert "LRA_TEST_PLATFORM=cuda" in tests and "tests/test_attention.py" in tests
+    assert "tests/test_pallas_attention.py" in tests
     benches = [words for words in commands if "lra.bench" in words]
     measured = {(_flag(w, "--dtype"), _flag(w, "--scopes")) for w in benches}
     assert measured == {(d, s) for d in ("bfloat16", "float32") for s in ("layer", "step")}
