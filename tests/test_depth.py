@@ -22,8 +22,9 @@ def test_a_scan_counts_its_length():
 
 
 def test_nested_scans_multiply():
-    outer = lambda c: jax.lax.scan(lambda c, x: (_scan(5)(c) * x, None), c, jnp.ones(3))[0]
-    assert depth.sequential_depth(outer, 1.0) == 15
+    """A scan of 100 steps inside a scan of 3: 300 sequential steps."""
+    outer = lambda c: jax.lax.scan(lambda c, x: (_scan(100)(c) * x, None), c, jnp.ones(3))[0]
+    assert depth.sequential_depth(outer, 1.0) == 300
 
 
 def test_sequential_scans_add():

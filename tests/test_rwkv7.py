@@ -112,22 +112,27 @@ def test_core_matches_the_papers_recurrence(form, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_core_forms_agree_in_gradients(causal):
+def test_core_forms_and_chunk_strategies_agree_in_gradients(causal):
+    """chunked with its terms in the scan (`scan`) or before it (`batched`, the triangular
+    solve by the explicit inverse) and recurrent: the same gradients."""
     mask = _mask()
     inputs = tuple(map(jnp.asarray, _core_inputs(1, mask)))
     weights = jnp.asarray(np.random.default_rng(2).normal(size=(B, L, H, N)), jnp.float32)
+    variants = [(Form.CHUNKED, "scan"), (Form.CHUNKED, "batched"), (Form.RECURRENT, "auto")]
 
-    def loss(form, r, k, v, kappa, a, log_w):
+    def loss(variant, r, k, v, kappa, a, log_w):
+        form, strategy = variant
         out = rwkv7.wkv(r, k, v, kappa, a * kappa, log_w, form=form, causal=causal,
-                        chunk_size=CHUNK)
+                        chunk_size=CHUNK, chunk_strategy=strategy)
         return jnp.sum(out * weights)
 
-    both = lambda *inputs: [jax.grad(functools.partial(loss, form), argnums=tuple(range(6)))(
-        *inputs) for form in (Form.CHUNKED, Form.RECURRENT)]
-    grads = jax.jit(both).lower(*inputs).compile(compiler_options=QUICK_COMPILE)(*inputs)
-    for chunked, recurrent in zip(*grads, strict=True):
-        assert np.all(np.isfinite(chunked))
-        assert_close_relative(chunked, recurrent, 1e-5)
+    every = lambda *inputs: [jax.grad(functools.partial(loss, variant),
+                                      argnums=tuple(range(6)))(*inputs) for variant in variants]
+    grads = jax.jit(every).lower(*inputs).compile(compiler_options=QUICK_COMPILE)(*inputs)
+    for scan, batched, recurrent in zip(*grads, strict=True):
+        assert np.all(np.isfinite(scan)) and np.all(np.isfinite(batched))
+        assert_close_relative(scan, recurrent, 1e-5)
+        assert_close_relative(batched, recurrent, 1e-5)
 
 
 # --- the whole mixer -----------------------------------------------------------------------

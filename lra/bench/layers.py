@@ -536,6 +536,7 @@ def _entries(args) -> list[str]:
         missing = [b for b in args.baselines.split(",") if b and b not in entries]
         entries = missing + entries
     kernel_scopes = [scope for scope in args.scopes.split(",") if scope != "loop"]
+    shape = Settings(heads=args.heads, head_dim=args.head_dim)  # options may depend on it
     for entry in entries:  # fail before measuring anything
         name, options = parse_entry(entry)
         if is_pattern(name) and kernel_scopes == ["step"]:
@@ -543,9 +544,9 @@ def _entries(args) -> list[str]:
             if args.step_layers % len(names):
                 raise ValueError(f"--attention {entry}: --step_layers {args.step_layers} is "
                                  f"not a multiple of the pattern's {len(names)} names")
-            _layer_module(names[0], 1, Settings(heads=1, head_dim=2), options)
+            _layer_module(names[0], 1, shape, options)
             continue
-        _layer_module(name, 1, Settings(heads=1, head_dim=2), options)
+        _layer_module(name, 1, shape, options)
     return entries
 
 

@@ -322,7 +322,7 @@ def _halving_inverse(N_xSxS):
     return jnp.concatenate([upper, jnp.concatenate([below, bottom], -1)], -2)
 
 
-def _inverse_solve(N_xCxC, R_xCxE):
+def inverse_solve(N_xCxC, R_xCxE):
     """X = (I + tril(N, -1))^-1 R through the explicit inverse (no row loop)."""
     return jnp.einsum("...ij,...je->...ie", unit_lower_inverse(N_xCxC), R_xCxE)
 
@@ -333,7 +333,7 @@ def _chunk_terms(q, k, v, beta, log_alpha, solve=unit_lower_solve):
     Args are [..., B, H, C, ...] (one chunk of C tokens; any leading axes, e.g. all
     chunks at once), q, k, v in the input dtype, beta and log_alpha float32; log_alpha
     [B, H, C] (per head), [B, H, C, D] (per key channel) or None. `solve(N, R)` gives
-    (I + N)^-1 R: `unit_lower_solve` or `_inverse_solve`.
+    (I + N)^-1 R: `unit_lower_solve` or `inverse_solve`.
 
     Returns:
       (q_read [.., C, D], P [.., C, C], W [.., C, D], U [.., C, D], k_write [.., C, D],
@@ -410,7 +410,7 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size, chunk_strategy=ChunkStrategy.
         body = lambda S, xs: state_step(S, _chunk_terms(*xs))
         _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
     else:  # every chunk's terms before the scan, batched over the chunk axis
-        terms = _chunk_terms(*xs, solve=_inverse_solve)
+        terms = _chunk_terms(*xs, solve=inverse_solve)
         _, out_NxBxHxCxD = jax.lax.scan(state_step, S0, terms)
     out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
     return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length]
