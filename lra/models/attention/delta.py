@@ -58,8 +58,9 @@ exists):
              sequential; `auto` (the default) is `scan` when `jax.default_backend()` is
              "cpu" at trace time and `batched` on any other backend (gpu, tpu). On a
              CPU `scan` is faster: batched / scan time (forward + backward, 8 heads x
-             64, a loaded 2-core CPU) 1.3-1.8 for deltanet and gated_deltanet, 1.1-1.3
-             for kda at 4K and 16K (also docs/benchmarks.md). The same numbers to
+             64, one quiet run, docs/benchmarks.md) 1.19 and 1.28 for deltanet, 1.48
+             and 1.38 for gated_deltanet at 4K and 16K; kda 0.95 and 0.97 (kept with
+             its family). The same numbers to
              float32 rounding.
   recurrent  `lax.scan` over tokens; `init_state` / `step` decode one token at a time
              in O(1) memory with the same update.

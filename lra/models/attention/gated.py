@@ -27,14 +27,12 @@ same numbers either way):
              chunks are computed at once (batched over chunks) before the scan, which
              keeps only the state recurrence (one read, one update per chunk): fewer,
              larger kernels, for accelerators whose loop trips are costly.
-  auto       (the default) decided at trace time from `jax.default_backend()`:
-             `batched` on every backend but "cpu" (gpu, tpu); on "cpu" `scan` for
-             per-head gates (retnet, ssd) and `batched` for per-channel gates (gla).
-             Measured for this option (forward + backward, 8 heads x 64, a loaded
-             2-core CPU), batched / scan time was 0.90-1.49 for retnet but 0.64-0.75
-             for gla at 4K and 16K; `scan` had also kept retnet's 16K/4K time ratio
-             lower (docs/benchmarks.md). The delta rule's `scan` is faster on the CPU
-             (delta.py).
+  auto       (the default) `batched`, on every backend: measured on this project's
+             CPU (forward + backward, 8 heads x 64, one quiet run, docs/benchmarks.md),
+             batched / scan time was 1.05 and 1.01 for retnet, 0.82 and 0.94 for ssd,
+             0.73 and 0.80 for gla at 4K and 16K, and on accelerators fewer, larger
+             kernels are the point. (The delta rule's `auto` is `scan` on the CPU,
+             where its row-by-row solve measured faster; delta.py.)
 
 With `batched` the bidirectional form runs its two passes as one scan over the batch
 stacked with its reversal (as delta.py), so its sequential depth is L / C, as causal.
@@ -90,15 +88,15 @@ class ChunkStrategy(Choice):
     """Where a chunked core computes the terms that do not depend on the carried state
     (module docstring); shared with the delta-rule core (delta.py)."""
 
-    AUTO = "auto"  # batched, except scan on the cpu backend for per-head gates (trace time)
+    AUTO = "auto"  # the core's platform rule (gated: batched; delta rule: scan on cpu only)
     SCAN = "scan"  # inside the lax.scan step, one chunk at a time
     BATCHED = "batched"  # for all chunks at once before the scan; the scan carries S only
 
 
 def resolve_chunk_strategy(strategy: str, *, batched_on_cpu: bool = False) -> ChunkStrategy:
     """`strategy` with `auto` resolved at trace time: `batched`, except `scan` when
-    `jax.default_backend()` is "cpu" and not `batched_on_cpu` (the core measured faster
-    batched there: gla's per-channel gates; module docstring)."""
+    `jax.default_backend()` is "cpu" and not `batched_on_cpu` (whether the core measured
+    faster batched on the CPU: the gated core did, the delta rule did not)."""
     strategy = ChunkStrategy(strategy)
     if strategy is ChunkStrategy.AUTO:
         cpu = jax.default_backend() == "cpu"
@@ -269,9 +267,9 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int,
       causal: causal, or bidirectional as fwd + rev - diag (module docstring).
       chunk_size: C of the chunked form.
       chunk_strategy: a `ChunkStrategy` of the chunked form (`auto` resolved here, at
-        trace time, from `jax.default_backend()` and G).
+        trace time: `batched`; module docstring).
     """
-    strategy = resolve_chunk_strategy(chunk_strategy, batched_on_cpu=g_BxLxHxG.shape[-1] > 1)
+    strategy = resolve_chunk_strategy(chunk_strategy, batched_on_cpu=True)
     attend = functools.partial(_FORMS[form], chunk_size=chunk_size, chunk_strategy=strategy)
     if causal:
         return attend(q, k, v, g_BxLxHxG)
