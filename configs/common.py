@@ -163,9 +163,15 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # | high | highest (full float32 everywhere).
     config.matmul_precision = "default"
     # Memory and speed; only `dtype` changes results beyond float rounding (see lra/training/train.py).
-    # Devices form a (data, fsdp) mesh: mesh_fsdp devices share each parameter and optimizer
-    # array (sharded), the data axis gets the other factor; batches are split over both.
+    # Devices form a (data, fsdp, seq) mesh: mesh_fsdp devices share each parameter and
+    # optimizer array (sharded), mesh_seq devices share each sequence (sequence
+    # parallelism: a batch's [B, L] arrays and the block activations are split along L),
+    # the data axis gets the other factor; batches' rows are split over data and fsdp.
     config.mesh_fsdp = 1  # must divide the number of devices; 1 = plain data parallelism
+    # mesh_fsdp * mesh_seq must divide the devices, and mesh_seq max_length; > 1 only for
+    # the mixers of lra.parallel.sharding.SEQUENCE_PARALLEL_MIXERS (softmax, memory_efficient)
+    # and pooling mean or last. 1 = no sequence parallelism.
+    config.mesh_seq = 1
     config.grad_accum_steps = 1  # micro-batches per step: same steps, 1/N activation memory
     config.dtype = "float32"  # compute: float32 | bfloat16 (parameters, optimizer stay float32)
     config.remat = False  # recompute each block in the backward pass: less memory, more FLOPs

@@ -200,9 +200,9 @@ def test_fsdp_step_keeps_the_state_sharded_and_gathers_each_layer_where_it_runs(
     assert "all-gather" not in plain.as_text()
 
 
-def test_batches_are_split_over_both_mesh_axes():
+def test_batches_are_split_over_both_batch_axes():
     mesh = sharding.make_mesh(0, 2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "seq": 1}  # seq: one sequence, whole
     batch = data.to_global(data.gather(ARRAYS, np.arange(16), 64), mesh)
     assert {shard.data.shape for shard in batch["inputs"].addressable_shards} == {(4, 64)}
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from lra.common import Choice
 from lra.models import mixers, stack
+from lra.models.attention.sequence_parallel import SEQ_AXIS, splits_sequence
 from lra.models.norm import make_norm
 from lra.models.pattern import LayerMixer, layer_names
 
@@ -76,6 +77,23 @@ def _sinusoidal_LxE(length: int, dim: int) -> np.ndarray:
     table[:, half : 2 * half] = np.cos(angles_LxE2)
     table.setflags(write=False)  # shared by the cache
     return table
+
+
+def split_sequence(x_BxLxE: jax.Array) -> jax.Array:
+    """Block activations kept split by sequence under sequence parallelism.
+
+    When the mesh in context (`jax.set_mesh`) has a `seq` axis of more than one device
+    (`config.mesh_seq`, lra/parallel/sharding.py), `x_BxLxE` is constrained to its rows
+    over the other axes (data, fsdp) and its positions L over `seq`, the layout of the
+    batch's [B, L] arrays: per-token layers then run on each device's positions, and
+    pooling reduces across the axis. Without a mesh, or with `seq` of 1, `x_BxLxE`
+    itself (nothing is added to the computation).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not splits_sequence(mesh):
+        return x_BxLxE
+    rows = tuple(name for name in mesh.axis_names if name != SEQ_AXIS)
+    return jax.lax.with_sharding_constraint(x_BxLxE, jax.sharding.PartitionSpec(rows, SEQ_AXIS))
 
 
 class Mlp(nnx.Module):
@@ -152,7 +170,7 @@ class Block(nnx.Module):
     ) -> jax.Array:
         y_BxLxE = self.attention_norm(x_BxLxE, mask_BxL, deterministic=deterministic)
         x_BxLxE = x_BxLxE + self.attention(y_BxLxE, mask_BxL, deterministic=deterministic)
-        return self._mlp(x_BxLxE, mask_BxL, deterministic=deterministic)
+        return split_sequence(self._mlp(x_BxLxE, mask_BxL, deterministic=deterministic))
 
     def step(self, state, x_BxE, mask_B, position):
         """`__call__` for one token, carrying the mixer's decoding state."""
@@ -370,7 +388,7 @@ class Encoder(nnx.Module):
                 f"sequence length {tokens_BxL.shape[1]} exceeds max_len={self.max_len}"
             )
         x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
-        x_BxLxE = self.dropout(x_BxLxE, deterministic=deterministic)
+        x_BxLxE = split_sequence(self.dropout(x_BxLxE, deterministic=deterministic))
         x_BxLxE = stack.run_blocks(
             self.scanned_blocks if self.scan_layers else self.blocks, x_BxLxE, mask_BxL,
             scan=self.scan_layers, remat=self.remat, deterministic=deterministic)

@@ -1,7 +1,14 @@
 """The device mesh and how arrays are laid out on it: batches, parameters, optimizer state.
 
-The mesh has two axes, `data` and `fsdp` (`config.mesh_fsdp` devices on the latter).
-Batches are split along their first axis over both. Parameter and optimizer-state arrays
+The mesh has three axes, `data`, `fsdp` and `seq` (`config.mesh_fsdp` and
+`config.mesh_seq` devices on the last two; `data` gets the rest). Batches are split along
+their first axis over `data` and `fsdp`, and arrays of a token per position ([B, L]: the
+inputs, masks, per-position targets) along their second axis over `seq` too (sequence
+parallelism: one sequence split over `mesh_seq` devices); per-example arrays ([B]:
+targets, weights) are not split over `seq` (`batch_spec`). Only the mixers of
+`SEQUENCE_PARALLEL_MIXERS` run with `mesh_seq` > 1 (lra/training/validation.py); the
+encoder keeps its block activations [B, L, E] split the same way (lra/models/encoder.py).
+With `mesh_seq` = 1 every layout is the (data, fsdp) one. Parameter and optimizer-state arrays
 of at least `FSDP_MIN_ELEMENTS` elements are sharded over `fsdp` along their largest
 dimension that the axis size divides; the rest is replicated. The rule reads only shapes,
 so every attention family's parameters are covered without annotations. Arrays under a
@@ -23,22 +30,37 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lra.models.attention.sequence_parallel import SEQ_AXIS, splits_sequence
 from lra.models.stack import STACKED_LAYERS, gathering_layers
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others a batch's rows
+# Mixers that run with the sequence split over the `seq` axis (config.mesh_seq > 1), each
+# with the option values it needs (option -> the values allowed): the exact attentions,
+# which attend across the split (ring attention or all-gather of keys and values,
+# lra/models/attention/sequence_parallel.py). Every other mixer is refused under mesh_seq > 1
+# (lra/training/validation.py): a recurrence or scan runs along the whole length, and a
+# whole-length projection (linformer), sorting or blocking needs every position at once.
+SEQUENCE_PARALLEL_MIXERS = {
+    "softmax": {"implementation": ("xla",)},  # the fused kernels (cudnn, pallas) are not
+    "memory_efficient": {},
+}
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024
 
 
-def make_mesh(num_devices: int, fsdp: int = 1) -> jax.sharding.Mesh:
-    """A (`data`, `fsdp`) mesh over the first `num_devices` devices (0 = all).
+def make_mesh(num_devices: int, fsdp: int = 1, seq: int = 1) -> jax.sharding.Mesh:
+    """A (`data`, `fsdp`, `seq`) mesh over the first `num_devices` devices (0 = all).
 
     Args:
       num_devices: how many devices to use; 0 = every device.
-      fsdp: size of the `fsdp` axis (parameter sharding); `data` gets devices / fsdp.
+      fsdp: size of the `fsdp` axis (parameter sharding).
+      seq: size of the `seq` axis (sequence parallelism); `data` gets
+        devices / (fsdp * seq). The innermost axis: a sequence's devices are neighbours,
+        and with several processes they must belong to one process.
 
     Raises:
-      ValueError: too few devices, or `fsdp` does not divide their number.
+      ValueError: too few devices, `fsdp` * `seq` does not divide their number, or a
+        group of `seq` devices spans several processes.
     """
     devices = jax.devices()
     if num_devices > len(devices):
@@ -47,15 +69,55 @@ def make_mesh(num_devices: int, fsdp: int = 1) -> jax.sharding.Mesh:
     if not isinstance(fsdp, int) or fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"config.mesh_fsdp={fsdp!r} must be a positive divisor of the "
                          f"{len(devices)} devices")
-    return jax.make_mesh(
-        (len(devices) // fsdp, fsdp), MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices,
+    if not isinstance(seq, int) or seq < 1 or len(devices) % (fsdp * seq):
+        raise ValueError(f"config.mesh_seq={seq!r} must be a positive integer that divides "
+                         f"the {len(devices)} devices together with config.mesh_fsdp={fsdp}")
+    mesh = jax.make_mesh(
+        (len(devices) // (fsdp * seq), fsdp, seq), MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices,
     )
+    # Each process reads whole rows, its share of the batch (lra/training/data.py), so the
+    # devices that share a sequence must belong to one process.
+    if seq > 1 and any(len({device.process_index for device in group}) > 1
+                       for group in mesh.devices.reshape(-1, seq)):
+        raise ValueError(f"config.mesh_seq={seq} splits a sequence over devices of several "
+                         f"processes; it must divide the {jax.local_device_count()} devices "
+                         "of one process (one process per node, not per device)")
+    return mesh
 
 
-def batch_spec(mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """Batches are split along their first axis over every mesh axis (data and fsdp)."""
-    return PartitionSpec(mesh.axis_names)
+def batch_spec(mesh: jax.sharding.Mesh, ndim: int = 1) -> PartitionSpec:
+    """How a batch array of `ndim` dimensions is split: its rows over the batch axes
+    (every mesh axis but `seq`: data and fsdp), and, when the mesh has a `seq` axis > 1,
+    its second axis (the sequence of a [B, L] array: inputs, masks, per-position targets)
+    over `seq`. [B] arrays (targets, weights) and every array of a mesh without a `seq`
+    split get `PartitionSpec(batch axes)`, today's (data, fsdp) layout."""
+    rows = tuple(name for name in mesh.axis_names if name != SEQ_AXIS)
+    if ndim >= 2 and splits_sequence(mesh):
+        return PartitionSpec(rows, SEQ_AXIS)
+    return PartitionSpec(rows)
+
+
+def batch_shardings(batch, mesh: jax.sharding.Mesh):
+    """A `NamedSharding` per array of `batch` (a pytree of arrays or shapes), by its rank
+    (`batch_spec`)."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(mesh, len(x.shape))), batch)
+
+
+def step_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding | None:
+    """What a jitted step's `in_shardings` give its batch argument (a dict of [B] and
+    [B, L] arrays, whose keys depend on the task and objective): without a `seq` split,
+    one sharding for every array (rows over data and fsdp, as always); with one, None:
+    the step takes the arrays as `lra.training.data.to_global` laid them out
+    (`batch_shardings`) and constrains them to that layout itself (`constrain_batch`)."""
+    return None if splits_sequence(mesh) else NamedSharding(mesh, batch_spec(mesh))
+
+
+def constrain_batch(batch, mesh: jax.sharding.Mesh):
+    """`batch`'s arrays constrained to their `batch_spec` (traced inside a step)."""
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, batch_spec(mesh, x.ndim))), batch)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, *, stacked: bool = False) -> PartitionSpec:

@@ -43,7 +43,6 @@ import grain.experimental
 import jax
 import numpy as np
 from absl import flags as absl_flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lra import tasks
 from lra.parallel import distributed
@@ -359,10 +358,10 @@ class TrainBatches:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The next global batch's shapes, dtypes and shardings (to compile a step before
         the stream starts); reads one host batch, takes nothing from the stream."""
-        sharding = NamedSharding(self._mesh, PartitionSpec(self._mesh.axis_names))
         local = self._dataset[self._next_index]  # this process's rows
         rows = lambda x: (x.shape[0] * jax.process_count(), *x.shape[1:])
-        return {key: jax.ShapeDtypeStruct(rows(x), x.dtype, sharding=sharding)
+        shardings = _batch_shardings(local, self._mesh)
+        return {key: jax.ShapeDtypeStruct(rows(x), x.dtype, sharding=shardings[key])
                 for key, x in local.items()}
 
     def get_state(self) -> dict:
@@ -409,12 +408,23 @@ def eval_device_batches(arrays: Arrays, mesh: jax.sharding.Mesh, *, batch_size: 
 
 
 def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Process-local rows -> global arrays sharded along the batch over every mesh axis."""
-    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    """Process-local rows -> global arrays: rows split over the mesh's batch axes (data,
+    fsdp), and the sequence of a [B, L] array over `seq` when the mesh splits sequences
+    (`lra.parallel.sharding.batch_spec`). A process holds whole rows; the `seq` axis lies
+    within one process's devices (`sharding.make_mesh`), each of which takes its part."""
+    shardings = _batch_shardings(batch, mesh)
     return {
-        key: jax.make_array_from_process_local_data(sharding, value)
+        key: jax.make_array_from_process_local_data(shardings[key], value)
         for key, value in batch.items()
     }
+
+
+def _batch_shardings(batch, mesh: jax.sharding.Mesh) -> dict:
+    # Imported here: lra.parallel.sharding imports the models (FSDP's gathering hook),
+    # which preparing data (`python -m lra.data`) and grain's workers do without.
+    from lra.parallel import sharding
+
+    return sharding.batch_shardings(batch, mesh)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,22 +1,27 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-One jitted train step over a (`data`, `fsdp`) device mesh, the same code on 1 or N devices.
-The model and optimizer live as one NNX state pytree split off their graph definition
-(`nnx.split`), so the step is a plain `jax.jit` function with buffer donation; dropout is
-reseeded every step from `fold_in(key, step)`, so a run is a pure function of the config
-and resuming from any checkpoint replays it exactly.
+One jitted train step over a (`data`, `fsdp`, `seq`) device mesh, the same code on 1 or N
+devices. The model and optimizer live as one NNX state pytree split off their graph
+definition (`nnx.split`), so the step is a plain `jax.jit` function with buffer donation;
+dropout is reseeded every step from `fold_in(key, step)`, so a run is a pure function of
+the config and resuming from any checkpoint replays it exactly.
 
 Memory and speed options (each leaves the results unchanged up to float rounding, except
 `dtype`, and `grad_accum_steps` with dropout, whose masks are then drawn per micro-batch,
 or with BatchNorm, whose statistics are then per micro-batch):
   * `config.mesh_fsdp`: size of the `fsdp` mesh axis; the `data` axis gets the remaining
-    devices. Batches are split over both axes. Every parameter and optimizer-state array of
-    at least `FSDP_MIN_ELEMENTS` elements is sharded over `fsdp` along its largest dimension
-    that the axis size divides (the rest is replicated). The state stays sharded in the
+    devices (those left by `mesh_seq` too). Batches' rows are split over both axes. Every
+    parameter and optimizer-state array of at least `FSDP_MIN_ELEMENTS` elements is
+    sharded over `fsdp` along its largest dimension that the axis size divides (the rest
+    is replicated). The state stays sharded in the
     step: each encoder block gathers its parameters just before it runs (lra/models/
     stack.py), the rest is gathered before the forward pass, and gradients are
     reduce-scattered to the shards. The rule is computed from the abstract state's
     shapes, so every attention family's parameters are covered without annotations.
+  * `config.mesh_seq`: size of the `seq` mesh axis (sequence parallelism): the batch's
+    [B, L] arrays are split along L over it as well, [B] arrays are not
+    (`sharding.batch_spec`), and the encoder keeps its block activations so split; only
+    the mixers of `sharding.SEQUENCE_PARALLEL_MIXERS` may run with it > 1.
   * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
     many micro-batches (`lax.scan`); their summed losses' gradients and their target counts
     are added, and divided once, before one optimizer update. This is used instead of
@@ -194,11 +199,10 @@ def _micro_batches(batch, accum: int, mesh: jax.sharding.Mesh):
     Strided rows keep every micro-batch spread over all devices (each device holds a
     contiguous block of the batch), so the split moves no data.
     """
-    sharding = NamedSharding(mesh, PartitionSpec(None, *batch_spec(mesh)))
-
-    def split(x):
+    def split(x):  # [B] and [B, L] arrays each keep their layout (`batch_spec`)
+        layout = NamedSharding(mesh, PartitionSpec(None, *batch_spec(mesh, x.ndim)))
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, sharding)
+        return jax.lax.with_sharding_constraint(x, layout)
 
     return jax.tree.map(split, batch)
 
@@ -291,6 +295,8 @@ def make_train_step(graphdef, state_shardings, config):
     spec = objective_spec(config)
 
     def train_step(state, rng_state, batch):
+        if sharding.splits_sequence(mesh):  # [B] and [B, L] arrays: each its own layout
+            batch = sharding.constrain_batch(batch, mesh)
         model, optimizer = nnx.merge(graphdef, rng_state, state)
         step = optimizer.step[...]
         grads, metrics, mutable = _mean_grads(
@@ -302,7 +308,7 @@ def make_train_step(graphdef, state_shardings, config):
         return nnx.state((model, optimizer), nnx.Not(nnx.RngState)), metrics
 
     in_shardings = (state_shardings, NamedSharding(mesh, PartitionSpec()),
-                    NamedSharding(mesh, batch_spec(mesh)))
+                    sharding.step_batch_sharding(mesh))
     return jax.jit(train_step, donate_argnums=0, in_shardings=in_shardings,
                    out_shardings=(state_shardings, None))
 
@@ -390,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir).expanduser()
     task = tasks.get(config.task)
     use_compilation_cache(config.get("compilation_cache_dir", ""))
-    mesh = make_mesh(config.num_devices, config.mesh_fsdp)
+    mesh = make_mesh(config.num_devices, config.mesh_fsdp, config.get("mesh_seq", 1))
     validate_config(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
     check_and_write_config(workdir, config)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from lra import models
 from lra.models import mixers, pattern
+from lra.parallel.sharding import SEQUENCE_PARALLEL_MIXERS
 from lra.training.objectives import Objective
 from lra.training.pretraining import CHECKPOINT_FOLDERS
 
@@ -61,9 +62,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"config.model.qkv_dim={config.model.qkv_dim} is not divisible by "
             f"config.model.num_heads={config.model.num_heads}"
         )
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % num_devices:
-            raise ValueError(f"config.{key}={config[key]} is not divisible by {num_devices} devices")
     _validate_scaling(config, num_devices)
     _validate_input_pipeline(config)
     _validate_data_preparation(config)
@@ -118,12 +116,27 @@ def _softmax_options(config: ml_collections.ConfigDict) -> list[tuple[str, dict]
 def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if num_devices % config.mesh_fsdp:
         raise ValueError(f"config.mesh_fsdp={config.mesh_fsdp} must divide the {num_devices} devices")
+    seq = config.get("mesh_seq", 1)  # (a config built in Python before the key existed)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0:
+        raise ValueError(f"config.mesh_seq must be a positive integer, got {seq!r}")
+    if num_devices % (config.mesh_fsdp * seq):
+        raise ValueError(f"config.mesh_seq={seq} must divide the {num_devices} devices together "
+                         f"with config.mesh_fsdp={config.mesh_fsdp} (their product divides them)")
+    # Rows are split over the devices that do not share a sequence.
+    shards = num_devices // seq
+    where = (f"{shards} devices" if seq == 1 else
+             f"{shards} batch shards ({num_devices} devices / config.mesh_seq={seq})")
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % shards:
+            raise ValueError(f"config.{key}={config[key]} is not divisible by {where}")
     accum = config.grad_accum_steps
-    if config.batch_size % (accum * num_devices):
+    if config.batch_size % (accum * shards):
         raise ValueError(
             f"config.grad_accum_steps={accum} must divide config.batch_size={config.batch_size} "
-            f"into micro-batches divisible by {num_devices} devices"
+            f"into micro-batches divisible by {where}"
         )
+    if seq > 1:
+        _validate_sequence_parallel(config, seq)
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
     if config.remat not in (True, False):
@@ -131,6 +144,42 @@ def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> No
     scan_layers = config.model.get("scan_layers", False)
     if scan_layers not in (True, False):
         raise ValueError(f"config.model.scan_layers must be True or False, got {scan_layers!r}")
+
+
+def _validate_sequence_parallel(config: ml_collections.ConfigDict, seq: int) -> None:
+    """config.mesh_seq > 1 splits every sequence over `seq` devices: the inputs' length
+    splits evenly, the encoder's sequence is the inputs' (no CLS position), and every
+    layer's mixer is one that runs so split (`sharding.SEQUENCE_PARALLEL_MIXERS`)."""
+    where = f"under sequence parallelism (config.mesh_seq={seq})"
+    if config.max_length % seq:
+        raise ValueError(f"config.max_length={config.max_length} must be divisible by "
+                         f"config.mesh_seq={seq}: each device holds max_length / mesh_seq "
+                         "positions of a sequence")
+    if config.model.get("pooling", "cls") == "cls":
+        raise ValueError(
+            f"config.model.pooling='cls' prepends a CLS position, so the encoder's sequence "
+            f"(max_length + 1 = {config.max_length + 1}) and the inputs' (max_length = "
+            f"{config.max_length}) cannot both split evenly over config.mesh_seq={seq}; "
+            "use config.model.pooling='mean' or 'last'")
+    supported = ", ".join(
+        name + "".join(f" ({option} {' or '.join(map(repr, values))})"
+                       for option, values in needs.items())
+        for name, needs in SEQUENCE_PARALLEL_MIXERS.items())
+    specs = pattern.layer_mixers(config.model, config.attention)
+    for spec in specs:
+        key = ("config.model.attention_options" if spec.name == config.attention
+               else f"config.model.pattern_options.{spec.name}")
+        layer = "mixer" if spec.name == config.attention else "per-layer pattern's mixer"
+        if spec.name not in SEQUENCE_PARALLEL_MIXERS:
+            raise ValueError(f"{layer} {spec.name!r} is not yet supported {where}; "
+                             f"supported mixers: {supported}; or set config.mesh_seq=1")
+        for option, values in SEQUENCE_PARALLEL_MIXERS[spec.name].items():
+            value = spec.options.get(option, mixers.default_options(spec.name).get(option))
+            value = getattr(value, "value", value)  # a Choice member
+            if value not in values:
+                raise ValueError(
+                    f"{key}.{option}={value!r} of {layer} {spec.name!r} is not yet supported "
+                    f"{where}; supported mixers: {supported}; or set config.mesh_seq=1")
 
 
 def _validate_input_pipeline(config: ml_collections.ConfigDict) -> None:

@@ -22,6 +22,10 @@ from flax import nnx
 
 from lra.common import MASKED_LOGIT
 from lra.models.attention import check_length
+from lra.models.attention.sequence_parallel import (
+    sequence_parallel_attention,
+    splits_sequence,
+)
 from lra.models.attention.softmax import kv_cache_shapes
 
 
@@ -47,6 +51,12 @@ class MemoryEfficientAttention(nnx.Module):
     Cost: O(B H L^2 D) time like softmax; memory O(B H Q C) for one chunk's
     logits plus O(B L H D) for inputs and outputs (the backward pass adds the
     carries of one query chunk, O(B Q H D L / C)).
+
+    Inside a mesh context whose `seq` axis has more than one device the sequence is
+    split over it and `sequence_parallel.sequence_parallel_attention` runs (ring attention by
+    default: its logits are one [L/n x L/n] block per step, not chunked further); the
+    chunk options do not apply there. Without a `seq` axis, or with one of size 1,
+    nothing changes.
     """
 
     def __init__(
@@ -106,6 +116,8 @@ class MemoryEfficientAttention(nnx.Module):
         """
         del deterministic
         check_length("memory_efficient", q.shape[1], self.max_len)
+        if splits_sequence():
+            return sequence_parallel_attention(q, k, v, mask, causal=self.causal)
         out_BxLxHxD = blockwise_attention(
             q, k, v, mask, causal=self.causal, chunk_size=self.chunk_size,
             query_chunk_size=self.query_chunk_size)

@@ -1,5 +1,9 @@
 """Exact softmax attention (the quadratic baseline) on `jax.nn.dot_product_attention` or,
-with ``implementation="pallas"``, on JAX's Pallas flash-attention kernels (`flash.py`)."""
+with ``implementation="pallas"``, on JAX's Pallas flash-attention kernels (`flash.py`).
+
+Inside a mesh context whose `seq` axis has more than one device, the xla implementation
+runs `sequence_parallel.sequence_parallel_attention` (ring attention by default).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ from flax import nnx
 
 from lra.common import F32, MASKED_LOGIT, Choice
 from lra.models.attention import flash
+from lra.models.attention.sequence_parallel import (
+    sequence_parallel_attention,
+    splits_sequence,
+)
 
 
 class Implementation(Choice):
@@ -93,6 +101,8 @@ class SoftmaxAttention(nnx.Module):
             )
         if self.implementation is Implementation.PALLAS:
             return flash.attention(q, k, v, mask, causal=self.causal)
+        if splits_sequence():
+            return sequence_parallel_attention(q, k, v, mask, causal=self.causal)
         return jax.nn.dot_product_attention(
             q, k, v, mask=keep_Bx1x1xL, is_causal=self.causal, implementation="xla"
         )

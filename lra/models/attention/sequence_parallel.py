@@ -1,0 +1,448 @@
+"""Exact softmax attention over a sequence split across devices: the `seq` mesh axis.
+
+Sequence parallelism: inside a mesh context (`jax.set_mesh`) whose `seq` axis
+has more than one device, `SoftmaxAttention` (implementation xla) and
+`MemoryEfficientAttention` run `sequence_parallel_attention`: the length is split over
+`seq` (and the batch over the other axes) under `jax.shard_map`, and each device attends
+its queries to every key by one of two strategies (`KvStrategy`):
+
+- ``ring`` (the default; Liu, Zaharia & Abbeel, 2023, "Ring Attention with Blockwise
+  Transformers"): `ring_attention`. The n key/value blocks travel around the ring of
+  devices (n - 1 `jax.lax.ppermute`s of keys, values, mask and key positions), and each
+  device folds every block into an online softmax of its queries (running max, sum and
+  weighted values, float32). No device ever holds more than two key blocks, and the
+  logits are [L/n x L/n] per step. Causal: a block entirely after every query of the
+  device is skipped with `lax.cond` (no logits computed); inside a block the causal and
+  padding masks are arithmetic (`jnp.where`).
+- ``all_gather``: `all_gather_attention`. Keys, values and mask are gathered whole over
+  `seq` (one `all_gather` each) and the local queries attend all L keys with the ordinary
+  softmax; logits [L/n x L]. Fewer, larger messages; O(L) keys per device.
+
+The strategy is a property of the run, not of the model (both give the same numbers up
+to rounding), so it is not a family option: `use_kv_strategy(kv_strategy)` sets it
+while tracing (a trainer config key would enter it; not wired yet), default ``ring``.
+
+Layouts (`Layout`): ``contiguous`` = device i holds positions [i L/n, (i + 1) L/n), as a
+batch sharded `PartitionSpec(..., "seq")` is; ``striped`` (Brandon et al., 2023, "Striped
+Attention") = device i holds positions i, i + n, i + 2n, ... With causal masking the
+contiguous layout is unbalanced (device i has i + 1 blocks of work, but the ring moves in
+lock step, so every step waits for the device that computes), while striped blocks are
+all about half allowed. The modules run contiguous (their inputs are in token order); a
+caller that stripes the sequence (`lra.parallel.ring.to_striped`, once, on the batch and
+its positions) passes ``layout="striped"`` to `lra.parallel.ring.ring_attention_sharded`.
+
+Masking as `SoftmaxAttention`'s xla path: disallowed keys are excluded, queries are not
+masked; a query row with no allowed key (only ever a masked row) gets the plain average
+of all L values, as `jax.nn.dot_product_attention` does, so every output is finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lra.common import F32, MASKED_LOGIT, Choice
+
+SEQ_AXIS = "seq"  # the mesh axis that splits the sequence (length) across devices
+
+
+class KvStrategy(Choice):
+    """How keys and values reach every query when the sequence is split over `seq`."""
+
+    RING = "ring"  # blocks travel around the ring (ppermute); online softmax
+    ALL_GATHER = "all_gather"  # keys and values gathered whole; ordinary softmax
+
+
+class Layout(Choice):
+    """Which positions of the sequence each device of the `seq` axis holds."""
+
+    CONTIGUOUS = "contiguous"  # device i: [i L/n, (i + 1) L/n)
+    STRIPED = "striped"  # device i: i, i + n, i + 2n, ...
+
+
+# The strategy `sequence_parallel_attention` uses when not given one (`use_kv_strategy`).
+_KV_STRATEGY = contextvars.ContextVar("lra_sequence_parallel", default=KvStrategy.RING)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence parallelism: exact attention over a sequence split across the `seq` mesh axis.
+# Extra shape letters: S = L / n, the positions one device holds; C = S, one key block.
+
+
+@contextlib.contextmanager
+def use_kv_strategy(kv_strategy: KvStrategy | str):
+    """While tracing inside it, attention over a split sequence uses `kv_strategy`
+    (``"ring"`` or ``"all_gather"``; outside any, ``"ring"``)."""
+    token = _KV_STRATEGY.set(KvStrategy(kv_strategy))
+    try:
+        yield
+    finally:
+        _KV_STRATEGY.reset(token)
+
+
+def splits_sequence(mesh=None) -> bool:
+    """True if `mesh` (None: the mesh in context) has a `seq` axis of more than one device.
+
+    Raises:
+      ValueError: inside a `jax.shard_map` that is manual over `seq`: the arrays there are
+        a device's shards, for `ring_attention` itself, not for a module.
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty or mesh.shape.get(SEQ_AXIS, 1) == 1:
+        return False
+    if SEQ_AXIS in getattr(mesh, "manual_axes", ()):
+        raise ValueError("attention called inside a shard_map over 'seq': call "
+                         "ring_attention or all_gather_attention on the shards instead")
+    return True
+
+
+def sequence_parallel_attention(
+    q_BxLxHxD: jax.Array,
+    k_BxLxHxD: jax.Array,
+    v_BxLxHxD: jax.Array,
+    mask_BxL: jax.Array | None,
+    *,
+    causal: bool,
+    kv_strategy: KvStrategy | str | None = None,
+    layout: Layout | str = Layout.CONTIGUOUS,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> jax.Array:
+    """Exact softmax attention on global arrays, the length split over `mesh`'s `seq` axis.
+
+    The batch is split over the mesh's other axes when their devices divide it (else it
+    is whole on each); the length over `seq`. Under ``contiguous`` a length that `seq`
+    does not divide is padded inside (keys that no query sees, even in a row with no
+    allowed key) and the outputs sliced back.
+
+    Args:
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD: queries, keys and values, in the layout's order.
+      mask_BxL: True = real token (in the layout's order); None = all real.
+      causal: if True, position i attends only to positions <= i (token positions).
+      kv_strategy: ``"ring"`` or ``"all_gather"``; None = `sequence_parallel`'s.
+      layout: ``"contiguous"`` (token order) or ``"striped"`` (`lra.parallel.ring.to_striped`).
+      mesh: a mesh with a `seq` axis; None = the mesh in context.
+
+    Returns:
+      [B, L, H, D] in q's dtype, in the layout's order.
+
+    Raises:
+      ValueError: a bad strategy or layout, no `seq` axis, or a striped length that `seq`
+        does not divide.
+    """
+    context = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if SEQ_AXIS not in context.axis_names:
+        raise ValueError(f"sequence parallelism needs a mesh axis {SEQ_AXIS!r}; "
+                         f"the mesh has {tuple(context.axis_names)}")
+    strategy = KvStrategy(_KV_STRATEGY.get() if kv_strategy is None else kv_strategy)
+    layout = Layout(layout)
+    num = context.shape[SEQ_AXIS]
+    batch, length = q_BxLxHxD.shape[:2]
+    padded = -(-length // num) * num
+    if layout is Layout.STRIPED and padded != length:
+        raise ValueError(f"the striped layout needs a length divisible by the {num} devices "
+                         f"of {SEQ_AXIS!r}; got {length}")
+    keep_BxL = (jnp.ones((batch, length), bool) if mask_BxL is None
+                else mask_BxL.astype(bool))
+    q, k, v = q_BxLxHxD, k_BxLxHxD, v_BxLxHxD
+    if padded != length:
+        extra = padded - length
+        q, k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (q, k, v))
+        keep_BxL = jnp.pad(keep_BxL, ((0, 0), (0, extra)))
+    others = tuple(name for name in context.axis_names if name != SEQ_AXIS)
+    split_batch = bool(others) and batch % math.prod(context.shape[a] for a in others) == 0
+    spec = jax.sharding.PartitionSpec(others if split_batch else None, SEQ_AXIS)
+    attend = ring_attention if strategy is KvStrategy.RING else all_gather_attention
+    kernel = functools.partial(attend, causal=causal, axis_name=SEQ_AXIS, layout=layout,
+                               length=length)
+    mapped = jax.shard_map(kernel, in_specs=(spec,) * 4, out_specs=spec,
+                           **({} if mesh is None else {"mesh": mesh}))
+    out_BxLxHxD = mapped(q, k, v, keep_BxL)[:, :length]
+    return out_BxLxHxD.astype(q_BxLxHxD.dtype)
+
+
+def shard_positions(index: jax.Array, shard: int, num: int, layout: Layout | str) -> jax.Array:
+    """The token positions [S] that device `index` of `num` holds, `shard` = S of them."""
+    local_S = jnp.arange(shard)
+    if Layout(layout) is Layout.STRIPED:
+        return local_S * num + index
+    return index * shard + local_S
+
+
+def ring_attention(
+    q_BxSxHxD: jax.Array,
+    k_BxSxHxD: jax.Array,
+    v_BxSxHxD: jax.Array,
+    mask_BxS: jax.Array | None,
+    *,
+    causal: bool,
+    axis_name: str = SEQ_AXIS,
+    layout: Layout | str = Layout.CONTIGUOUS,
+    length: int | None = None,
+) -> jax.Array:
+    """Ring attention on one device's shards, inside `jax.shard_map` over `axis_name`.
+
+    Forward: each of the n steps folds one key block into the online softmax of the local
+    queries (`_fold_block`); between steps every device sends its current block (keys,
+    values, mask, key positions) to the next device (`jax.lax.ppermute`, n - 1 times), so
+    device i sees its own block, then those of devices i - 1, i - 2, ...
+    Backward (a `jax.custom_vjp`, so that no step's block is stored): the blocks go
+    around the ring again, each with its key and value gradients, which every device
+    adds to from its queries (`_block_grads`, the probabilities recomputed from the saved
+    log-sum-exp of each query row); n - 1 sends of the blocks and one more of the
+    gradients, which brings them home. Saved for the backward pass: the local q, k, v,
+    outputs and one log-sum-exp per query row and head, O(L/n) per device.
+
+    Args:
+      q_BxSxHxD, k_BxSxHxD, v_BxSxHxD: this device's queries, keys and values.
+      mask_BxS: True = real key; None = all real.
+      causal: if True, a query attends only to keys at positions <= its own.
+      axis_name: the mesh axis the sequence is split over.
+      layout: which positions each device holds (`Layout`).
+      length: the number of real positions (default n S); positions >= length are
+        padding that no query sees.
+
+    Returns:
+      [B, S, H, D] float32.
+    """
+    num = _static_axis_size(axis_name)
+    batch, shard = q_BxSxHxD.shape[:2]
+    length = num * shard if length is None else length
+    qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
+    keep_BxS = jnp.ones((batch, shard), bool) if mask_BxS is None else mask_BxS.astype(bool)
+    attend = _ring(num, axis_name, causal, length)
+    return attend(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, keep_BxS, qpos_S)
+
+
+def _ring(num: int, axis_name: str, causal: bool, length: int) -> Callable:
+    """`ring_attention`'s computation as a function of (q, k, v, keep, qpos) with its
+    ring backward pass (`jax.custom_vjp`)."""
+    to_next = [(i, (i + 1) % num) for i in range(num)]
+
+    def send(tree):
+        return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, to_next), tree)
+
+    def around(fold, carry, block):
+        """(carry, block) = fold(carry, block) for each of the n blocks as they pass
+        (n - 1 sends); returns the carry and the last block, folded."""
+        def step(state, _):
+            carry, block = fold(*state)
+            return (carry, send(block)), None
+
+        state, _ = jax.lax.scan(step, (carry, block), length=num - 1)
+        return fold(*state)
+
+    def forward(q, k, v, keep, qpos):
+        def fold(stats, block):
+            return _fold_block(q, qpos, stats, block, causal=causal, length=length), block
+
+        stats, _ = around(fold, _empty_stats(q), (k, v, keep, qpos))
+        return stats
+
+    @jax.custom_vjp
+    def attend(q, k, v, keep, qpos):
+        return _finish(forward(q, k, v, keep, qpos), length)
+
+    def attend_forward(q, k, v, keep, qpos):
+        stats = forward(q, k, v, keep, qpos)
+        max_BxSxH, sum_BxSxH = stats[:2]
+        seen_BxSxH = sum_BxSxH > 0
+        lse_BxSxH = jnp.where(seen_BxSxH, max_BxSxH + jnp.log(jnp.where(seen_BxSxH,
+                                                                        sum_BxSxH, 1.0)), 0.0)
+        out = _finish(stats, length)
+        return out, (q, k, v, keep, qpos, out, lse_BxSxH, seen_BxSxH)
+
+    def attend_backward(saved, dout_BxSxHxD):
+        q, k, v, keep, qpos, out, lse_BxSxH, seen_BxSxH = saved
+        dout_BxSxHxD = dout_BxSxHxD.astype(F32)
+        delta_BxSxH = jnp.where(seen_BxSxH, jnp.sum(dout_BxSxHxD * out, -1), 0.0)
+        # A row with no allowed key is the mean of all `length` values: 1/length each.
+        unseen_BxHxD = jnp.where(seen_BxSxH[..., None], 0.0, dout_BxSxHxD).sum(1) / length
+        row = (q, qpos, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD)
+        grads = functools.partial(_block_grads, *row, causal=causal, length=length)
+
+        def fold(dq, block):
+            dq_blk, dk, dv = grads(block[:4])
+            return dq + dq_blk, (*block[:4], block[4] + dk, block[5] + dv)
+
+        zeros = (jnp.zeros_like(k, F32), jnp.zeros_like(v, F32))
+        dq, block = around(fold, jnp.zeros_like(q, F32), (k, v, keep, qpos, *zeros))
+        dk, dv = send(block[4:])  # the block's gradients go home: n sends in all
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
+
+
+def _block_grads(
+    q_BxSxHxD, qpos_S, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD,
+    block, *, causal: bool, length: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients (dq [B,S,H,D], dk, dv [B,C,H,D], float32) from the local queries'
+    rows through one key block (`ring_attention`'s backward pass).
+
+    p = exp(logit - lse) over allowed keys (rows with an allowed key), dv = p^T dout,
+    ds = p (dout v^T - delta), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D); rows with no
+    allowed key add dout / length to every real key's dv and nothing else. A block
+    entirely after the queries (causal) skips the logits (`lax.cond`).
+    """
+    k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
+    real_C = kpos_C < length
+    scale = q_BxSxHxD.shape[-1] ** -0.5
+    dv_unseen_BxCxHxD = real_C[None, :, None, None] * unseen_BxHxD[:, None]
+
+    def attend(_):
+        logits_BxSxHxC = jnp.einsum(
+            "bqhd,bkhd->bqhk", q_BxSxHxD, k_BxCxHxD, preferred_element_type=F32) * scale
+        allowed = (keep_BxC & real_C)[:, None, None, :] & seen_BxSxH[..., None]
+        if causal:
+            allowed = allowed & (kpos_C[None, :] <= qpos_S[:, None])[None, :, None, :]
+        probs_BxSxHxC = jnp.where(allowed, jnp.exp(logits_BxSxHxC - lse_BxSxH[..., None]),
+                                  0.0)
+        dv_BxCxHxD = jnp.einsum("bqhk,bqhd->bkhd", probs_BxSxHxC, dout_BxSxHxD,
+                                preferred_element_type=F32)
+        dprobs_BxSxHxC = jnp.einsum("bqhd,bkhd->bqhk", dout_BxSxHxD, v_BxCxHxD,
+                                    preferred_element_type=F32)
+        dlogits_BxSxHxC = probs_BxSxHxC * (dprobs_BxSxHxC - delta_BxSxH[..., None]) * scale
+        dq_BxSxHxD = jnp.einsum("bqhk,bkhd->bqhd", dlogits_BxSxHxC, k_BxCxHxD,
+                                preferred_element_type=F32)
+        dk_BxCxHxD = jnp.einsum("bqhk,bqhd->bkhd", dlogits_BxSxHxC, q_BxSxHxD,
+                                preferred_element_type=F32)
+        return dq_BxSxHxD, dk_BxCxHxD, dv_BxCxHxD
+
+    def skip(_):
+        return (jnp.zeros_like(q_BxSxHxD, F32), jnp.zeros_like(k_BxCxHxD, F32),
+                jnp.zeros_like(v_BxCxHxD, F32))
+
+    if causal:
+        dq, dk, dv = jax.lax.cond(jnp.min(kpos_C) > jnp.max(qpos_S), skip, attend, None)
+    else:
+        dq, dk, dv = attend(None)
+    return dq, dk, dv + dv_unseen_BxCxHxD
+
+
+def _static_axis_size(axis_name: str) -> int:
+    """The size of mesh axis `axis_name`, as a Python int (shapes and the ring need it)."""
+    size = jax.lax.axis_size(axis_name)
+    try:
+        return int(size)
+    except jax.errors.ConcretizationTypeError:
+        return jax.sharding.get_abstract_mesh().shape[axis_name]
+
+
+def _empty_stats(q_BxSxHxD: jax.Array) -> tuple[jax.Array, ...]:
+    """The online softmax before any key: max, sum, weighted values, sum of values (made
+    `like` q, so that inside `shard_map` they vary over the same axes as q)."""
+    batch, shard, heads, dim = q_BxSxHxD.shape
+    return (jnp.full_like(q_BxSxHxD, MASKED_LOGIT, F32, shape=(batch, shard, heads)),
+            jnp.zeros_like(q_BxSxHxD, F32, shape=(batch, shard, heads)),
+            jnp.zeros_like(q_BxSxHxD, F32),
+            jnp.zeros_like(q_BxSxHxD, F32, shape=(batch, heads, dim)))
+
+
+def _fold_block(
+    q_BxSxHxD: jax.Array,
+    qpos_S: jax.Array,
+    stats: tuple[jax.Array, ...],
+    block: tuple[jax.Array, ...],
+    *,
+    causal: bool,
+    length: int,
+) -> tuple[jax.Array, ...]:
+    """`stats` with one key block folded in (the online softmax of `ring_attention`).
+
+    Only allowed keys (real, and if causal not after the query) get weight; the running
+    max is taken over them. The sum
+    of the values of every real key is kept besides, for rows that end with no allowed
+    key. A block entirely after the queries (causal) is skipped with `lax.cond`.
+    """
+    max_BxSxH, sum_BxSxH, acc_BxSxHxD, vsum_BxHxD = stats
+    k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
+    real_C = kpos_C < length
+    vsum_BxHxD = vsum_BxHxD + jnp.einsum(
+        "bkhd,k->bhd", v_BxCxHxD, real_C.astype(v_BxCxHxD.dtype), preferred_element_type=F32)
+
+    def attend(softmax_stats):
+        max_BxSxH, sum_BxSxH, acc_BxSxHxD = softmax_stats
+        logits_BxSxHxC = jnp.einsum(
+            "bqhd,bkhd->bqhk", q_BxSxHxD, k_BxCxHxD, preferred_element_type=F32
+        ) * (q_BxSxHxD.shape[-1] ** -0.5)
+        allowed = (keep_BxC & real_C)[:, None, None, :]
+        if causal:
+            allowed = allowed & (kpos_C[None, :] <= qpos_S[:, None])[None, :, None, :]
+        logits_BxSxHxC = jnp.where(allowed, logits_BxSxHxC, MASKED_LOGIT)
+        new_max_BxSxH = jnp.maximum(max_BxSxH, logits_BxSxHxC.max(-1))
+        weights_BxSxHxC = jnp.where(
+            allowed, jnp.exp(logits_BxSxHxC - new_max_BxSxH[..., None]), 0.0)
+        rescale_BxSxH = jnp.exp(max_BxSxH - new_max_BxSxH)
+        sum_BxSxH = sum_BxSxH * rescale_BxSxH + weights_BxSxHxC.sum(-1)
+        acc_BxSxHxD = acc_BxSxHxD * rescale_BxSxH[..., None] + jnp.einsum(
+            "bqhk,bkhd->bqhd", weights_BxSxHxC.astype(v_BxCxHxD.dtype), v_BxCxHxD,
+            preferred_element_type=F32)
+        return new_max_BxSxH, sum_BxSxH, acc_BxSxHxD
+
+    softmax_stats = (max_BxSxH, sum_BxSxH, acc_BxSxHxD)
+    if causal:
+        after_queries = jnp.min(kpos_C) > jnp.max(qpos_S)
+        softmax_stats = jax.lax.cond(after_queries, lambda s: s, attend, softmax_stats)
+    else:
+        softmax_stats = attend(softmax_stats)
+    return (*softmax_stats, vsum_BxHxD)
+
+
+def _finish(stats: tuple[jax.Array, ...], length: int) -> jax.Array:
+    """The outputs [B, S, H, D] float32 of the online softmax: weighted values / sum, and
+    for a row with no allowed key the plain average of all `length` values (as
+    `jax.nn.dot_product_attention`, whose such rows have L equal logits)."""
+    _, sum_BxSxH, acc_BxSxHxD, vsum_BxHxD = stats
+    seen_BxSxH = sum_BxSxH > 0  # an allowed key's weight is exp(0) = 1 at the max
+    out_BxSxHxD = acc_BxSxHxD / jnp.where(seen_BxSxH, sum_BxSxH, 1.0)[..., None]
+    return jnp.where(seen_BxSxH[..., None], out_BxSxHxD, (vsum_BxHxD / length)[:, None])
+
+
+def all_gather_attention(
+    q_BxSxHxD: jax.Array,
+    k_BxSxHxD: jax.Array,
+    v_BxSxHxD: jax.Array,
+    mask_BxS: jax.Array | None,
+    *,
+    causal: bool,
+    axis_name: str = SEQ_AXIS,
+    layout: Layout | str = Layout.CONTIGUOUS,
+    length: int | None = None,
+) -> jax.Array:
+    """The local queries against all keys, gathered over `axis_name`, inside `jax.shard_map`.
+
+    Keys, values, mask and key positions are gathered whole (`jax.lax.all_gather`, whose
+    transpose reduce-scatters the key and value gradients); then the ordinary softmax:
+    disallowed logits = `MASKED_LOGIT`, keys at positions >= `length` weight 0.
+    Arguments and result as `ring_attention`.
+    """
+    num = _static_axis_size(axis_name)
+    batch, shard = q_BxSxHxD.shape[:2]
+    length = num * shard if length is None else length
+    qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
+    keep_BxS = jnp.ones((batch, shard), bool) if mask_BxS is None else mask_BxS.astype(bool)
+    k_BxLxHxD, v_BxLxHxD, keep_BxL = (
+        jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+        for x in (k_BxSxHxD, v_BxSxHxD, keep_BxS))
+    kpos_L = jax.lax.all_gather(qpos_S, axis_name, axis=0, tiled=True)
+    logits_BxSxHxL = jnp.einsum(
+        "bqhd,bkhd->bqhk", q_BxSxHxD, k_BxLxHxD, preferred_element_type=F32
+    ) * (q_BxSxHxD.shape[-1] ** -0.5)
+    real_L = kpos_L < length
+    allowed = (keep_BxL & real_L)[:, None, None, :]
+    if causal:
+        allowed = allowed & (kpos_L[None, :] <= qpos_S[:, None])[None, :, None, :]
+    logits_BxSxHxL = jnp.where(allowed, logits_BxSxHxL, MASKED_LOGIT)
+    max_BxSxH = jax.lax.stop_gradient(
+        jnp.where(real_L, logits_BxSxHxL, MASKED_LOGIT).max(-1))
+    weights_BxSxHxL = jnp.where(real_L, jnp.exp(logits_BxSxHxL - max_BxSxH[..., None]), 0.0)
+    probs_BxSxHxL = weights_BxSxHxL / weights_BxSxHxL.sum(-1, keepdims=True)
+    return jnp.einsum("bqhk,bkhd->bqhd", probs_BxSxHxL.astype(v_BxLxHxD.dtype), v_BxLxHxD,
+                      preferred_element_type=F32)
