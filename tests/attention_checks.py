@@ -30,6 +30,22 @@ def random_qkv(shape, seed=0, dtype=jnp.float32):
     return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
 
 
+def outputs_and_input_grads(core, q, k, v, mask, seed=9):
+    """(output, (dq, dk, dv)) of sum(output * fixed random weights), compiled at XLA's
+    lowest optimisation level (these checks compare numbers, not speed)."""
+    apply = pure(core, mask)
+    weights = jnp.asarray(np.random.default_rng(seed).normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out = apply(q, k, v)
+        return jnp.sum(out * weights), out
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    compiled = fn.lower(q, k, v).compile({"xla_backend_optimization_level": 0})
+    (_, out), grads = compiled(q, k, v)
+    return out, grads
+
+
 def edge_mask(batch, length, seed=0):
     """Row 0 all real; row 1 one real token (not the first); others random, >= 1 real.
 

@@ -25,7 +25,7 @@ from attention_checks import (
     assert_close_relative,
     edge_mask,
     make_core,
-    pure,
+    outputs_and_input_grads,
     random_qkv,
 )
 from flax import nnx
@@ -357,27 +357,13 @@ def test_state_stays_bounded_over_4k_steps():
     assert float(jnp.linalg.norm(growth, axis=(-2, -1)).min()) > 2.0 * dim
 
 
-def _strategy_outputs_and_grads(core, q, k, v, mask):
-    """(output, (dq, dk, dv)) of sum(output * fixed weights), compiled quickly."""
-    apply = pure(core, mask)
-    weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
-
-    def loss(q, k, v):
-        out = apply(q, k, v)
-        return jnp.sum(out * weights), out
-
-    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
-    (_, out), grads = fn.lower(q, k, v).compile(QUICK_COMPILE)(q, k, v)
-    return out, grads
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_chunk_strategies_agree_in_outputs_and_gradients(causal):
     """`batched` (all chunks' terms before the scan, delta.py's triangular inverse by
     recursive halving) equals `scan` (forward substitution per chunk), right padding
     included."""
     q, k, v = _inputs(seed=6)
-    results = {strategy: _strategy_outputs_and_grads(
+    results = {strategy: outputs_and_input_grads(
         _core(causal=causal, chunk_strategy=strategy), q, k, v, _mask())
         for strategy in ("scan", "batched")}
     (out, grads), (out_scan, grads_scan) = results["batched"], results["scan"]

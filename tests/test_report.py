@@ -403,9 +403,10 @@ def test_labels_and_runs_name_the_model_that_ran(tmp_path):
 
     _preset_run(tmp_path / "ssd", text_config, "runlocal,attention=ssd", 0.6)
     _preset_run(tmp_path / "block", text_config, "runlocal,attention=mamba2", 0.7)
-    # the SSD core's options when it was named mamba2 (before short_conv existed)
+    # the SSD core's options when it was named mamba2 (before short_conv and
+    # chunk_strategy existed)
     core_options = {key: value for key, value in mixers.default_options("ssd").items()
-                    if key != "short_conv"}
+                    if key not in ("short_conv", "chunk_strategy")}
     _preset_run(tmp_path / "old-core", text_config, "runlocal,attention=mamba2", 0.55,
                 mixer_kind=None, **{"model.attention_options": core_options})
     _preset_run(tmp_path / "recorded", text_config, "runlocal,attention=mamba2", 0.5,
