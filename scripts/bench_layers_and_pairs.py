@@ -28,7 +28,7 @@ from lra.models import encoder
 
 def _step_and_inputs(config, task):
     """(jitted train step, state, rng_state, a random batch) on the config's mesh."""
-    mesh = sharding.make_mesh(config.num_devices, config.mesh_fsdp)
+    mesh = sharding.make_mesh(config.num_devices, config.mesh_fsdp, config.get("mesh_seq", 1))
     rng = np.random.default_rng(0)
     rows, length = config.batch_size, config.max_length
     arrays = {"inputs": rng.integers(1, task.vocab_size, (rows, length)),

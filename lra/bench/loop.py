@@ -88,7 +88,7 @@ def measure(config, *, steps: int, warmup: int, repeats: int, label: str = "") -
     total = warmup + repeats * steps
     config.num_train_steps = max(config.num_train_steps, total)
     config.eval_every = config.checkpoint_every = config.num_train_steps + 1
-    mesh = sharding.make_mesh(config.num_devices, config.mesh_fsdp)
+    mesh = sharding.make_mesh(config.num_devices, config.mesh_fsdp, config.get("mesh_seq", 1))
     train.validate_config(config, mesh.size)
     data.ensure_prepared(task, config.data_dir, config.prepare)
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
