@@ -30,6 +30,18 @@ def random_qkv(shape, seed=0, dtype=jnp.float32):
     return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
 
 
+def float64_by_name(state):
+    """An nnx.State of parameters (or their gradients) as float64 NumPy arrays by name,
+    for references written in NumPy."""
+    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
+    return {path[-1]: np.asarray(unwrap(x), np.float64) for path, x in nnx.to_flat_state(state)}
+
+
+def float64_params(core):
+    """A core's parameters as float64 NumPy arrays (name -> array)."""
+    return float64_by_name(nnx.state(core, nnx.Param))
+
+
 def outputs_and_input_grads(core, q, k, v, mask, seed=9):
     """(output, (dq, dk, dv)) of sum(output * fixed random weights), compiled at XLA's
     lowest optimisation level (these checks compare numbers, not speed)."""

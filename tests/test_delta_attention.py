@@ -23,6 +23,8 @@ from attention_checks import (
     assert_close_relative,
     check_no_future_leak,
     edge_mask,
+    float64_by_name,
+    float64_params,
     make_core,
     pure,
     random_qkv,
@@ -45,17 +47,6 @@ def _core(name, *, causal, form="chunked", length=L, chunk_size=CHUNK, **options
 
 
 # --- the reference: the papers' recurrence, float64, token by token -------------------
-
-
-def _flat(state):
-    """An nnx.State of parameters (or their gradients) as float64 NumPy arrays by name."""
-    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
-    return {path[-1]: np.asarray(unwrap(x), np.float64) for path, x in nnx.to_flat_state(state)}
-
-
-def _params(core):
-    """The gate parameters as float64 NumPy arrays (name -> array)."""
-    return _flat(nnx.state(core, nnx.Param))
 
 
 def _reference(q, k, v, mask, params, causal):
@@ -143,7 +134,7 @@ def test_forms_match_reference_and_agree_in_gradients(name, causal):
     mask, weights = _mask(), _weights()
     real = np.asarray(mask)
     results = {form: _loss_and_grads(name, causal, form, q, k, v, mask, weights) for form in FORMS}
-    expected = _reference(q, k, v, mask, _params(_grad_fn(name, causal, "chunked")[0]), causal)
+    expected = _reference(q, k, v, mask, float64_params(_grad_fn(name, causal, "chunked")[0]), causal)
     for form, (_, out, _) in results.items():
         assert_close_relative(np.asarray(out)[real], expected[real])
     grads, grads_recurrent = results["chunked"][2], results["recurrent"][2]
@@ -161,8 +152,8 @@ def test_gradients_match_finite_differences_of_the_reference(causal):
     core = _grad_fn("gated_deltanet", causal, "chunked")[0]
     _, _, grads = _loss_and_grads("gated_deltanet", causal, "chunked", q, k, v, mask, weights)
     arrays = {"q": q, "k": k, "v": v}
-    arrays = {**{n: np.asarray(x, np.float64) for n, x in arrays.items()}, **_params(core)}
-    grads = {"q": grads[1], "k": grads[2], "v": grads[3], **_flat(grads[0])}
+    arrays = {**{n: np.asarray(x, np.float64) for n, x in arrays.items()}, **float64_params(core)}
+    grads = {"q": grads[1], "k": grads[2], "v": grads[3], **float64_by_name(grads[0])}
     weights = np.asarray(weights, np.float64)
 
     def loss(a):
@@ -186,7 +177,7 @@ def test_bidirectional_decay_is_symmetric(form):
     core = _core("gated_deltanet", causal=False, form=form)
     core.alpha_w_HxD[...] = jnp.zeros_like(core.alpha_w_HxD[...])  # alpha: one per head
     core.beta_w_HxD[...] = jnp.zeros_like(core.beta_w_HxD[...])
-    params = _params(core)
+    params = float64_params(core)
     alpha_H = np.exp(-np.exp(params["a_log_H"]) * np.logaddexp(0.0, params["dt_bias_H"]))
     beta_H = 1 / (1 + np.exp(-params["beta_b_H"]))
     rng = np.random.default_rng(14)

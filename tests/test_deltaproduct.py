@@ -23,6 +23,8 @@ import pytest
 from attention_checks import (
     assert_close_relative,
     edge_mask,
+    float64_by_name,
+    float64_params,
     make_core,
     outputs_and_input_grads,
     random_qkv,
@@ -55,16 +57,6 @@ QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 def _core(*, causal, form="chunked", num_householder=NH, **options):
     return make_core("gated_deltaproduct", num_heads=H, head_dim=D, max_len=L, causal=causal,
                      form=form, chunk_size=CHUNK, num_householder=num_householder, **options)
-
-
-def _flat(state):
-    """An nnx.State of parameters (or their gradients) as float64 NumPy arrays by name."""
-    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
-    return {path[-1]: np.asarray(unwrap(x), np.float64) for path, x in nnx.to_flat_state(state)}
-
-
-def _params(core):
-    return _flat(nnx.state(core, nnx.Param))
 
 
 def _softplus(x):
@@ -167,15 +159,15 @@ def test_forms_match_reference_and_agree_in_gradients(causal):
     for form in FORMS:
         core, fn = _grad_fn(causal, form)
         results[form] = fn(nnx.state(core, nnx.Param), q, k, v, mask, weights)
-    params = _params(_grad_fn(causal, "chunked")[0])
+    params = float64_params(_grad_fn(causal, "chunked")[0])
     expected = _reference(q, k, v, mask, params, causal)
     for (_, out), _ in results.values():
         assert_close_relative(np.asarray(out)[real], expected[real])
     grads, grads_recurrent = results["chunked"][1], results["recurrent"][1]
     for grad, grad_recurrent in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_recurrent)):
         assert_close_relative(grad, grad_recurrent, rtol=1e-4)
-    assert set(_flat(grads[0])) == set(params)  # every parameter gets a gradient
-    assert all(np.abs(g).max() > 0 for g in _flat(grads[0]).values())
+    assert set(float64_by_name(grads[0])) == set(params)  # every parameter gets a gradient
+    assert all(np.abs(g).max() > 0 for g in float64_by_name(grads[0]).values())
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -185,7 +177,7 @@ def test_one_householder_step_is_gated_deltanet(causal):
     core = _core(causal=causal, num_householder=1, allow_neg_eigval=False)
     other = make_core("gated_deltanet", num_heads=H, head_dim=D, max_len=L, causal=causal,
                       chunk_size=CHUNK, seed=5)
-    assert set(_params(core)) == set(_params(other))
+    assert set(float64_params(core)) == set(float64_params(other))
     nnx.update(core, nnx.state(other, nnx.Param))
     q, k, v = _inputs(seed=3)
     mask, real = _mask(), np.asarray(_mask())
@@ -270,7 +262,7 @@ def test_options_parameters_and_dtype():
         "num_householder": 2, "allow_neg_eigval": True, "form": "chunked", "chunk_size": 64,
         "chunk_strategy": "auto", "short_conv": 0}
     core = _core(causal=False)
-    shapes = {name: x.shape for name, x in _params(core).items()}
+    shapes = {name: x.shape for name, x in float64_params(core).items()}
     assert shapes == {"beta_w_HxD": (H, D), "beta_b_H": (H,), "alpha_w_HxD": (H, D),
                       "dt_bias_H": (H,), "a_log_H": (H,), "beta_w_HxNxD": (H, NH - 1, D),
                       "beta_b_HxN": (H, NH - 1), "key_w_HxNxDxD": (H, NH - 1, D, D),

@@ -24,6 +24,8 @@ import pytest
 from attention_checks import (
     assert_close_relative,
     edge_mask,
+    float64_by_name,
+    float64_params,
     make_core,
     outputs_and_input_grads,
     random_qkv,
@@ -59,16 +61,6 @@ def _core(*, causal, form="chunked", length=L, **options):
 
 
 # --- the reference: the report's recurrence, float64, token by token ----------------------
-
-
-def _flat(state):
-    """An nnx.State of parameters (or their gradients) as float64 NumPy arrays by name."""
-    unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
-    return {path[-1]: np.asarray(unwrap(x), np.float64) for path, x in nnx.to_flat_state(state)}
-
-
-def _params(core):
-    return _flat(nnx.state(core, nnx.Param))
 
 
 def _softplus(x):
@@ -175,7 +167,7 @@ def test_forms_match_reference_and_agree_in_gradients(causal):
     q, k, v = _inputs(seed=1)
     mask, weights = _mask(), _weights()
     real = np.asarray(mask)
-    params = _params(_grad_fn(causal, "chunked")[0])
+    params = float64_params(_grad_fn(causal, "chunked")[0])
     alpha = np.exp(-np.exp(params["a_log_H"])[:, None] * _softplus(
         np.einsum("blhd,hde->blhe", np.asarray(k, np.float64), params["alpha_w_HxDxD"])
         + params["dt_bias_HxD"]))
@@ -187,7 +179,7 @@ def test_forms_match_reference_and_agree_in_gradients(causal):
     grads, grads_recurrent = results["chunked"][2], results["recurrent"][2]
     for grad, grad_recurrent in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_recurrent)):
         assert_close_relative(grad, grad_recurrent, rtol=1e-4)
-    assert set(_flat(grads[0])) == GATE_PARAMS
+    assert set(float64_by_name(grads[0])) == GATE_PARAMS
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -199,8 +191,8 @@ def test_gradients_match_finite_differences_of_the_reference(causal):
     core = _grad_fn(causal, "chunked")[0]
     _, _, grads = _loss_and_grads(causal, "chunked", q, k, v, mask, weights)
     arrays = {"q": q, "k": k, "v": v}
-    arrays = {**{n: np.asarray(x, np.float64) for n, x in arrays.items()}, **_params(core)}
-    grads = {"q": grads[1], "k": grads[2], "v": grads[3], **_flat(grads[0])}
+    arrays = {**{n: np.asarray(x, np.float64) for n, x in arrays.items()}, **float64_params(core)}
+    grads = {"q": grads[1], "k": grads[2], "v": grads[3], **float64_by_name(grads[0])}
     weights = np.asarray(weights, np.float64)
 
     def loss(a):
@@ -226,7 +218,7 @@ def test_bidirectional_decay_is_symmetric_per_channel(form):
     core.alpha_w_HxDxD[...] = jnp.zeros_like(core.alpha_w_HxDxD[...])
     core.beta_w_HxD[...] = jnp.zeros_like(core.beta_w_HxD[...])
     core.dt_bias_HxD[...] = jnp.linspace(-3.0, 2.0, H * D).reshape(H, D)
-    params = _params(core)
+    params = float64_params(core)
     alpha_HxD = np.exp(-np.exp(params["a_log_H"])[:, None] * _softplus(params["dt_bias_HxD"]))
     assert alpha_HxD.min() < 0.01 and alpha_HxD.max() > 0.5
     beta_H = 1 / (1 + np.exp(-params["beta_b_H"]))
@@ -379,10 +371,10 @@ def test_options_parameters_and_dtype():
     assert attention.default_options("kda") == {"form": "chunked", "chunk_size": 64,
                                                 "chunk_strategy": "auto", "short_conv": 0}
     core = _core(causal=False)
-    shapes = {name: x.shape for name, x in _params(core).items()}
+    shapes = {name: x.shape for name, x in float64_params(core).items()}
     assert shapes == {"beta_w_HxD": (H, D), "beta_b_H": (H,), "alpha_w_HxDxD": (H, D, D),
                       "dt_bias_HxD": (H, D), "a_log_H": (H,)}
-    params = _params(core)
+    params = float64_params(core)
     assert np.all((np.exp(params["a_log_H"]) >= 1) & (np.exp(params["a_log_H"]) <= 16))
     dt = _softplus(params["dt_bias_HxD"])  # Mamba2's dt, one per key channel
     assert np.all((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5)))
