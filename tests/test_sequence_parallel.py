@@ -185,9 +185,11 @@ def _run(data_dir, run_dir, **overrides):
 def test_mesh_seq_2_trains_as_mesh_seq_1(data_dir, tmp_path):
     """20 steps of the real loop (prefetched global batches, the compiled loop step,
     evaluation, checkpoints) on 4 devices: (data 2, seq 2) gives the losses and accuracies
-    of (data 4), with softmax attention (implementation xla)."""
-    expected, expected_losses = _run(data_dir, tmp_path / "seq1", mesh_seq=1)
-    results, losses = _run(data_dir, tmp_path / "seq2", mesh_seq=2)
+    of (data 4), with a hybrid of two layers: softmax attention (implementation xla; ring
+    attention) then Gated DeltaNet (state passing)."""
+    hybrid = {"model.num_layers": 2, "model.mixer_pattern": "softmax+gated_deltanet"}
+    expected, expected_losses = _run(data_dir, tmp_path / "seq1", mesh_seq=1, **hybrid)
+    results, losses = _run(data_dir, tmp_path / "seq2", mesh_seq=2, **hybrid)
     assert len(losses) == 20
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
     assert np.mean(expected_losses[-5:]) < np.mean(expected_losses[:5]) - 0.05  # it trains
@@ -207,15 +209,16 @@ def _validate(config):
 @pytest.mark.parametrize("arg, overrides, message", [
     ("attention=linformer", {},
      (r"mixer 'linformer' is not yet supported under sequence parallelism \(config.mesh_seq=2\)"
-      r"; supported mixers: softmax \(implementation 'xla'\), memory_efficient")),
-    ("attention=s5", {}, r"mixer 's5' is not yet supported .*\(config.mesh_seq=2\)"),
-    ("attention=linear", {}, r"mixer 'linear' is not yet supported .*config.mesh_seq=2"),
+      r"; supported mixers: softmax \(implementation 'xla'\), memory_efficient, linear, ")),
+    ("attention=rwkv7", {}, r"mixer 'rwkv7' is not yet supported .*\(config.mesh_seq=2\)"),
+    ("attention=s4d", {}, (r"config.model.attention_options.form='conv' of mixer 's4d' is not "
+                           r"yet supported .*config.mesh_seq=2.*s4d \(form 'recurrent'\)")),
     ("attention=softmax", {"model.attention_options.implementation": "pallas",
                            "model.attention_dropout": 0.0},
      (r"config.model.attention_options.implementation='pallas' of mixer 'softmax' is not yet "
       r"supported under sequence parallelism \(config.mesh_seq=2\)")),
-    ("pattern=softmax+linear", {},
-     r"per-layer pattern's mixer 'linear' is not yet supported .*config.mesh_seq=2"),
+    ("pattern=softmax+fox", {},
+     r"per-layer pattern's mixer 'fox' is not yet supported .*config.mesh_seq=2"),
     ("attention=softmax", {"max_length": 63},
      r"config.max_length=63 must be divisible by config.mesh_seq=2"),
     ("attention=softmax", {"model.pooling": "cls"},
@@ -236,8 +239,9 @@ def test_what_cannot_split_the_sequence_is_refused_naming_the_key(arg, overrides
         _validate(config)
 
 
-@pytest.mark.parametrize("arg", ["attention=softmax", "attention=memory_efficient"])
-def test_exact_attentions_are_accepted_and_batches_split_over_fewer_shards(arg):
+@pytest.mark.parametrize("arg", ["attention=softmax", "attention=memory_efficient",
+                                 "attention=gated_deltanet", "pattern=s5+linear"])
+def test_supported_mixers_are_accepted_and_batches_split_over_fewer_shards(arg):
     config = listops_config.get_config(f"runlocal,{arg}")
     config.mesh_seq, config.model.pooling = 2, "mean"
     config.batch_size = config.eval_batch_size = 2  # 2 rows: one per (data) shard

@@ -35,14 +35,24 @@ from lra.models.stack import STACKED_LAYERS, gathering_layers
 
 MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others a batch's rows
 # Mixers that run with the sequence split over the `seq` axis (config.mesh_seq > 1), each
-# with the option values it needs (option -> the values allowed): the exact attentions,
-# which attend across the split (ring attention or all-gather of keys and values,
-# lra/models/attention/sequence_parallel.py). Every other mixer is refused under mesh_seq > 1
-# (lra/training/validation.py): a recurrence or scan runs along the whole length, and a
-# whole-length projection (linformer), sorting or blocking needs every position at once.
+# with the option values it needs (option -> the values allowed):
+# - the exact attentions attend across the split (ring attention or all-gather of keys
+#   and values, lra/models/attention/sequence_parallel.py);
+# - the linear-time mixers pass states (lra/models/attention/state_passing.py): the
+#   kernelized maps (linear.py), the gated cores (gated.py), the delta rule (delta.py)
+#   and the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form).
+# Every other mixer is refused under mesh_seq > 1 (lra/training/validation.py): its scan,
+# whole-length projection (linformer), sorting or blocking would need every position at
+# once (XLA would gather the whole sequence on each device).
 SEQUENCE_PARALLEL_MIXERS = {
     "softmax": {"implementation": ("xla",)},  # the fused kernels (cudnn, pallas) are not
     "memory_efficient": {},
+    **{name: {} for name in ("linear", "performer", "cosformer", "taylor")},
+    **{name: {} for name in ("retnet", "gla", "ssd")},
+    **{name: {} for name in ("deltanet", "gated_deltanet", "kda", "gated_deltaproduct")},
+    "s5": {},
+    "lru": {},
+    "s4d": {"form": ("recurrent",)},  # the FFT convolution needs the whole length
 }
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024

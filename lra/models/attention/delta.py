@@ -120,6 +120,7 @@ from flax import nnx
 from lra.common import F32, Choice, dot_f32, positive_int
 from lra.models.attention.gated import ChunkStrategy, resolve_chunk_strategy
 from lra.models.attention.linear import decode_keep
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
 from lra.models.attention.short_conv import (
     History,
     convolve_qkv,
@@ -127,6 +128,7 @@ from lra.models.attention.short_conv import (
     make_qkv_conv,
 )
 from lra.models.attention.ssd import mamba2_init
+from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
 
 NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
 
@@ -370,11 +372,19 @@ def _chunk_terms(q, k, v, beta, log_alpha, solve=unit_lower_solve):
     N_xCxC = jnp.where(strict_CxC, beta[..., :, None] * kk_xCxC, 0.0)
     rhs_xCx2D = beta[..., None] * jnp.concatenate([v, gamma_k], -1)
     X_xCx2D = solve(N_xCxC, rhs_xCx2D)  # (I + N)^-1 rhs
-    return q_read, P_xCxC, X_xCx2D[..., dim:], X_xCx2D[..., :dim], k_write, decay
+    value_dim = v.shape[-1]  # D, or more for the state passing's augmented values
+    return q_read, P_xCxC, X_xCx2D[..., value_dim:], X_xCx2D[..., :value_dim], k_write, decay
 
 
 def _chunked(q, k, v, beta, log_alpha, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
-    """Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...].
+    """Inclusive causal outputs [B, L, H, D] float32 (`chunked_with_state`)."""
+    return chunked_with_state(q, k, v, beta, log_alpha, chunk_size, chunk_strategy)[0]
+
+
+def chunked_with_state(q, k, v, beta, log_alpha, chunk_size,
+                       chunk_strategy=ChunkStrategy.AUTO, initial_state=None):
+    """Inclusive causal outputs [B, L, H, D_v] and the final state [B, H, D, D_v], float32,
+    from `initial_state` (None: zero). Inclusive causal outputs by the UT transform per chunk; inputs [B, L, H, ...].
 
     `scan`: one chunk per `lax.scan` step, its terms included (forward substitution,
     C rows one after another): the step's arrays stay in cache (measured on a CPU
@@ -405,16 +415,17 @@ def _chunked(q, k, v, beta, log_alpha, chunk_size, chunk_strategy=ChunkStrategy.
             "bhcd,bhce->bhde", k_write, U)
         return S_BxHxDxD, out_BxHxCxD
 
-    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), F32)
+    S0 = (jnp.zeros_like(v, F32, shape=(batch, heads, dim, v.shape[-1]))
+          if initial_state is None else initial_state.astype(F32))
     xs = tuple(None if x is None else chunks(x) for x in (q, k, v, beta, log_alpha))
     if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
         body = lambda S, xs: state_step(S, _chunk_terms(*xs))
-        _, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
+        S_BxHxDxD, out_NxBxHxCxD = jax.lax.scan(body, S0, xs)
     else:  # every chunk's terms before the scan, batched over the chunk axis
         terms = _chunk_terms(*xs, solve=inverse_solve)
-        _, out_NxBxHxCxD = jax.lax.scan(state_step, S0, terms)
+        S_BxHxDxD, out_NxBxHxCxD = jax.lax.scan(state_step, S0, terms)
     out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
-    return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length]
+    return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length], S_BxHxDxD
 
 
 _FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
@@ -456,6 +467,60 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
               both(log_alpha, log_alpha_next), chunk_size)
     reverse_BxLxHxD = out[batch:, ::-1]  # at j: alpha_j q_{j-1} S<-_j
     return out[:batch] + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+def delta_rule_over_sequence(q, k, v, beta, log_alpha, *, causal: bool, chunk_size: int,
+                             chunk_strategy: str = ChunkStrategy.AUTO, mesh=None):
+    """`delta_rule` (any form) with the length split over the `seq` mesh axis: state passing.
+
+    A shard's effect on the state is the affine map S -> M S + W, with M the product of
+    its tokens' transitions alpha_t (I - beta_t k_t^T k_t) [D, D] and W its final state
+    from zero. Each device runs the chunked form once on its shard with augmented values
+    [v | 0] from the initial state [0 | I] [D, D_v + D]: by linearity the outputs are
+    [q_t W_t | q_t M_t] and the final state [W | M]. The (M, W) of all devices are
+    all-gathered once; each device folds those before it (reverse pass: after it) into
+    its incoming state S_in (state_passing.py) and adds (q_t M_t) S_in. The augmented
+    values double the state's width on each shard. Arguments as `delta_rule`, global
+    [B, L, ...]; `mesh` None = the mesh in context.
+    """
+    strategy = resolve_chunk_strategy(chunk_strategy)
+    kernel = functools.partial(_delta_rule_shard, chunk_size=chunk_size, chunk_strategy=strategy)
+    if causal:
+        return map_over_sequence(kernel, q, k, v, beta, log_alpha, None, None, mesh=mesh)[0]
+    q_prev, log_alpha_next = _reverse_inputs(q, log_alpha)  # shifts across the shards
+    forward_BxLxHxD, reverse_BxLxHxD = map_over_sequence(
+        kernel, q, k, v, beta, log_alpha, q_prev, log_alpha_next, mesh=mesh)
+    return forward_BxLxHxD + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+def _delta_rule_shard(q, k, v, beta, log_alpha, q_prev, log_alpha_next, *, chunk_size,
+                      chunk_strategy):
+    """`delta_rule_over_sequence` on one device's shards [b, S, ...]: (forward outputs,
+    the reverse pass's in forward order, as `delta_rule` before its shift; None if causal)."""
+    batch, _, heads, dim = k.shape
+    bidirectional = q_prev is not None
+    inputs = (q, k, v, beta, log_alpha)
+    if bidirectional:  # the batch stacked with its reversal, as `delta_rule`
+        both = lambda x, y: None if x is None else jnp.concatenate([x, y[:, ::-1]], 0)
+        inputs = tuple(map(both, inputs, (q_prev, k, v, beta, log_alpha_next)))
+    qs, ks, vs, betas, log_alphas = inputs
+    rows, value_dim = qs.shape[0], vs.shape[-1]
+    v_aug = jnp.concatenate([vs, jnp.zeros_like(vs, shape=(*vs.shape[:-1], dim))], -1)
+    eye_BxHxDxD = jnp.broadcast_to(jnp.eye(dim, dtype=F32), (rows, heads, dim, dim))
+    S0 = jnp.concatenate([jnp.zeros_like(vs, F32, shape=(rows, heads, dim, value_dim)),
+                          eye_BxHxDxD + jnp.zeros_like(vs, F32, shape=())], -1)
+    out, S_aug = chunked_with_state(qs, ks, v_aug, betas, log_alphas, chunk_size,
+                                    chunk_strategy, initial_state=S0)
+    local_BxSxHxD, qM_BxSxHxD = out[..., :value_dim], out[..., value_dim:]
+    W_BxHxDxD, M_BxHxDxD = S_aug[..., :value_dim], S_aug[..., value_dim:]
+    gathered = gather_summaries((M_BxHxDxD, W_BxHxDxD))
+    fold = affine(lambda M, S: jnp.einsum("bhij,bhjd->bhid", M, S))
+    S_in = incoming_states(gathered, fold, jnp.zeros_like(W_BxHxDxD), batch,
+                           bidirectional=bidirectional)
+    out = local_BxSxHxD + jnp.einsum("bshd,bhde->bshe", qM_BxSxHxD, S_in)
+    if not bidirectional:
+        return out, None
+    return out[:batch], out[batch:, ::-1]
 
 
 def _reverse_inputs(q, log_alpha):
@@ -544,8 +609,12 @@ class DeltaNetAttention(nnx.Module):
         (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         q_, k_, v_, beta, log_alpha = self._prepare(q, k, v, keep_BxL)  # float32
         q_, k_, v_ = (x.astype(q.dtype) for x in (q_, k_, v_))  # the input dtype
-        out = delta_rule(q_, k_, v_, beta, log_alpha, form=self.form, causal=self.causal,
-                         chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
+        options = dict(causal=self.causal, chunk_size=self.chunk_size,
+                       chunk_strategy=self.chunk_strategy)
+        if splits_sequence():  # the sequence split over the `seq` mesh axis
+            out = delta_rule_over_sequence(q_, k_, v_, beta, log_alpha, **options)
+        else:
+            out = delta_rule(q_, k_, v_, beta, log_alpha, form=self.form, **options)
         return out.astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:

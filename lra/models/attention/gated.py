@@ -74,6 +74,8 @@ from flax import nnx
 
 from lra.common import F32, Choice, dot_f32, positive_int
 from lra.models.attention.linear import Form, decode_keep
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
+from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
 from lra.models.attention.short_conv import (
     History,
     convolve_qkv,
@@ -201,7 +203,13 @@ def _state_step(S_BxHxDxD, q_old, k_new, v_BxCxHxD, decay_BxHxGx1):
 
 
 def _chunked(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
-    """The state of all earlier chunks carried by `lax.scan`, plus each chunk's own
+    """Causal outputs [B, L, H, D] float32 of the chunked form (`chunked_with_state`)."""
+    return chunked_with_state(q, k, v, g, chunk_size, chunk_strategy)[0]
+
+
+def chunked_with_state(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
+    """Causal outputs [B, L, H, D] and the final state [B, H, D, D], float32, from a zero
+    state. The state of all earlier chunks carried by `lax.scan`, plus each chunk's own
     C x C part. With `scan` a step computes its chunk's part, reads the state and
     updates it; computing the C x C part inside the step (as linear.py does) keeps each
     step's arrays in cache on a CPU: batched over all chunks at once they are as long
@@ -216,7 +224,8 @@ def _chunked(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
         x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
 
-    S0 = jnp.zeros((batch, heads, q.shape[-1], dim), F32)
+    # zeros_like: inside shard_map the state varies over the mesh axes as v does
+    S0 = jnp.zeros_like(v, F32, shape=(batch, heads, q.shape[-1], dim))
     xs = tuple(chunks(x) for x in (q, k, v, g))
     if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
         def body(S_BxHxDxD, xs):
@@ -224,15 +233,16 @@ def _chunked(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO):
             S_BxHxDxD, out_BxCxHxD = _state_step(S_BxHxDxD, q_old, k_new, xs[2], decay)
             return S_BxHxDxD, own_BxCxHxD + out_BxCxHxD
 
-        _, out_NxBxCxHxD = jax.lax.scan(body, S0, xs)
+        S_BxHxDxD, out_NxBxCxHxD = jax.lax.scan(body, S0, xs)
     else:
         merge = lambda x: x.reshape(n * batch, *x.shape[2:])  # chunks x batch as one axis
         split = lambda x: x.reshape(n, batch, *x.shape[1:])
         own, q_old, k_new, decay = map(split, _chunk_terms(*map(merge, xs)))
         body = lambda S, terms: _state_step(S, *terms)
-        _, read_NxBxCxHxD = jax.lax.scan(body, S0, (q_old, k_new, xs[2], decay))
+        S_BxHxDxD, read_NxBxCxHxD = jax.lax.scan(body, S0, (q_old, k_new, xs[2], decay))
         out_NxBxCxHxD = own + read_NxBxCxHxD
-    return jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)[:, :length]
+    out_BxLxHxD = jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)
+    return out_BxLxHxD[:, :length], S_BxHxDxD
 
 
 def _recurrent_step(S_BxHxDxD, q_BxHxD, k_BxHxD, v_BxHxD, g_BxHxG):
@@ -273,7 +283,7 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int,
     attend = functools.partial(_FORMS[form], chunk_size=chunk_size, chunk_strategy=strategy)
     if causal:
         return attend(q, k, v, g_BxLxHxG)
-    g_next = jnp.concatenate([g_BxLxHxG[:, 1:], jnp.zeros_like(g_BxLxHxG[:, :1])], axis=1)
+    g_next = next_gates(g_BxLxHxG)
     flip = lambda x: x[:, ::-1]
     if form == Form.CHUNKED and strategy is ChunkStrategy.BATCHED:
         # one scan over the batch stacked with its reversal (half the sequential steps)
@@ -283,8 +293,59 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int,
     else:
         fwd_BxLxHxD = attend(q, k, v, g_BxLxHxG)
         rev_BxLxHxD = flip(attend(flip(q), flip(k), flip(v), flip(g_next)))
-    diag_BxLxH = jnp.sum(q.astype(F32) * k.astype(F32), -1)
-    return fwd_BxLxHxD + rev_BxLxHxD - diag_BxLxH[..., None] * v.astype(F32)
+    return fwd_BxLxHxD + rev_BxLxHxD - _diagonal(q, k, v)
+
+
+def next_gates(g_BxLxHxG: jax.Array) -> jax.Array:
+    """The reverse pass's log-gates: position m carries g_{m+1}, 0 after the last token."""
+    return jnp.concatenate([g_BxLxHxG[:, 1:], jnp.zeros_like(g_BxLxHxG[:, :1])], axis=1)
+
+
+def _diagonal(q, k, v) -> jax.Array:
+    """q_i . k_i v_i [B, L, H, D] float32: the term both directions include."""
+    return jnp.sum(q.astype(F32) * k.astype(F32), -1)[..., None] * v.astype(F32)
+
+
+def retain_over_sequence(q, k, v, g_BxLxHxG, *, causal: bool, chunk_size: int,
+                         chunk_strategy: str = ChunkStrategy.AUTO, mesh=None) -> jax.Array:
+    """`retain` with the length split over the `seq` mesh axis, by state passing.
+
+    Each device runs the chunked form on its shard from a zero state, the (decay, state)
+    summaries of all devices are all-gathered once, each device folds those before it
+    (reverse pass: after it) into its incoming state S_in, and adds q_t exp(cum_t) S_in,
+    cum_t the log-gates summed from its shard's start (state_passing.py). The same
+    numbers as `retain` in any form. Arguments as `retain`, global [B, L, ...];
+    `mesh` None = the mesh in context.
+    """
+    strategy = resolve_chunk_strategy(chunk_strategy, batched_on_cpu=True)
+    g_next = None if causal else next_gates(g_BxLxHxG)  # a shift across the shards
+    kernel = functools.partial(_retain_shard, chunk_size=chunk_size, chunk_strategy=strategy)
+    return map_over_sequence(kernel, q, k, v, g_BxLxHxG, g_next, mesh=mesh)
+
+
+def _retain_shard(q, k, v, g, g_next, *, chunk_size, chunk_strategy):
+    """`retain_over_sequence` on one device's shards [b, S, ...] (g_next None: causal)."""
+    batch = q.shape[0]
+    flip = lambda x: x[:, ::-1]
+    inputs = (q, k, v, g)
+    if g_next is not None:  # the batch stacked with its reversal, as `retain`
+        inputs = tuple(jnp.concatenate([x, flip(y)], 0)
+                       for x, y in zip(inputs, (q, k, v, g_next)))
+    qs, ks, vs, gs = inputs
+    local_BxSxHxD, S_BxHxDxD = chunked_with_state(qs, ks, vs, gs, chunk_size, chunk_strategy)
+    cum_BxSxHxG = jnp.cumsum(gs.astype(F32), axis=1)
+    decay_BxHxGx1 = jnp.exp(cum_BxSxHxG[:, -1])[..., None]  # the shard's transition
+    gathered = gather_summaries((decay_BxHxGx1, S_BxHxDxD))
+    fold = affine(lambda decay, S: decay * S)
+    S_in = incoming_states(gathered, fold, jnp.zeros_like(S_BxHxDxD), batch,
+                           bidirectional=g_next is not None)
+    dtype = vs.dtype
+    read = dot_f32("bshd,bhde->bshe", (qs * jnp.exp(cum_BxSxHxG)).astype(dtype),
+                   S_in.astype(dtype))
+    out = local_BxSxHxD + read
+    if g_next is None:
+        return out
+    return out[:batch] + flip(out[batch:]) - _diagonal(q, k, v)
 
 
 @jax.custom_vjp
@@ -394,8 +455,12 @@ class GatedAttention(nnx.Module):
         (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         q32, k32, v32, (qg, kg, vg, g) = self._gated(q, k, v, keep_BxL)
         qg, kg, vg = (x.astype(q.dtype) for x in (qg, kg, vg))
-        out = retain(qg, kg, vg, g, form=self.form, causal=self.causal,
-                     chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
+        options = dict(causal=self.causal, chunk_size=self.chunk_size,
+                       chunk_strategy=self.chunk_strategy)
+        if splits_sequence():  # the sequence split over the `seq` mesh axis
+            out = retain_over_sequence(qg, kg, vg, g, **options)
+        else:
+            out = retain(qg, kg, vg, g, form=self.form, **options)
         return self.finish(out, q32, k32, v32).astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:

@@ -44,12 +44,14 @@ from flax import nnx
 
 from lra.common import F32, Choice, dot_f32, positive_int
 from lra.models.attention import check_length
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
 from lra.models.attention.short_conv import (
     History,
     convolve_qkv,
     empty_history,
     make_qkv_conv,
 )
+from lra.models.attention.state_passing import fold_all, gather_summaries, incoming_state
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
@@ -136,11 +138,14 @@ def _parallel(qf, kf, v, s_BxLxH, causal, chunk_size):
     return _quadratic(qf, kf, v, s_BxLxH, c_BxLxH, causal)
 
 
-def _empty_state(batch: int, heads: int, features: int, head_dim: int) -> State:
+def _empty_state(batch: int, heads: int, features: int, head_dim: int, like=None) -> State:
+    """The state before any key; `like` (an array) makes it vary over the mesh axes that
+    `like` does, inside `jax.shard_map`."""
+    zeros = jnp.zeros if like is None else functools.partial(jnp.zeros_like, like)
     return State(
-        jnp.zeros((batch, heads, features, head_dim), F32),
-        jnp.zeros((batch, heads, features), F32),
-        jnp.full((batch, heads), _NEG, F32),
+        zeros(shape=(batch, heads, features, head_dim), dtype=F32),
+        zeros(shape=(batch, heads, features), dtype=F32),
+        zeros(shape=(batch, heads), dtype=F32) + _NEG,
     )
 
 
@@ -155,12 +160,18 @@ def _scan(body, qf, kf, v, s, chunk: int):
         return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
 
     xs = (chunks(qf), chunks(kf), chunks(v), None if s is None else chunks(s, _NEG))
-    state, ys = jax.lax.scan(body, _empty_state(batch, heads, features, v.shape[-1]), xs)
+    state, ys = jax.lax.scan(body, _empty_state(batch, heads, features, v.shape[-1], v), xs)
     unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, n * chunk, *y.shape[3:])[:, :length]
     return state, jax.tree.map(unchunk, ys)
 
 
 def _chunked(qf, kf, v, s, causal, chunk_size):
+    out, state = _chunked_with_state(qf, kf, v, s, causal, chunk_size)
+    return out if causal else _read(state, qf)
+
+
+def _chunked_with_state(qf, kf, v, s, causal, chunk_size):
+    """The chunked form's (causal: (numerator, denominator); else None) and final state."""
     def body(state, xs):
         qc, kc, vc, sc_BxCxH = xs
         out = None
@@ -177,7 +188,7 @@ def _chunked(qf, kf, v, s, causal, chunk_size):
         return _absorb(state, kc, vc, sc_BxCxH), out
 
     state, out = _scan(body, qf, kf, v, s, min(chunk_size, qf.shape[1]))
-    return out if causal else _read(state, qf)
+    return out, state
 
 
 def _recurrent(qf, kf, v, s, causal, chunk_size):
@@ -199,6 +210,48 @@ def _attend(qf, kf, v, s, *, form: Form, causal: bool, chunk_size: int) -> jax.A
     """Output (float32) from features; jitted so eager calls reuse the compiled form."""
     num_BxLxHxD, den_BxLxH = _FORMS[form](qf, kf, v, s, causal, chunk_size)
     return num_BxLxHxD / (den_BxLxH[..., None] + EPS)
+
+
+def attend_over_sequence(qf, kf, v, s, *, causal: bool, chunk_size: int, mesh=None):
+    """`_attend` (any form) with the length split over the `seq` mesh axis: state passing.
+
+    Each device runs the chunked form on its shard; the final states (S, z at scale
+    exp(c)) of all devices are all-gathered once and merged at the larger scale. Causal:
+    each device adds the merged state of the devices before it to its numerators and
+    denominators, both brought to the scale max(c_in, c_t) (c_t the running maximum of
+    its own keys' log-scales); bidirectional: every query reads the merge of all.
+    No transition: linear attention's state only accumulates (state_passing.py).
+    """
+    kernel = functools.partial(_attend_shard, causal=causal, chunk_size=chunk_size)
+    return map_over_sequence(kernel, qf, kf, v, s, mesh=mesh)
+
+
+def _merge(state: State, other: State) -> State:
+    """Two states' sums at the larger of their scales (the fold of `attend_over_sequence`)."""
+    c_BxH = jnp.maximum(state.c_BxH, other.c_BxH)
+    mine, theirs = jnp.exp(state.c_BxH - c_BxH), jnp.exp(other.c_BxH - c_BxH)
+    return State(state.S_BxHxFxD * mine[..., None, None] + other.S_BxHxFxD * theirs[..., None, None],
+                 state.z_BxHxF * mine[..., None] + other.z_BxHxF * theirs[..., None], c_BxH)
+
+
+def _attend_shard(qf, kf, v, s, *, causal, chunk_size):
+    """`attend_over_sequence` on one device's shards [b, S, ...]."""
+    out, state = _chunked_with_state(qf, kf, v, s, causal, min(chunk_size, qf.shape[1]))
+    gathered = gather_summaries(state)
+    empty = jax.tree.map(jnp.zeros_like, state)._replace(c_BxH=state.c_BxH * 0 + _NEG)
+    if not causal:
+        num_BxSxHxD, den_BxSxH = _read(fold_all(gathered, _merge, empty), qf)
+        return num_BxSxHxD / (den_BxSxH[..., None] + EPS)
+    incoming = incoming_state(gathered, _merge, empty)
+    num_BxSxHxD, den_BxSxH = out
+    own_c_BxSxH = (jnp.full(den_BxSxH.shape, _NEG, F32) if s is None
+                   else jax.lax.cummax(s, axis=1))  # the scale of the shard's own sums
+    c_BxSxH = jnp.maximum(own_c_BxSxH, incoming.c_BxH[:, None])
+    own, old = jnp.exp(own_c_BxSxH - c_BxSxH), jnp.exp(incoming.c_BxH[:, None] - c_BxSxH)
+    old_num, old_den = _read(incoming, qf)
+    num_BxSxHxD = num_BxSxHxD * own[..., None] + old_num * old[..., None]
+    den_BxSxH = den_BxSxH * own + old_den * old
+    return num_BxSxHxD / (den_BxSxH[..., None] + EPS)
 
 
 class KernelizedAttention(nnx.Module):
@@ -284,7 +337,12 @@ class KernelizedAttention(nnx.Module):
         positions_1xL = jnp.arange(length)[None]
         (q, k, v), _ = convolve_qkv(self.qkv_conv, q, k, v, keep_BxL)
         qf, kf, v_, s = self._phi(q, k, v, keep_BxL, positions_1xL)
-        out = _attend(qf, kf, v_, s, form=self.form, causal=self.causal, chunk_size=self.chunk_size)
+        if splits_sequence():  # the sequence split over the `seq` mesh axis
+            out = attend_over_sequence(qf, kf, v_, s, causal=self.causal,
+                                       chunk_size=self.chunk_size)
+        else:
+            out = _attend(qf, kf, v_, s, form=self.form, causal=self.causal,
+                          chunk_size=self.chunk_size)
         return out.astype(q.dtype)
 
     def init_state(self, batch_size: int) -> State:

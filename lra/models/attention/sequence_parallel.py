@@ -1,5 +1,8 @@
 """Exact softmax attention over a sequence split across devices: the `seq` mesh axis.
 
+(The linear-time mixers split the sequence by state passing instead, state_passing.py;
+both run through `map_over_sequence` here.)
+
 Sequence parallelism: inside a mesh context (`jax.set_mesh`) whose `seq` axis
 has more than one device, `SoftmaxAttention` (implementation xla) and
 `MemoryEfficientAttention` run `sequence_parallel_attention`: the length is split over
@@ -136,34 +139,76 @@ def sequence_parallel_attention(
         does not divide.
     """
     context = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if SEQ_AXIS not in context.axis_names:
-        raise ValueError(f"sequence parallelism needs a mesh axis {SEQ_AXIS!r}; "
-                         f"the mesh has {tuple(context.axis_names)}")
     strategy = KvStrategy(_KV_STRATEGY.get() if kv_strategy is None else kv_strategy)
     layout = Layout(layout)
-    num = context.shape[SEQ_AXIS]
+    num = context.shape.get(SEQ_AXIS, 1)
     batch, length = q_BxLxHxD.shape[:2]
-    padded = -(-length // num) * num
-    if layout is Layout.STRIPED and padded != length:
+    if layout is Layout.STRIPED and length % num:
         raise ValueError(f"the striped layout needs a length divisible by the {num} devices "
                          f"of {SEQ_AXIS!r}; got {length}")
     keep_BxL = (jnp.ones((batch, length), bool) if mask_BxL is None
                 else mask_BxL.astype(bool))
-    q, k, v = q_BxLxHxD, k_BxLxHxD, v_BxLxHxD
-    if padded != length:
-        extra = padded - length
-        q, k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (q, k, v))
-        keep_BxL = jnp.pad(keep_BxL, ((0, 0), (0, extra)))
-    others = tuple(name for name in context.axis_names if name != SEQ_AXIS)
-    split_batch = bool(others) and batch % math.prod(context.shape[a] for a in others) == 0
-    spec = jax.sharding.PartitionSpec(others if split_batch else None, SEQ_AXIS)
     attend = ring_attention if strategy is KvStrategy.RING else all_gather_attention
     kernel = functools.partial(attend, causal=causal, axis_name=SEQ_AXIS, layout=layout,
                                length=length)
-    mapped = jax.shard_map(kernel, in_specs=(spec,) * 4, out_specs=spec,
-                           **({} if mesh is None else {"mesh": mesh}))
-    out_BxLxHxD = mapped(q, k, v, keep_BxL)[:, :length]
+    out_BxLxHxD = map_over_sequence(kernel, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, keep_BxL,
+                                    mesh=mesh)
     return out_BxLxHxD.astype(q_BxLxHxD.dtype)
+
+
+def static_axis_size(axis_name: str) -> int:
+    """The size of mesh axis `axis_name`, as a Python int (shapes and loops need it)."""
+    size = jax.lax.axis_size(axis_name)
+    try:
+        return int(size)
+    except jax.errors.ConcretizationTypeError:
+        return jax.sharding.get_abstract_mesh().shape[axis_name]
+
+
+def map_over_sequence(
+    kernel: Callable,
+    *arrays: jax.Array | None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+):
+    """`kernel(*shards)` under `jax.shard_map`, every array split [B, L, ...] -> [b, S, ...].
+
+    The length is split over `mesh`'s `seq` axis (None: the mesh in context) and the
+    batch over its other axes when their devices divide it (else whole on each). A
+    length that `seq` does not divide is zero-padded at the end (a zero must mean
+    "padding" to `kernel`: a masked key, a neutral token) and the outputs sliced back.
+    The sequence-parallel form of every mixer runs through it (exact attention here,
+    the linear recurrences by state passing, state_passing.py).
+
+    Args:
+      kernel: maps the arrays' shards to an output tree of [b, S, ...] arrays; called
+        inside the shard_map, so it may use collectives over `seq`.
+      arrays: [B, L, ...] arrays (None passes through as None).
+      mesh: a mesh with a `seq` axis; None = the mesh in context.
+
+    Returns:
+      the kernel's outputs, global [B, L, ...].
+
+    Raises:
+      ValueError: the mesh has no `seq` axis.
+    """
+    context = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if SEQ_AXIS not in context.axis_names:
+        raise ValueError(f"sequence parallelism needs a mesh axis {SEQ_AXIS!r}; "
+                         f"the mesh has {tuple(context.axis_names)}")
+    num = context.shape[SEQ_AXIS]
+    batch, length = next(x for x in arrays if x is not None).shape[:2]
+    extra = -(-length // num) * num - length
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)) if extra else x
+
+    others = tuple(name for name in context.axis_names if name != SEQ_AXIS)
+    split_batch = bool(others) and batch % math.prod(context.shape[a] for a in others) == 0
+    spec = jax.sharding.PartitionSpec(others if split_batch else None, SEQ_AXIS)
+    mapped = jax.shard_map(kernel, in_specs=tuple(None if x is None else spec for x in arrays),
+                           out_specs=spec, **({} if mesh is None else {"mesh": mesh}))
+    outputs = mapped(*(None if x is None else pad(x) for x in arrays))
+    return jax.tree.map(lambda y: y[:, :length], outputs)
 
 
 def shard_positions(index: jax.Array, shard: int, num: int, layout: Layout | str) -> jax.Array:
@@ -210,7 +255,7 @@ def ring_attention(
     Returns:
       [B, S, H, D] float32.
     """
-    num = _static_axis_size(axis_name)
+    num = static_axis_size(axis_name)
     batch, shard = q_BxSxHxD.shape[:2]
     length = num * shard if length is None else length
     qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
@@ -326,15 +371,6 @@ def _block_grads(
     return dq, dk, dv + dv_unseen_BxCxHxD
 
 
-def _static_axis_size(axis_name: str) -> int:
-    """The size of mesh axis `axis_name`, as a Python int (shapes and the ring need it)."""
-    size = jax.lax.axis_size(axis_name)
-    try:
-        return int(size)
-    except jax.errors.ConcretizationTypeError:
-        return jax.sharding.get_abstract_mesh().shape[axis_name]
-
-
 def _empty_stats(q_BxSxHxD: jax.Array) -> tuple[jax.Array, ...]:
     """The online softmax before any key: max, sum, weighted values, sum of values (made
     `like` q, so that inside `shard_map` they vary over the same axes as q)."""
@@ -423,7 +459,7 @@ def all_gather_attention(
     disallowed logits = `MASKED_LOGIT`, keys at positions >= `length` weight 0.
     Arguments and result as `ring_attention`.
     """
-    num = _static_axis_size(axis_name)
+    num = static_axis_size(axis_name)
     batch, shard = q_BxSxHxD.shape[:2]
     length = num * shard if length is None else length
     qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)

@@ -10,7 +10,8 @@
   flipped sequence) starts at the last real token.
 - `linear_recurrence`: h_t = a_t * h_{t-1} + b_t for all t at once with
   `jax.lax.associative_scan` (diagonal, complex or real), the parallel scan of S5 and
-  the LRU.
+  the LRU (and S4D's recurrent form); with the sequence split over the `seq` mesh axis,
+  by state passing across the devices.
 - `OutputGate`: S5's output nonlinearities (GELU and the GLU variants), which S4D and the
   LRU use too; dropout after each as in S5's code. Which GELU (exact, or the tanh
   approximation) each model's own code uses is the model's choice (`approximate_gelu`).
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.common import F32, Choice, boolean
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
+from lra.models.attention.state_passing import affine, gather_summaries, incoming_state
 
 
 class SsmParam(nnx.Param):
@@ -59,14 +63,37 @@ def linear_recurrence(a_xLxN: jax.Array, b_xLxN: jax.Array, *, axis: int = 1,
       h, the shape of b.
     """
     a_xLxN = jnp.broadcast_to(a_xLxN, b_xLxN.shape).astype(b_xLxN.dtype)
+    if splits_sequence():  # the sequence split over the `seq` mesh axis
+        to_front = lambda x: jnp.moveaxis(x, axis, 1)
+        kernel = functools.partial(_recurrence_shard, reverse=reverse)
+        h = map_over_sequence(kernel, to_front(a_xLxN), to_front(b_xLxN))
+        return jnp.moveaxis(h, 1, axis)
+    return _scan_with_products(a_xLxN, b_xLxN, axis=axis, reverse=reverse)[1]
 
+
+def _scan_with_products(a_xLxN, b_xLxN, *, axis: int, reverse: bool):
+    """(the products a_t ... a_s from the start s, h with h_{s-1} = 0), by
+    `jax.lax.associative_scan` along `axis` (from the end if `reverse`)."""
     def combine(earlier, later):
         a_1, b_1 = earlier
         a_2, b_2 = later
         return a_2 * a_1, a_2 * b_1 + b_2
 
-    _, h = jax.lax.associative_scan(combine, (a_xLxN, b_xLxN), reverse=reverse, axis=axis)
-    return h
+    return jax.lax.associative_scan(combine, (a_xLxN, b_xLxN), reverse=reverse, axis=axis)
+
+
+def _recurrence_shard(a_BxSxN, b_BxSxN, *, reverse: bool):
+    """`linear_recurrence` on one device's shards [b, S, ...], by state passing
+    (lra/models/attention/state_passing.py): each device scans its shard from a zero
+    state; the (product of a, last h) of every device are all-gathered once; the state
+    entering the shard, h_in, is the fold of the devices before it (after it, reverse),
+    and h_t gains (a_t ... a_s) h_in."""
+    products, h = _scan_with_products(a_BxSxN, b_BxSxN, axis=1, reverse=reverse)
+    last = 0 if reverse else -1  # the shard's end in the scan's direction
+    gathered = gather_summaries((products[:, last], h[:, last]))
+    fold = affine(lambda a, state: a * state)
+    h_in = incoming_state(gathered, fold, jnp.zeros_like(h[:, last]), reverse=reverse)
+    return h + products * h_in[:, None]
 
 
 class Activation(Choice):

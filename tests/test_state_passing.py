@@ -1,0 +1,153 @@
+"""Sequence parallelism of the linear-time mixers (issue 24): state passing over the `seq`
+mesh axis (lra/models/attention/state_passing.py).
+
+Every mixer of `sharding.SEQUENCE_PARALLEL_MIXERS` other than the exact attentions
+(tests/test_ring_attention.py) is run on 4 fake CPU devices with the sequence split in 4
+and compared with the same mixer on one device: outputs and the gradients of the inputs
+and of every parameter, causal and bidirectional, with right padding (one row ending
+inside the first shard) and, where the family has them, short convolutions (their window
+crosses the shard boundaries) and chunks shorter than a shard. The compiled program is
+checked for one all-gather of the states per layer and for holding about a quarter of
+the activations per device.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lra.models import mixers
+from lra.parallel import sharding
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices")
+
+EXACT = ("softmax", "memory_efficient")  # ring attention: tests/test_ring_attention.py
+STATE_PASSING = [name for name in sharding.SEQUENCE_PARALLEL_MIXERS if name not in EXACT]
+BATCH, LENGTH, EMB, HEADS = 4, 32, 8, 2
+
+
+def make_mesh(data: int, seq: int) -> jax.sharding.Mesh:
+    return sharding.make_mesh(data * seq, 1, seq)
+
+
+def build(name: str, causal: bool, length: int = LENGTH):
+    """The mixer with the options that exercise the split: chunks of 4 tokens (2 per
+    shard), short convolutions of width 4, and each option's required value."""
+    options = {option: values[0] for option, values in sharding.SEQUENCE_PARALLEL_MIXERS[name].items()}
+    accepted = mixers.family_options(name)
+    options.update({key: value for key, value in (("chunk_size", 4), ("short_conv", 4))
+                    if key in accepted})
+    return mixers.make(name, emb_dim=EMB, qkv_dim=EMB, num_heads=HEADS, max_len=length,
+                       dropout=0.0, attention_dropout=0.0, causal=causal, dtype=jnp.float32,
+                       rngs=nnx.Rngs(0), **options)
+
+
+def inputs(length: int = LENGTH):
+    """x and the output cotangent [B, L, E], and a right-padded mask [B, L]."""
+    x, cot = (jax.random.normal(key, (BATCH, length, EMB))
+              for key in jax.random.split(jax.random.key(0), 2))
+    lengths = np.array([length, length - 5, 3, 13])
+    return x, cot, jnp.asarray(np.arange(length)[None] < lengths[:, None])
+
+
+def gradient_fn(mixer):
+    """A jitted (params, x, cot, mask) -> ((loss, out), (d params, d x)) of sum(out * cot)."""
+    graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
+
+    def loss(params, x, cot, mask):
+        out = nnx.merge(graphdef, params, rest)(x, mask, deterministic=True)
+        return jnp.sum(out * cot), out
+
+    return params, jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def on_mesh(mesh, *arrays):
+    return [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), "seq"))) for x in arrays]
+
+
+def assert_trees_close(got, want, rel=1e-5):
+    """Every leaf's largest difference <= rel x its largest |value| (all finite)."""
+    for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                          jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert np.isfinite(g).all(), path[0]
+        error, scale = np.abs(g - w).max(), np.abs(w).max()
+        assert error <= rel * scale + 1e-12, f"{path[0]}: {error:.3g} > {rel} x {scale:.3g}"
+
+
+def split_and_whole(name, causal, data, seq, length=LENGTH):
+    """(outputs and gradients on the (data, seq) mesh, the same on one device)."""
+    params, grad = gradient_fn(build(name, causal, length))
+    x, cot, mask = inputs(length)
+    (_, want), want_grads = grad(params, x, cot, mask)
+    mesh = make_mesh(data, seq)
+    with jax.set_mesh(mesh):
+        (_, got), got_grads = grad(params, *on_mesh(mesh, x, cot, mask))
+    return (got, got_grads), (want, want_grads)
+
+
+# Each state-passing core in both directions, with one family each: the kernelized maps
+# without and with log-scales (linear, performer), the gated core, the delta rule, the
+# diagonal SSM recurrence. The other families prepare their inputs differently for the
+# same cores: one direction each, alternating (the suite's time budget).
+BOTH_DIRECTIONS = ("linear", "performer", "gla", "gated_deltanet", "s5")
+CASES = [(name, causal) for name in BOTH_DIRECTIONS for causal in (True, False)] + [
+    (name, index % 2 == 0) for index, name in
+    enumerate(n for n in STATE_PASSING if n not in BOTH_DIRECTIONS)]
+
+
+@pytest.mark.parametrize("name, causal", CASES,
+                         ids=[f"{n}-{'causal' if c else 'bidirectional'}" for n, c in CASES])
+def test_mixer_over_a_split_sequence_equals_the_whole(name, causal):
+    got, want = split_and_whole(name, causal, data=1, seq=4)
+    assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("name, causal", [("performer", True), ("gated_deltanet", False),
+                                          ("s5", False)])
+def test_data_and_seq_together_and_a_length_seq_does_not_divide(name, causal):
+    """(data 2, seq 2) at length 30: each shard of 15 tokens padded inside to 16."""
+    got, want = split_and_whole(name, causal, data=2, seq=2, length=LENGTH - 2)
+    assert_trees_close(got, want)
+
+
+def _compiled(name, causal, length, mesh=None):
+    params, grad = gradient_fn(build(name, causal, length))
+    x, cot, mask = inputs(length)
+    if mesh is None:
+        return grad.lower(params, x, cot, mask).compile()
+    with jax.set_mesh(mesh):
+        return grad.lower(params, *on_mesh(mesh, x, cot, mask)).compile()
+
+
+@pytest.mark.parametrize("name, causal, gathers", [
+    ("gated_deltanet", True, 1), ("gated_deltanet", False, 1), ("s5", False, 2)])
+def test_compiled_step_gathers_states_not_sequences(name, causal, gathers):
+    """The forward pass all-gathers the state summaries once per recurrence (the gated
+    delta rule stacks both directions in one; S5 scans each direction) and nothing of
+    the sequence's length; the backward pass reduce-scatters their gradients."""
+    text = _compiled(name, causal, LENGTH, make_mesh(1, 4)).as_text()
+    lines = [line for line in text.splitlines()
+             if re.search(r" all-gather(-start)?\(", line)]
+    assert len(lines) == gathers, lines
+    # each gathers one raveled summary per device: [4 devices, its size]
+    assert all(re.search(r"= \w+\[4,\d+\]", line) for line in lines), lines
+    assert "reduce-scatter" in text or "all-reduce" in text
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "s5"])
+def test_a_device_holds_about_a_quarter_of_the_activations(name):
+    """XLA's memory analysis of the forward + backward pass, 4 rows and
+    L = 1024: per device, the split program's temporaries are at most 0.4 of the whole
+    program's (a quarter, plus the gathered states and the replicated parameters' gradients)."""
+    length = 1024
+    whole = _compiled(name, False, length).memory_analysis().temp_size_in_bytes
+    split = _compiled(name, False, length, make_mesh(1, 4)).memory_analysis()
+    assert split.temp_size_in_bytes <= 0.4 * whole, (split.temp_size_in_bytes, whole)
