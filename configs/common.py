@@ -169,9 +169,13 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # the data axis gets the other factor; batches' rows are split over data and fsdp.
     config.mesh_fsdp = 1  # must divide the number of devices; 1 = plain data parallelism
     # mesh_fsdp * mesh_seq must divide the devices, and mesh_seq max_length; > 1 only for
-    # the mixers of lra.parallel.sharding.SEQUENCE_PARALLEL_MIXERS (softmax, memory_efficient)
-    # and pooling mean or last. 1 = no sequence parallelism.
+    # the mixers of lra.parallel.sharding.SEQUENCE_PARALLEL_MIXERS (the exact attentions
+    # and the linear-time mixers) and pooling mean or last. 1 = no sequence parallelism.
     config.mesh_seq = 1
+    # How exact attention reaches every key when mesh_seq > 1: ring (keys and values
+    # travel around the devices; O(L / mesh_seq) per device) | all_gather (gathered whole;
+    # fewer, larger transfers). The same numbers up to float rounding.
+    config.kv_strategy = "ring"
     config.grad_accum_steps = 1  # micro-batches per step: same steps, 1/N activation memory
     config.dtype = "float32"  # compute: float32 | bfloat16 (parameters, optimizer stay float32)
     config.remat = False  # recompute each block in the backward pass: less memory, more FLOPs

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import listops as listops_config
 from lra import models, tasks
 from lra.common import set_path
+from lra.models.attention import sequence_parallel
 from lra.parallel import sharding
 from lra.training import data, train, workdir
 
@@ -182,14 +183,26 @@ def _run(data_dir, run_dir, **overrides):
     return results, [r["loss"] for r in records if r["split"] == "train"]
 
 
-def test_mesh_seq_2_trains_as_mesh_seq_1(data_dir, tmp_path):
+def _recording(function, calls: list):
+    def recorded(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return recorded
+
+
+def test_mesh_seq_2_trains_as_mesh_seq_1(data_dir, tmp_path, monkeypatch):
     """20 steps of the real loop (prefetched global batches, the compiled loop step,
     evaluation, checkpoints) on 4 devices: (data 2, seq 2) gives the losses and accuracies
     of (data 4), with a hybrid of two layers: softmax attention (implementation xla; ring
     attention) then Gated DeltaNet (state passing)."""
     hybrid = {"model.num_layers": 2, "model.mixer_pattern": "softmax+gated_deltanet"}
     expected, expected_losses = _run(data_dir, tmp_path / "seq1", mesh_seq=1, **hybrid)
-    results, losses = _run(data_dir, tmp_path / "seq2", mesh_seq=2, **hybrid)
+    gathered = []  # config.kv_strategy reaches the attention: all-gather, not the ring
+    monkeypatch.setattr(sequence_parallel, "all_gather_attention",
+                        _recording(sequence_parallel.all_gather_attention, gathered))
+    results, losses = _run(data_dir, tmp_path / "seq2", mesh_seq=2, kv_strategy="all_gather",
+                           **hybrid)
+    assert gathered
     assert len(losses) == 20
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
     assert np.mean(expected_losses[-5:]) < np.mean(expected_losses[:5]) - 0.05  # it trains
@@ -227,6 +240,8 @@ def _validate(config):
     ("attention=softmax", {"mesh_seq": 4, "mesh_fsdp": 2},
      r"config.mesh_seq=4 must divide the 4 devices together with config.mesh_fsdp=2"),
     ("attention=softmax", {"mesh_seq": 0}, r"config.mesh_seq must be a positive integer"),
+    ("attention=softmax", {"kv_strategy": "bogus"},
+     r"config.kv_strategy must be one of 'ring', 'all_gather'; got 'bogus'"),
     ("attention=softmax", {"batch_size": 3},
      r"config.batch_size=3 is not divisible by 2 batch shards \(4 devices / config.mesh_seq=2\)"),
 ])
@@ -262,3 +277,4 @@ def test_a_run_resumes_with_another_mesh_seq_and_old_runs_without_the_key(tmp_pa
     workdir.check_and_write_config(tmp_path, config)
     assert workdir.config_hash(config) == workdir.config_hash(_config())  # as mesh_fsdp
     assert "mesh_seq" in workdir.RESUMABLE_CHANGES and workdir.ADDED_DEFAULTS["mesh_seq"] == 1
+    assert "kv_strategy" in workdir.RESUMABLE_CHANGES

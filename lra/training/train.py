@@ -22,6 +22,9 @@ or with BatchNorm, whose statistics are then per micro-batch):
     [B, L] arrays are split along L over it as well, [B] arrays are not
     (`sharding.batch_spec`), and the encoder keeps its block activations so split; only
     the mixers of `sharding.SEQUENCE_PARALLEL_MIXERS` may run with it > 1.
+  * `config.kv_strategy`: how the exact attentions reach every key under `mesh_seq` > 1
+    (`ring` or `all_gather`, lra/models/attention/sequence_parallel.py), entered around
+    the loop (the steps are traced inside it).
   * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
     many micro-batches (`lax.scan`); their summed losses' gradients and their target counts
     are added, and divided once, before one optimizer update. This is used instead of
@@ -64,6 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lra import models, tasks
 from lra.models import mixers, pattern, stack
+from lra.models.attention.sequence_parallel import KvStrategy, use_kv_strategy
 from lra.models.mixers.ssm import SsmParam
 from lra.parallel import distributed, sharding
 from lra.parallel.sharding import batch_spec, make_mesh, state_shardings
@@ -416,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         data.check_targets(arrays, objective_spec(config), split)
     precision = config.get("matmul_precision", "default")
     with jax.set_mesh(mesh), jax.default_matmul_precision(
-            None if precision == "default" else precision):
+            None if precision == "default" else precision), use_kv_strategy(
+            config.get("kv_strategy", KvStrategy.RING)):
         return _Trainer(config, task, mesh, workdir, splits).run()
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from lra import models
 from lra.models import mixers, pattern
+from lra.models.attention.sequence_parallel import KvStrategy
 from lra.parallel.sharding import SEQUENCE_PARALLEL_MIXERS
 from lra.training.objectives import Objective
 from lra.training.pretraining import CHECKPOINT_FOLDERS
@@ -137,6 +138,10 @@ def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> No
         )
     if seq > 1:
         _validate_sequence_parallel(config, seq)
+    try:
+        KvStrategy(config.get("kv_strategy", KvStrategy.RING))
+    except ValueError as error:  # "kv_strategy must be one of 'ring', ...; got ..."
+        raise ValueError(f"config.{error}") from None
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
     if config.remat not in (True, False):

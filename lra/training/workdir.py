@@ -27,7 +27,8 @@ CONFIG_FILE = "config.json"
 # (`mixer` is `attention` under a second name, compared as `attention`; runs from before
 # the alias existed have no `mixer` key and still resume).
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
-                     "data_dir", "eval_batch_size", "mesh_fsdp", "mesh_seq", "grad_accum_steps",
+                     "data_dir", "eval_batch_size", "mesh_fsdp", "mesh_seq", "kv_strategy",
+                     "grad_accum_steps",
                      "remat",
                      "mixer", "compilation_cache_dir", "data_threads", "data_workers",
                      "shared_filesystem", "prepare_wait_seconds")
@@ -37,6 +38,7 @@ ADDED_DEFAULTS = {
     "spt": {"pretrain_steps": 0, "objective": "", "learning_rate": 1e-3, "warmup_steps": 100},
     "model.scan_layers": False,
     "mesh_seq": 1,  # the mesh's seq axis (sequence parallelism); 1 = none, as before
+    "kv_strategy": "ring",  # exact attention over the seq axis (only used when mesh_seq > 1)
     # model.attention_options of the gated and delta-rule families ("auto" = the per-chunk
     # scan on CPU, as before) and of the Mamba2 block (Mamba2's defaults: as before)
     "model.attention_options.chunk_strategy": "auto",
