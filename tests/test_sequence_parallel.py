@@ -193,15 +193,19 @@ def _recording(function, calls: list):
 def test_mesh_seq_2_trains_as_mesh_seq_1(data_dir, tmp_path, monkeypatch):
     """20 steps of the real loop (prefetched global batches, the compiled loop step,
     evaluation, checkpoints) on 4 devices: (data 2, seq 2) gives the losses and accuracies
-    of (data 4), with a hybrid of two layers: softmax attention (implementation xla; ring
-    attention) then Gated DeltaNet (state passing)."""
-    hybrid = {"model.num_layers": 2, "model.mixer_pattern": "softmax+gated_deltanet"}
+    of (data 4), with a hybrid of two layers: softmax attention (implementation xla;
+    all-gather of keys and values, config.kv_strategy) then Gated DeltaNet (state
+    passing); the split run also shards the parameters (fsdp 2, so data 1), accumulates
+    2 micro-batches and rematerialises the blocks (no dropout, whose masks would be
+    drawn per micro-batch)."""
+    hybrid = {"model.num_layers": 2, "model.mixer_pattern": "softmax+gated_deltanet",
+              "model.dropout": 0.0, "model.attention_dropout": 0.0}
     expected, expected_losses = _run(data_dir, tmp_path / "seq1", mesh_seq=1, **hybrid)
     gathered = []  # config.kv_strategy reaches the attention: all-gather, not the ring
     monkeypatch.setattr(sequence_parallel, "all_gather_attention",
                         _recording(sequence_parallel.all_gather_attention, gathered))
     results, losses = _run(data_dir, tmp_path / "seq2", mesh_seq=2, kv_strategy="all_gather",
-                           **hybrid)
+                           mesh_fsdp=2, grad_accum_steps=2, remat=True, **hybrid)
     assert gathered
     assert len(losses) == 20
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)

@@ -14,7 +14,8 @@ shard. Each device
    transition A = A_{e-1} ... A_s (the map's linear part; a diagonal or a scalar for the
    gated and diagonal-SSM cores, a [D, D] matrix for the delta rule);
 2. all-gathers the (A, W) summaries of every device over `seq` (`gather_summaries`: one
-   `all_gather` per layer, O(state) bytes per device, independent of the length);
+   `all_gather` per recurrence and layer, O(state) bytes per device, independent of the
+   length);
 3. folds the summaries of the devices before it, in order, into its incoming state
    (`incoming_state`: S <- A_j S + W_j for j = 0 .. i - 1, from S = 0; n steps of
    state-sized work);
@@ -22,7 +23,9 @@ shard. Each device
    (A_t ... A_s) S_{s-1} at each position t, which is linear in S_{s-1}.
 
 The reverse direction of a bidirectional mixer is the same with the devices in the
-opposite order (`reverse=True`). Every step is differentiable: the transpose of the
+opposite order (`reverse=True`; `incoming_states` for a batch stacked with its reversal).
+A linear attention without decay has no transition: its fold merges states (`fold_all`
+when every query reads the whole sequence). Every step is differentiable: the transpose of the
 all-gather is a reduce-scatter of the summaries' gradients.
 
 `sequence_parallel.map_over_sequence` runs such a per-shard kernel on global
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lra.models.attention.sequence_parallel import SEQ_AXIS, static_axis_size
+
 
 def gather_summaries(summary, axis_name: str = SEQ_AXIS):
     """Every device's summary (a tree of arrays), stacked [n, ...] in device order, inside
