@@ -476,7 +476,7 @@ def delta_rule_over_sequence(q, k, v, beta, log_alpha, *, causal: bool, chunk_si
     A shard's effect on the state is the affine map S -> M S + W, with M the product of
     its tokens' transitions alpha_t (I - beta_t k_t^T k_t) [D, D] and W its final state
     from zero. Each device runs the chunked form once on its shard with augmented values
-    [v | 0] from the initial state [0 | I] [D, D_v + D]: by linearity the outputs are
+    [v | 0] from the initial state [0 | I] (D x (D_v + D)): by linearity the outputs are
     [q_t W_t | q_t M_t] and the final state [W | M]. The (M, W) of all devices are
     all-gathered once; each device folds those before it (reverse pass: after it) into
     its incoming state S_in (state_passing.py) and adds (q_t M_t) S_in. The augmented
