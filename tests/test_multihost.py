@@ -30,7 +30,10 @@ from tests.test_train import TINY, _comparable, _config, _flags, _train_records
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 # Longer than TINY, so that a signal lands mid-run; evaluations and checkpoints on the way.
-MID = {"num_train_steps": 60, "checkpoint_every": 10, "eval_every": 30, "log_every": 10}
+# Mean pooling: the relaunch splits every sequence over both hosts (mesh_seq=4), which
+# cls pooling's extra position cannot.
+MID = {"num_train_steps": 60, "checkpoint_every": 10, "eval_every": 30, "log_every": 10,
+       "model.pooling": "mean"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,8 @@ def test_two_processes_match_one_process_and_resume_together_after_a_sigterm(
         data_dir, tmp_path):
     """Two processes x 2 devices vs one process x 4 devices, same global batch: a SIGTERM
     to one process stops both at one step; the relaunch (as the tasks of a SLURM step this
-    time) finishes like the 1-process run."""
+    time, with every sequence split over the 4 devices of both hosts: mesh_seq=4, ring
+    attention across the hosts) finishes like the 1-process run."""
     expected = train.train_and_evaluate(_config(data_dir, **MID), tmp_path / "one")
     workdir = tmp_path / "two"
     processes = _launch_processes(workdir, data_dir, MID)
@@ -123,11 +127,12 @@ def test_two_processes_match_one_process_and_resume_together_after_a_sigterm(
     assert (workdir / "checkpoints" / str(stopped[0])).exists()
     assert not (workdir / "results.json").exists()
 
-    relaunched = _launch_processes(workdir, data_dir, MID, fake_slurm=True)
+    relaunched = _launch_processes(workdir, data_dir, {**MID, "mesh_seq": 4}, fake_slurm=True)
     outputs = _finish(relaunched)
     assert [p.returncode for p in relaunched] == [0, 0], outputs
     assert "jax.distributed: SLURM job 4242: process 1 of 2" in outputs[1]
     assert f"resuming from step {stopped[0]}" in outputs[0]
+    assert json.loads((workdir / "config.json").read_text())["mesh_seq"] == 4
     _assert_same_records(_train_records(workdir), _train_records(tmp_path / "one"))
     results = json.loads((workdir / "results.json").read_text())
     assert _comparable(results) == _comparable(expected)
@@ -155,6 +160,10 @@ def test_each_process_reads_only_its_share_of_every_batch(data_dir, monkeypatch)
             parts = [share[step][key] for share in shares]
             assert all(len(part) == batch_size // NUM_PROCESSES for part in parts)
             np.testing.assert_array_equal(np.concatenate(parts), rows)
+    # both processes in one row group (a seq axis over both hosts): both read every row
+    shared = data.train_dataset(arrays, batch_size=batch_size, max_length=max_length, seed=3,
+                                row_group=(0, 1))
+    np.testing.assert_array_equal(shared[1]["inputs"], whole[1]["inputs"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ def measure(config, *, steps: int, warmup: int, repeats: int, label: str = "") -
         trainer = train._Trainer(config, task, mesh, Path(workdir), splits)
         log = logs.RunLog(Path(workdir), start_step=0, num_steps=config.num_train_steps)
         dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,
+                                     row_group=sharding.row_group(mesh),
                                      max_length=config.max_length, seed=config.seed)
         batch = data.to_global(dataset[0], mesh)
         try:

@@ -65,8 +65,10 @@ def make_mesh(num_devices: int, fsdp: int = 1, seq: int = 1) -> jax.sharding.Mes
       num_devices: how many devices to use; 0 = every device.
       fsdp: size of the `fsdp` axis (parameter sharding).
       seq: size of the `seq` axis (sequence parallelism); `data` gets
-        devices / (fsdp * seq). The innermost axis: a sequence's devices are neighbours,
-        and with several processes they must belong to one process.
+        devices / (fsdp * seq). The innermost axis: a sequence's devices are neighbours.
+        With several processes it either divides a process's devices (each sequence on
+        one host) or is a multiple of them (each sequence spans whole hosts, which then
+        read the same rows: `row_group`).
 
     Raises:
       ValueError: too few devices, `fsdp` * `seq` does not divide their number, or a
@@ -86,14 +88,41 @@ def make_mesh(num_devices: int, fsdp: int = 1, seq: int = 1) -> jax.sharding.Mes
         (len(devices) // (fsdp * seq), fsdp, seq), MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices,
     )
-    # Each process reads whole rows, its share of the batch (lra/training/data.py), so the
-    # devices that share a sequence must belong to one process.
-    if seq > 1 and any(len({device.process_index for device in group}) > 1
-                       for group in mesh.devices.reshape(-1, seq)):
-        raise ValueError(f"config.mesh_seq={seq} splits a sequence over devices of several "
-                         f"processes; it must divide the {jax.local_device_count()} devices "
-                         "of one process (one process per node, not per device)")
+    # Each process reads whole rows (lra/training/data.py): a process's devices hold whole
+    # sequence groups, or a group spans whole processes, which then read the same rows.
+    local = jax.local_device_count()
+    if jax.process_count() > 1 and seq > 1 and local % seq and seq % local:
+        raise ValueError(f"config.mesh_seq={seq} must divide the {local} devices of one "
+                         f"process or be a multiple of them (a sequence on one host, or "
+                         "spanning whole hosts)")
+    row_group(mesh)  # every process holds whole rows of one group
     return mesh
+
+
+def row_group(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+    """(this process's row group, the number of groups): the processes whose devices hold
+    the same rows of a batch (the (data, fsdp) blocks; with a `seq` axis that spans hosts,
+    several processes hold the parts of the same sequences) form a group and read the
+    same rows; groups are numbered in row order. Without such sharing: (process index,
+    process count).
+
+    Raises:
+      ValueError: a process whose devices hold rows of several groups' blocks in a way
+        that no contiguous share of the batch describes.
+    """
+    rows = mesh.devices.reshape(-1, mesh.shape[SEQ_AXIS])  # one row block per line
+    blocks: dict[int, set[int]] = {}
+    for block, devices in enumerate(rows):
+        for device in devices:
+            blocks.setdefault(device.process_index, set()).add(block)
+    shares = sorted({tuple(sorted(own)) for own in blocks.values()})
+    size = len(shares[0])
+    if any(len(share) != size or list(share) != list(range(share[0], share[0] + size))
+           for share in shares):
+        raise ValueError(f"the mesh {dict(mesh.shape)} gives processes non-contiguous or "
+                         "unequal shares of a batch's rows")
+    own = tuple(sorted(blocks.get(jax.process_index(), ())))
+    return shares.index(own), len(shares)
 
 
 def batch_spec(mesh: jax.sharding.Mesh, ndim: int = 1) -> PartitionSpec:

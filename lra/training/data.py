@@ -251,12 +251,19 @@ def check_targets(arrays: Arrays, spec, split: str) -> None:
                              f"task's max_targets={spec.max_targets}")
 
 
-def _process_slice(global_batch: int) -> slice:
-    num_processes, process = jax.process_count(), jax.process_index()
-    if global_batch % num_processes:
-        raise ValueError(f"batch size {global_batch} is not divisible by {num_processes} processes")
-    local = global_batch // num_processes
-    return slice(process * local, (process + 1) * local)
+RowGroup = tuple[int, int]  # (this process's group, the number of groups)
+
+
+def _process_slice(global_batch: int, row_group: RowGroup | None = None) -> slice:
+    """This process's rows of a global batch: its row group's share (`row_group`, from
+    `lra.parallel.sharding.row_group`: processes whose devices share sequences read the
+    same rows); None = (process index, process count), every process its own rows."""
+    group, groups = (jax.process_index(), jax.process_count()) if row_group is None else row_group
+    if global_batch % groups:
+        raise ValueError(f"batch size {global_batch} is not divisible by {groups} row groups "
+                         "of processes")
+    local = global_batch // groups
+    return slice(group * local, (group + 1) * local)
 
 
 @functools.lru_cache(maxsize=4)
@@ -292,11 +299,13 @@ class _ShuffledEpochs:
 
 
 def train_dataset(
-    arrays: Arrays, *, batch_size: int, max_length: int, seed: int
+    arrays: Arrays, *, batch_size: int, max_length: int, seed: int,
+    row_group: RowGroup | None = None,
 ) -> grain.MapDataset:
-    """The infinite training stream: batch `i` is `dataset[i]`, the same on every run."""
+    """The infinite training stream: batch `i` is `dataset[i]`, the same on every run;
+    this process's rows of it (`_process_slice`)."""
     num_examples = len(arrays["targets"])
-    own = _process_slice(batch_size)
+    own = _process_slice(batch_size, row_group)
     return (
         grain.MapDataset.source(_ShuffledEpochs(num_examples, seed))
         .batch(batch_size, drop_remainder=True)
@@ -359,8 +368,8 @@ class TrainBatches:
         """The next global batch's shapes, dtypes and shardings (to compile a step before
         the stream starts); reads one host batch, takes nothing from the stream."""
         local = self._dataset[self._next_index]  # this process's rows
-        rows = lambda x: (x.shape[0] * jax.process_count(), *x.shape[1:])
         shardings = _batch_shardings(local, self._mesh)
+        rows = lambda x: _global_shape(x, self._mesh)
         return {key: jax.ShapeDtypeStruct(rows(x), x.dtype, sharding=shardings[key])
                 for key, x in local.items()}
 
@@ -378,11 +387,12 @@ class TrainBatches:
             self._iterator = None
 
 
-def eval_dataset(arrays: Arrays, *, batch_size: int, max_length: int) -> grain.MapDataset:
+def eval_dataset(arrays: Arrays, *, batch_size: int, max_length: int,
+                 row_group: RowGroup | None = None) -> grain.MapDataset:
     """The whole split in order, batch i = `dataset[i]`; the last batch is padded with rows
-    of weight 0 (`weights` [B] float32)."""
+    of weight 0 (`weights` [B] float32); this process's rows of it (`_process_slice`)."""
     num_examples = len(arrays["targets"])
-    own = _process_slice(batch_size)
+    own = _process_slice(batch_size, row_group)
 
     def batch(start: int) -> Arrays:
         index = np.arange(start, min(start + batch_size, num_examples))
@@ -403,20 +413,33 @@ def eval_batches(arrays: Arrays, *, batch_size: int, max_length: int) -> Iterato
 def eval_device_batches(arrays: Arrays, mesh: jax.sharding.Mesh, *, batch_size: int,
                         max_length: int, threads: int) -> Iterator[dict[str, jax.Array]]:
     """The batches of `eval_dataset` as global device arrays, prefetched as training's."""
-    dataset = eval_dataset(arrays, batch_size=batch_size, max_length=max_length)
+    from lra.parallel import sharding  # (see `_batch_shardings`)
+
+    dataset = eval_dataset(arrays, batch_size=batch_size, max_length=max_length,
+                           row_group=sharding.row_group(mesh))
     return iter(device_batches(host_stream(dataset, threads=threads), mesh))
 
 
 def to_global(batch: Arrays, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Process-local rows -> global arrays: rows split over the mesh's batch axes (data,
     fsdp), and the sequence of a [B, L] array over `seq` when the mesh splits sequences
-    (`lra.parallel.sharding.batch_spec`). A process holds whole rows; the `seq` axis lies
-    within one process's devices (`sharding.make_mesh`), each of which takes its part."""
+    (`lra.parallel.sharding.batch_spec`). A process holds whole rows, its row group's
+    (`sharding.row_group`: the processes of a `seq` axis that spans hosts hold the same
+    rows); each of its devices takes its part of them (rows, and positions under `seq`)."""
     shardings = _batch_shardings(batch, mesh)
     return {
-        key: jax.make_array_from_process_local_data(shardings[key], value)
+        key: jax.make_array_from_process_local_data(shardings[key], value,
+                                                    _global_shape(value, mesh))
         for key, value in batch.items()
     }
+
+
+def _global_shape(local, mesh: jax.sharding.Mesh) -> tuple[int, ...]:
+    """The global shape of a process's rows `local`: rows x the mesh's row groups; the
+    other dimensions whole (each device looks up its part of them in `local`)."""
+    from lra.parallel import sharding  # (see `_batch_shardings`)
+
+    return (local.shape[0] * sharding.row_group(mesh)[1], *local.shape[1:])
 
 
 def _batch_shardings(batch, mesh: jax.sharding.Mesh) -> dict:

@@ -495,7 +495,8 @@ class _Trainer:
                                 if objective_spec(config).is_lm else None)
         self.progress = Progress()
         dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,
-                                     max_length=config.max_length, seed=config.seed)
+                                     max_length=config.max_length, seed=config.seed,
+                                     row_group=sharding.row_group(mesh))
         self.batches = data.TrainBatches(dataset, mesh, threads=config.data_threads,
                                          workers=config.data_workers)
         restored = self.checkpoints.restore_latest(self.state)
