@@ -110,7 +110,7 @@ def row_group(mesh: jax.sharding.Mesh) -> tuple[int, int]:
       ValueError: a process whose devices hold rows of several groups' blocks in a way
         that no contiguous share of the batch describes.
     """
-    rows = mesh.devices.reshape(-1, mesh.shape[SEQ_AXIS])  # one row block per line
+    rows = mesh.devices.reshape(-1, mesh.shape.get(SEQ_AXIS, 1))  # one row block per line
     blocks: dict[int, set[int]] = {}
     for block, devices in enumerate(rows):
         for device in devices:
