@@ -4,7 +4,7 @@
         --lengths 1024,2048,4096,8192,16384 [--scopes layer,step] [--batch 1 --heads 8 \
         --head_dim 64 --dtype float32|bfloat16 --causal] [--out DIR]
 
-Three scopes, each measured in this one process with compilation excluded (every
+Four scopes, each measured in this one process with compilation excluded (every
 program is compiled first, run once untimed, then timed as the median of --repeats
 runs that each wait for the result):
 
@@ -22,6 +22,10 @@ runs that each wait for the result):
          steps/s through `lra.training.train`'s loop and the host's share of a step (time
          outside the jitted step / total); see lra/bench/loop.py. No --attention,
          --lengths or sizes: the config's own (`--loop_set key=value,...` changes them).
+  longest  for --longest_devices devices and each `seq` of --longest_seqs (sequence
+         parallelism, `config.mesh_seq`): the longest of --lengths whose step (the step
+         scope's, devices / seq sequences) compiles within --memory_budget_gb per device,
+         and its step time; see lra/bench/longest.py. Exact baselines are not added.
 
 An entry of --attention is a registry name, optionally with options after colons:
 `linear:form=recurrent:chunk_size=128`. In the step scope an entry may also be a per-layer
@@ -53,6 +57,7 @@ speed/memory table) and DIR/bench_<scope>.png (log-log time and memory vs length
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -67,16 +72,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from lra.bench import depth, flops, output
+from lra.bench import longest as longest_scope
 from lra.bench import loop as loop_scope
 from lra.bench.flops import dot_flops
 from lra.models import attention, mixers, pattern
 from lra.parallel import sharding
 from lra.training import objectives, train
 
-SCOPES = ("layer", "step", "loop")  # loop: lra/bench/loop.py
+SCOPES = ("layer", "step", "loop", "longest")  # loop, longest: lra/bench/{loop,longest}.py
 EXACT = ("softmax", "memory_efficient")  # attentions that compute softmax attention exactly
 DEFAULT_BUDGET_GB = 8.0  # where the device keeps no memory statistics (CPU)
 # The synthetic step task: byte-level text classification shapes (LRA's speed table task).
@@ -134,7 +139,10 @@ class Settings:
     step_heads: int = 4
     step_mlp_dim: int = 1024
     step_dropout: float = 0.1
+    step_devices: int = 1  # the step's mesh: the first step_devices devices,
+    step_seq: int = 1  # its `seq` axis (sequence parallelism); data = devices / seq
     depth_only: bool = False  # trace only: sequential depths, nothing compiled or timed
+    analyses: bool = True  # False: no sequential depths nor dot_flops (the longest scope)
 
 
 @dataclasses.dataclass
@@ -148,6 +156,17 @@ class Program:
     # fn's arguments -> (the scalar loss fn differentiates, its inputs): whose sequential
     # depths (lra/bench/depth.py) the record holds; None = not known
     loss: Callable[..., tuple[Callable, tuple]] | None = None
+    # the mesh under which it is lowered, compiled and run (`jax.set_mesh`): the modules
+    # read it to decide whether to split the sequence; None = no mesh context
+    mesh: jax.sharding.Mesh | None = None
+
+    def context(self):
+        """`jax.set_mesh(self.mesh)`, or nothing when the program has no mesh."""
+        return _within(self.mesh)
+
+
+def _within(mesh: jax.sharding.Mesh | None):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,41 +244,52 @@ def step_config(entry: str, length: int, settings: Settings):
     config = common.base_config("bench", common.parse_arg(arg, ("bench",)))
     config.max_length = length
     config.batch_size = config.eval_batch_size = settings.step_batch
-    config.num_devices = 1
+    config.num_devices = settings.step_devices
+    if settings.step_seq != 1 or "mesh_seq" in config:
+        config.mesh_seq = settings.step_seq
     model = config.model
     model.num_layers, model.emb_dim = settings.step_layers, settings.step_emb_dim
     model.qkv_dim, model.num_heads = settings.step_qkv_dim, settings.step_heads
     model.mlp_dim = settings.step_mlp_dim
     model.dropout = model.attention_dropout = settings.step_dropout
     model.causal = settings.causal
-    model.pooling = "last" if settings.causal else "mean"  # the attention sees exactly L tokens
+    # The attention sees exactly L tokens (and cls, refused under mesh_seq > 1, is never used).
+    model.pooling = "last" if settings.causal else "mean"
     model.attention_options.update(options)
     if "dtype" in config:
         config.dtype = settings.dtype
     elif settings.dtype != "float32":
         raise ValueError(f"--dtype {settings.dtype}: this lra.training.train has no config.dtype, so the "
                          "step scope runs only in float32 (use --scopes layer)")
-    train.validate_config(config, 1)
+    train.validate_config(config, settings.step_devices)
     return config
 
 
 def _step_program(entry: str, length: int, settings: Settings) -> Program:
+    """One training step on a (data, fsdp=1, seq) mesh of `settings.step_devices` devices
+    (one device by default); with step_seq > 1 every [B, L] batch array is split over
+    `seq` (`sharding.batch_shardings`) and the program runs under `jax.set_mesh`."""
     config = step_config(entry, length, settings)
-    mesh = sharding.make_mesh(1)
+    mesh = sharding.make_mesh(settings.step_devices, 1, settings.step_seq)
+    run_mesh = mesh if settings.step_seq > 1 else None  # (seq = 1: no context, as always)
     task = _StepTask()
-    first = [train.create_state(config, task, mesh)]  # the first make_args uses it
+    with _within(run_mesh):
+        first = [train.create_state(config, task, mesh)]  # the first make_args uses it
     graphdef, _, _, shardings = first[0]
     step = train.make_train_step(graphdef, shardings, config)
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
 
     def make_args():
-        _, rng_state, state, _ = first.pop() if first else train.create_state(config, task, mesh)
+        if first:
+            _, rng_state, state, _ = first.pop()
+        else:
+            with _within(run_mesh):
+                _, rng_state, state, _ = train.create_state(config, task, mesh)
         rng = np.random.default_rng(0)
         shape = (settings.step_batch, length)
         batch = {"inputs": rng.integers(1, task.vocab_size, shape, dtype=np.int32),
                  "mask": np.ones(shape, bool),
                  "targets": rng.integers(0, task.num_classes, shape[:1], dtype=np.int32)}
-        return state, rng_state, jax.device_put(batch, batch_sharding)
+        return state, rng_state, jax.device_put(batch, sharding.batch_shardings(batch, mesh))
 
     def model_loss(state, rng_state, batch):
         """The summed loss of the step's model as a function of its parameters (no dropout)."""
@@ -278,7 +308,8 @@ def _step_program(entry: str, length: int, settings: Settings) -> Program:
         "batch": settings.step_batch, "heads": settings.step_heads,
         "head_dim": settings.step_qkv_dim // settings.step_heads,
         "num_layers": settings.step_layers, "emb_dim": settings.step_emb_dim,
-        "mlp_dim": settings.step_mlp_dim}, loss=model_loss)
+        "mlp_dim": settings.step_mlp_dim}, loss=model_loss,
+        mesh=run_mesh)
 
 
 PROGRAMS: dict[str, Callable[[str, int, Settings], Program]] = {
@@ -335,20 +366,21 @@ def prepare(entry: str, scope: str, length: int, settings: Settings,
               "dot_flops": None, "matmul_fraction": None, "depth_forward": None,
               "depth_backward": None, "oom": False, "error": None, **device_info}
     try:
-        args = program.make_args()
-        if program.loss is not None:
-            loss, inputs = program.loss(*args)
-            record["depth_forward"], record["depth_backward"] = (
-                depth.forward_backward_depth(loss, *inputs))
-        if settings.depth_only:
-            return Prepared(record)
-        compiled = program.fn.lower(*args).compile()
+        with program.context():
+            args = program.make_args()
+            if program.loss is not None and settings.analyses:
+                loss, inputs = program.loss(*args)
+                record["depth_forward"], record["depth_backward"] = (
+                    depth.forward_backward_depth(loss, *inputs))
+            if settings.depth_only:
+                return Prepared(record)
+            compiled = program.fn.lower(*args).compile()
+            counted = dot_flops(program.fn, *args) if settings.analyses else None
     except jax.errors.JaxRuntimeError as error:
         return Prepared(_oom_record(record, error))
-    peak = flops.compiled_peak(compiled)
+    peak = flops.compiled_peak(compiled)  # per device for an SPMD program
     record.update(peak_bytes=peak, compiled_peak_bytes=peak,
-                  flops=flops.cost_flops(compiled),
-                  dot_flops=dot_flops(program.fn, *args))
+                  flops=flops.cost_flops(compiled), dot_flops=counted)
     if peak is not None and peak > settings.memory_budget_bytes:
         record.update(oom=True, error=f"compiled peak {peak:,} bytes exceeds the budget of "
                       f"{settings.memory_budget_bytes:,.0f} bytes")
@@ -400,9 +432,10 @@ def execute(prepared: Prepared, settings: Settings, matmul_peak: float) -> dict:
     times: list[float] = []
 
     def work():
-        run_args = args if args is not None else program.make_args()
-        times.extend(_timed_runs(prepared.compiled, run_args, program.feeds_back,
-                                 settings.repeats))
+        with program.context():
+            run_args = args if args is not None else program.make_args()
+            times.extend(_timed_runs(prepared.compiled, run_args, program.feeds_back,
+                                     settings.repeats))
 
     try:
         device_peak = peak_raised(_memory_stats, work)
@@ -499,7 +532,7 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--attention", default="all", help="comma-separated entries (name[:opt=value...]) or 'all'")
     add("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
-    add("--scopes", default="layer,step", help="comma-separated: layer, step, loop")
+    add("--scopes", default="layer,step", help="comma-separated: layer, step, loop, longest")
     add("--batch", type=int, default=1, help="batch of the layer scope (and default step batch)")
     add("--heads", type=int, default=8, help="heads of the layer scope")
     add("--head_dim", type=int, default=64, help="per-head width of the layer scope")
@@ -526,6 +559,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--loop_set", default="", help="loop scope: config overrides, key=value,...")
     add("--loop_steps", type=int, default=200, help="loop scope: timed steps per round")
     add("--loop_warmup", type=int, default=20, help="loop scope: untimed steps first")
+    add("--longest_devices", type=int, default=0,
+        help="longest scope: devices of the step's mesh (default 0: all)")
+    add("--longest_seqs", default="",
+        help="longest scope: comma-separated seq axis sizes (default: 1, 2, 4, ... the "
+             "powers of two dividing the devices)")
     add("--out", default=None, help="folder for bench.json, bench.md and the plots")
     return parser
 
@@ -535,7 +573,7 @@ def _entries(args) -> list[str]:
     if not args.no_baseline:
         missing = [b for b in args.baselines.split(",") if b and b not in entries]
         entries = missing + entries
-    kernel_scopes = [scope for scope in args.scopes.split(",") if scope != "loop"]
+    kernel_scopes = [scope for scope in args.scopes.split(",") if scope not in ("loop", "longest")]
     shape = Settings(heads=args.heads, head_dim=args.head_dim)  # options may depend on it
     for entry in entries:  # fail before measuring anything
         name, options = parse_entry(entry)
@@ -567,11 +605,8 @@ def _budget_bytes(gigabytes: float | None) -> float:
     return stats.get("bytes_limit") or DEFAULT_BUDGET_GB * 2**30
 
 
-def _kernel_records(args, scopes: list[str]) -> list[dict]:
-    """The layer and step scopes' records."""
-    lengths = _positive_ints(args.lengths, "--lengths")
-    entries = _entries(args)
-    settings = Settings(
+def _settings(args) -> Settings:
+    return Settings(
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         causal=args.causal, repeats=args.repeats,
         memory_budget_bytes=_budget_bytes(args.memory_budget_gb),
@@ -579,6 +614,13 @@ def _kernel_records(args, scopes: list[str]) -> list[dict]:
         step_emb_dim=args.step_emb_dim, step_qkv_dim=args.step_qkv_dim,
         step_heads=args.step_heads, step_mlp_dim=args.step_mlp_dim,
         step_dropout=args.step_dropout, depth_only=args.depth_only)
+
+
+def _kernel_records(args, scopes: list[str]) -> list[dict]:
+    """The layer and step scopes' records."""
+    lengths = _positive_ints(args.lengths, "--lengths")
+    entries = _entries(args)
+    settings = _settings(args)
     if args.depth_only:
         return run(entries, scopes, lengths, settings, matmul_peak=0.0)
     matmul_peak = flops.matmul_flops_per_s(args.matmul_size, args.dtype, args.repeats)
@@ -603,6 +645,21 @@ def _loop_record(args) -> dict:
     return record
 
 
+def _longest_records(args) -> list[dict]:
+    """The longest scope's records (lra/bench/longest.py): --attention's entries only."""
+    lengths = _positive_ints(args.lengths, "--lengths")
+    entries = list(mixers.NAMES) if args.attention == "all" else args.attention.split(",")
+    for entry in entries:  # fail before measuring anything
+        name, options = parse_entry(entry)
+        shape = Settings(heads=args.heads, head_dim=args.head_dim)
+        _layer_module(pattern.parse(name)[0] if is_pattern(name) else name, 1, shape, options)
+    devices = args.longest_devices or jax.device_count()
+    seqs = (_positive_ints(args.longest_seqs, "--longest_seqs") if args.longest_seqs
+            else longest_scope.default_seqs(devices))
+    return longest_scope.run(entries, seqs, devices, lengths, _settings(args),
+                             sys.modules[__name__])
+
+
 def main(argv=None) -> list[dict]:
     """Runs the benchmark; prints the tables, writes files to --out; returns the records."""
     args = _parser().parse_args(argv)
@@ -610,8 +667,10 @@ def main(argv=None) -> list[dict]:
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
-    kernel_scopes = [scope for scope in scopes if scope != "loop"]
+    kernel_scopes = [scope for scope in scopes if scope not in ("loop", "longest")]
     records = _kernel_records(args, kernel_scopes) if kernel_scopes else []
+    if "longest" in scopes:
+        records += _longest_records(args)
     if "loop" in scopes:
         records.append(_loop_record(args))
     text = output.markdown(records)

@@ -153,8 +153,56 @@ def markdown(records: list[dict]) -> str:
             f"{records[0]['device']}." if rate else "")
     parts = [head] if head else []
     for scope, group in _by_scope(records).items():
-        parts.append(loop_markdown(group) if scope == "loop" else scope_markdown(scope, group))
+        if scope == "loop":
+            parts.append(loop_markdown(group))
+        elif scope == "longest":
+            parts.append(longest_markdown(group))
+        else:
+            parts.append(scope_markdown(scope, group))
     return "\n\n".join(parts)
+
+
+def _longest_cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if r["longest_length"] is None:
+        return f"error: {_short(r['error'])}" if r["error"] else "none fits"
+    length = length_label(r["longest_length"])
+    if r["time_ms"] is None:
+        return f"{length} / OOM when run / {mib(r['compiled_peak_bytes'])}"
+    return f"{length} / {r['time_ms']:,.0f} / {mib(r['compiled_peak_bytes'])}"
+
+
+def _short(text: str, limit: int = 90) -> str:
+    text = text.splitlines()[0].replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def longest_markdown(records: list[dict]) -> str:
+    """The longest scope (lra/bench/longest.py): rows = entries, a column per seq, cells
+    `longest L / step ms / MiB per device`."""
+    r = records[0]
+    seqs = sorted({x["seq"] for x in records})
+    names = list(dict.fromkeys(x["attention"] for x in records))
+    cells = {(x["attention"], x["seq"]): x for x in records}
+    layers = f"{r['num_layers']} layer{'s' if r['num_layers'] != 1 else ''}"
+    title = (f"### Longest trainable length: encoder of {layers}, width {r['emb_dim']}, "
+             f"{r['heads']} heads x {r['head_dim']}, MLP {r['mlp_dim']}; {r['dtype']}"
+             f"{', causal' if r['causal'] else ''}; {r['devices']} devices, one sequence per "
+             f"data shard (devices / seq), budget {mib(r['memory_budget_bytes'])} MiB per "
+             f"device; {r['device']}")
+    note = ("Longest length whose training step's compiled peak fits the budget / time per "
+            "step in ms / compiled peak in MiB per device:")
+    lines = [title, "", note, "",
+             _row("attention", [f"seq = {s}" for s in seqs]), "|---" * (len(seqs) + 1) + "|"]
+    lines += [_row(name, [_longest_cell(cells.get((name, s))) for s in seqs]) for name in names]
+    over = [f"{x['attention']} seq={x['seq']}: {length_label(x['next_length'])} needs "
+            f"{mib(x['next_peak_bytes'])}" for x in records
+            if x["next_length"] is not None and x["next_peak_bytes"] is not None]
+    if over:
+        lines += ["", "The next length, over the budget (MiB per device): " + "; ".join(over)
+                  + "."]
+    return "\n".join(lines)
 
 
 def loop_markdown(records: list[dict]) -> str:
@@ -179,7 +227,7 @@ def plot(records: list[dict], out: str | Path) -> list[Path]:
 
     paths = []
     for scope, group in _by_scope(records).items():
-        if scope == "loop":  # one point per config: its table says it all
+        if scope in ("loop", "longest"):  # one point per config / entry: the table says it all
             continue
         figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         _draw(group, *axes)
