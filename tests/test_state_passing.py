@@ -37,24 +37,28 @@ def make_mesh(data: int, seq: int) -> jax.sharding.Mesh:
     return sharding.make_mesh(data * seq, 1, seq)
 
 
-def build(name: str, causal: bool, length: int = LENGTH):
+def build(name: str, causal: bool, length: int = LENGTH, options: dict | None = None):
     """The mixer with the options that exercise the split: chunks of 4 tokens (2 per
-    shard), short convolutions of width 4, and each option's required value."""
-    options = {option: values[0] for option, values in sharding.SEQUENCE_PARALLEL_MIXERS[name].items()}
+    shard), short convolutions of width 4, each option's required value, and `options`."""
+    options = {**{option: values[0] for option, values in
+                  sharding.SEQUENCE_PARALLEL_MIXERS[name].items()}, **(options or {})}
     accepted = mixers.family_options(name)
     options.update({key: value for key, value in (("chunk_size", 4), ("short_conv", 4))
-                    if key in accepted})
+                    if key in accepted and key not in options})
     return mixers.make(name, emb_dim=EMB, qkv_dim=EMB, num_heads=HEADS, max_len=length,
                        dropout=0.0, attention_dropout=0.0, causal=causal, dtype=jnp.float32,
                        rngs=nnx.Rngs(0), **options)
 
 
 def inputs(length: int = LENGTH):
-    """x and the output cotangent [B, L, E], and a right-padded mask [B, L]."""
+    """x and the output cotangent [B, L, E], and a mask [B, L]: rows of length L, L - 5
+    and 3 (right padding; the last ends inside the first shard) and one with holes (every
+    third position, and positions 5-17, which cover a whole shard of 8, are padding)."""
     x, cot = (jax.random.normal(key, (BATCH, length, EMB))
               for key in jax.random.split(jax.random.key(0), 2))
-    lengths = np.array([length, length - 5, 3, 13])
-    return x, cot, jnp.asarray(np.arange(length)[None] < lengths[:, None])
+    pos = np.arange(length)
+    holes = (pos % 3 != 1) & ((pos < 5) | (pos > 17))
+    return x, cot, jnp.asarray(np.stack([pos < length, pos < length - 5, pos < 3, holes]))
 
 
 def gradient_fn(mixer):
@@ -82,9 +86,9 @@ def assert_trees_close(got, want, rel=1e-5):
         assert error <= rel * scale + 1e-12, f"{path[0]}: {error:.3g} > {rel} x {scale:.3g}"
 
 
-def split_and_whole(name, causal, data, seq, length=LENGTH):
+def split_and_whole(name, causal, data, seq, length=LENGTH, options=None):
     """(outputs and gradients on the (data, seq) mesh, the same on one device)."""
-    params, grad = gradient_fn(build(name, causal, length))
+    params, grad = gradient_fn(build(name, causal, length, options))
     x, cot, mask = inputs(length)
     (_, want), want_grads = grad(params, x, cot, mask)
     mesh = make_mesh(data, seq)
@@ -115,6 +119,17 @@ def test_mixer_over_a_split_sequence_equals_the_whole(name, causal):
 def test_data_and_seq_together_and_a_length_seq_does_not_divide(name, causal):
     """(data 2, seq 2) at length 30: each shard of 15 tokens padded inside to 16."""
     got, want = split_and_whole(name, causal, data=2, seq=2, length=LENGTH - 2)
+    assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_mamba2_block_with_groups_a_learned_initial_state_and_holes(causal):
+    """The Mamba2 block's convolution window crosses shards over padded positions (the
+    holes row: a shard with no real token), its grouped SSD starts from a learned state;
+    the other direction than the CASES' mamba2."""
+    got, want = split_and_whole("mamba2", causal, data=1, seq=4,
+                                options={"ngroups": 2, "learnable_init_states": True,
+                                         "head_dim": 4, "d_state": 16})
     assert_trees_close(got, want)
 
 

@@ -40,7 +40,8 @@ MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others 
 #   and values, lra/models/attention/sequence_parallel.py);
 # - the linear-time mixers pass states (lra/models/attention/state_passing.py): the
 #   kernelized maps (linear.py), the gated cores (gated.py), the delta rule (delta.py)
-#   and the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form).
+#   the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form)
+#   and the Mamba2 block (mixers/mamba2.py; attention/ssd.py's grouped SSD).
 # Every other mixer is refused under mesh_seq > 1 (lra/training/validation.py): its scan,
 # whole-length projection (linformer), sorting or blocking would need every position at
 # once (XLA would gather the whole sequence on each device).
@@ -53,6 +54,7 @@ SEQUENCE_PARALLEL_MIXERS = {
     "s5": {},
     "lru": {},
     "s4d": {"form": ("recurrent",)},  # the FFT convolution needs the whole length
+    "mamba2": {},  # its convolution's window and its grouped SSD both pass states
 }
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024

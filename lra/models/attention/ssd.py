@@ -52,8 +52,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.common import F32, dot_f32
-from lra.models.attention.gated import GatedAttention
+from lra.models.attention.gated import GatedAttention, next_gates
 from lra.models.attention.linear import Form
+from lra.models.attention.sequence_parallel import map_over_sequence
+from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
 
 A_RANGE = (1.0, 16.0)
 DT_RANGE = (0.001, 0.1)
@@ -134,7 +136,12 @@ def _segment_decay(cum_BxCxGxR: jax.Array) -> jax.Array:
 
 
 def _grouped_chunked(c, b, x, g, S0, chunk_size):
-    """The causal grouped SSD, one chunk per `lax.scan` step (Listing 1 of the paper,
+    """The causal grouped SSD's outputs (`grouped_chunked_with_state`)."""
+    return grouped_chunked_with_state(c, b, x, g, S0, chunk_size)[0]
+
+
+def grouped_chunked_with_state(c, b, x, g, S0, chunk_size):
+    """(outputs, final state [B, G, R, N, P] float32). The causal grouped SSD, one chunk per `lax.scan` step (Listing 1 of the paper,
     chunk by chunk): the chunk's own [C, C] part, the read of the state that all earlier
     chunks left, and the chunk's contribution to that state.
 
@@ -167,9 +174,9 @@ def _grouped_chunked(c, b, x, g, S0, chunk_size):
                        + dot_f32("bjgn,bjgrp->bgrnp", b_BxCxGxN, x_end))
         return S_BxGxRxNxP, out
 
-    _, out_nxBxCxGxRxP = jax.lax.scan(body, S0, tuple(chunks(a) for a in (c, b, x, g)))
+    S, out_nxBxCxGxRxP = jax.lax.scan(body, S0, tuple(chunks(a) for a in (c, b, x, g)))
     out = jnp.moveaxis(out_nxBxCxGxRxP, 0, 1)
-    return out.reshape(batch, n * chunk, *x.shape[2:])[:, :length]
+    return out.reshape(batch, n * chunk, *x.shape[2:])[:, :length], S
 
 
 def _grouped_parallel(c, b, x, g, S0, chunk_size):
@@ -247,12 +254,69 @@ def grouped_ssd(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_state=None, *,
     attend = functools.partial(_GROUPED_FORMS[Form(form)], chunk_size=chunk_size)
     out = attend(c, b, x, g, S0)
     if not causal:
-        g_next = jnp.concatenate([g[:, 1:], jnp.zeros_like(g[:, :1])], axis=1)
         flip = lambda a: a[:, ::-1]
-        out = out + flip(attend(flip(c), flip(b), flip(x), flip(g_next), zero_S0))
-        diag_BxLxG = jnp.sum(c.astype(F32) * b.astype(F32), -1)
-        out = out - diag_BxLxG[..., None, None] * x.astype(F32)
+        out = out + flip(attend(flip(c), flip(b), flip(x), flip(next_gates(g)), zero_S0))
+        out = out - _grouped_diagonal(c, b, x)
     return out.reshape(*out.shape[:2], heads, dim)
+
+
+def _grouped_diagonal(c, b, x) -> jax.Array:
+    """C_t . B_t dt x_t [B, L, G, R, P] float32: the term both directions include."""
+    return jnp.sum(c.astype(F32) * b.astype(F32), -1)[..., None, None] * x.astype(F32)
+
+
+def grouped_ssd_over_sequence(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_state=None,
+                              *, causal: bool, chunk_size: int, mesh=None) -> jax.Array:
+    """`grouped_ssd` (any form) with the length split over the `seq` mesh axis: state
+    passing (state_passing.py), as gated.py's `retain_over_sequence` with the grouped
+    state [G, R, N, P]: each device runs the chunked form on its shard from a zero
+    state, the (decay, state) summaries are all-gathered once, each device folds those
+    before it (reverse pass: after it) into its incoming state, starting from
+    `initial_state` on the forward pass, and adds C_t exp(cum_t) S_in. Arguments as
+    `grouped_ssd`, except `initial_state`: None or [H, N, P] (one for every row);
+    `mesh` None = the mesh in context."""
+    batch, _, heads, dim = x_BxLxHxP.shape
+    groups, d_state = C_BxLxGxN.shape[-2:]
+    if heads % groups:
+        raise ValueError(f"ngroups ({groups}) must divide the number of heads ({heads})")
+    dtype = x_BxLxHxP.dtype
+    c, b = C_BxLxGxN.astype(dtype), B_BxLxGxN.astype(dtype)
+    x = _by_group(x_BxLxHxP, groups)
+    g = g_BxLxH.astype(F32).reshape(*g_BxLxH.shape[:2], groups, heads // groups)
+    if initial_state is not None and initial_state.shape != (heads, d_state, dim):
+        raise ValueError(f"initial_state must be [H, N, P] = {(heads, d_state, dim)}; "
+                         f"got {initial_state.shape}")
+    S_init = (None if initial_state is None else initial_state.astype(F32).reshape(
+        groups, heads // groups, d_state, dim))
+    kernel = functools.partial(_grouped_ssd_shard, S_init=S_init, chunk_size=chunk_size)
+    out = map_over_sequence(kernel, c, b, x, g, None if causal else next_gates(g), mesh=mesh)
+    return out.reshape(*out.shape[:2], heads, dim)
+
+
+def _grouped_ssd_shard(c, b, x, g, g_next, *, S_init, chunk_size):
+    """`grouped_ssd_over_sequence` on one device's shards [b, S, ...] (g_next None: causal)."""
+    batch = x.shape[0]
+    flip = lambda a: a[:, ::-1]
+    inputs = (c, b, x, g)
+    if g_next is not None:  # the batch stacked with its reversal, as gated.py
+        inputs = tuple(jnp.concatenate([a, flip(r)], 0) for a, r in zip(inputs, (c, b, x, g_next)))
+    cs, bs, xs, gs = inputs
+    rows, _, groups, heads, dim = xs.shape
+    zero_S = jnp.zeros_like(xs, F32, shape=(rows, groups, heads, cs.shape[-1], dim))
+    out, S = grouped_chunked_with_state(cs, bs, xs, gs, zero_S, chunk_size)
+    cum_BxSxGxR = jnp.cumsum(gs, axis=1)
+    decay = jnp.exp(cum_BxSxGxR[:, -1])[..., None, None]  # the shard's transition
+    empty = zero_S
+    if S_init is not None:  # the learned initial state starts the forward pass only
+        start = jnp.broadcast_to(S_init, (batch, *S_init.shape))
+        empty = empty.at[:batch].add(start)
+    S_in = incoming_states(gather_summaries((decay, S)), affine(lambda d, S: d * S), empty,
+                           batch, bidirectional=g_next is not None)
+    read = dot_f32("bign,bgrnp->bigrp", cs, S_in.astype(xs.dtype))
+    out = out + jnp.exp(cum_BxSxGxR)[..., None] * read
+    if g_next is None:
+        return out
+    return out[:batch] + flip(out[batch:]) - _grouped_diagonal(c, b, x)
 
 
 def grouped_ssd_step(S_BxHxNxP, C_BxGxN, B_BxGxN, x_BxHxP, g_BxH):

@@ -105,6 +105,8 @@ from flax import nnx
 from lra import common
 from lra.models.attention import ssd
 from lra.models.attention.linear import Form
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
+from lra.models.attention.state_passing import gather_summaries, incoming_state
 from lra.models.mixers import ssm
 
 _F32 = jnp.float32
@@ -281,6 +283,51 @@ class Mamba2Block(nnx.Module):
         out = sum(w_KxC[j] * u[:, j:j + length] for j in range(taps)) + self.conv_bias_C[...]
         return gather(out, jnp.argsort(order_BxL, axis=1))
 
+    def _conv_shard(self, xBC_BxSxC, keep_BxS):
+        """`_conv` on one device's shard [b, S, C] of a sequence split over `seq`.
+
+        A real token's window holds the conv_size - 1 real tokens before it (and, centred,
+        as many after it), which may lie on earlier (later) devices, however many
+        padded positions lie between: each device's last conv_size - 1 real tokens (and
+        first) are all-gathered, and the window entering its shard is folded from the
+        devices before it (the one after it, from those after it), as state passing
+        (lra/models/attention/state_passing.py); then the shard's real tokens are
+        gathered to the front, between the two windows, and convolved as `_conv`."""
+        shard = xBC_BxSxC.shape[1]
+        w_KxC = self.conv_weight_KxC[...]
+        taps, before = w_KxC.shape[0], self.conv_size - 1
+        after = taps - 1 - before
+        order_BxS = jnp.argsort(~keep_BxS, axis=1, stable=True)  # real tokens first
+        gather = lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=1)
+        u = gather(jnp.where(keep_BxS[..., None], xBC_BxSxC, 0.0), order_BxS)
+        count_B = jnp.sum(keep_BxS, axis=1)
+        # this shard's last `before` real tokens, right-aligned (zeros before them)
+        last_idx = count_B[:, None] - before + jnp.arange(before)
+        last = jnp.where((last_idx >= 0)[..., None], gather(u, jnp.maximum(last_idx, 0)), 0.0)
+        first = u[:, :after]  # its first `after` real tokens (zeros past the count)
+        gathered = gather_summaries((last, first, count_B))
+
+        def fold_before(window_BxKxC, summary):  # the last `before` real tokens so far
+            last_j, _, count_j = summary
+            shift = jnp.arange(before)[None] + count_j[:, None]
+            older = gather(window_BxKxC, jnp.minimum(shift, before - 1))
+            return jnp.where((shift < before)[..., None], older, last_j)
+
+        def fold_after(window_BxKxC, summary):  # the first `after` real tokens after
+            _, first_j, count_j = summary
+            shift = jnp.arange(after)[None] - count_j[:, None]
+            later = gather(window_BxKxC, jnp.maximum(shift, 0))
+            return jnp.where((shift < 0)[..., None], first_j, later)
+
+        ext = jnp.concatenate([incoming_state(gathered, fold_before, jnp.zeros_like(last)), u,
+                               jnp.zeros_like(first)], axis=1)
+        if after:  # the next real tokens, right after this shard's own real tokens
+            window = incoming_state(gathered, fold_after, jnp.zeros_like(first), reverse=True)
+            place = lambda e, w, c: jax.lax.dynamic_update_slice(e, w, (before + c, 0))
+            ext = jax.vmap(place)(ext, window, count_B)
+        out = sum(w_KxC[j] * ext[:, j:j + shard] for j in range(taps)) + self.conv_bias_C[...]
+        return gather(out, jnp.argsort(order_BxS, axis=1))
+
     # --- the contract -------------------------------------------------------------------
 
     def __call__(self, x_BxLxE: jax.Array, mask_BxL: jax.Array | None = None, *,
@@ -290,10 +337,16 @@ class Mamba2Block(nnx.Module):
                     else mask_BxL.astype(bool))
         zxbcdt = self.in_proj(ssm.masked(x_BxLxE, keep_BxL)).astype(_F32)
         z, xBC, dt_raw = self._split_proj(zxbcdt)
-        xBC = jax.nn.silu(self._conv(xBC, keep_BxL))
-        x, C, B, v, g = self._ssd_inputs(xBC, dt_raw, keep_BxL)
-        y = ssd.grouped_ssd(C, B, v, g, self._initial_state(), form=self.form,
-                            causal=self.causal, chunk_size=self.chunk_size)
+        split = splits_sequence()  # the sequence split over the `seq` mesh axis
+        conv = map_over_sequence(self._conv_shard, xBC, keep_BxL) if split else self._conv(
+            xBC, keep_BxL)
+        x, C, B, v, g = self._ssd_inputs(jax.nn.silu(conv), dt_raw, keep_BxL)
+        if split:
+            y = ssd.grouped_ssd_over_sequence(C, B, v, g, self._initial_state(),
+                                              causal=self.causal, chunk_size=self.chunk_size)
+        else:
+            y = ssd.grouped_ssd(C, B, v, g, self._initial_state(), form=self.form,
+                                causal=self.causal, chunk_size=self.chunk_size)
         return self._finish(y, x, z, deterministic).astype(x_BxLxE.dtype)
 
     def init_state(self, batch_size: int) -> State:
