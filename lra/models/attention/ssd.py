@@ -240,13 +240,8 @@ def grouped_ssd(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_state=None, *,
       ValueError: if the groups do not divide the heads.
     """
     batch, _, heads, dim = x_BxLxHxP.shape
-    groups, d_state = C_BxLxGxN.shape[-2:]
-    if heads % groups:
-        raise ValueError(f"ngroups ({groups}) must divide the number of heads ({heads})")
-    dtype = x_BxLxHxP.dtype
-    c, b = C_BxLxGxN.astype(dtype), B_BxLxGxN.astype(dtype)
-    x = _by_group(x_BxLxHxP, groups)
-    g = g_BxLxH.astype(F32).reshape(*g_BxLxH.shape[:2], groups, heads // groups)
+    c, b, x, g = _grouped_inputs(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH)
+    groups, d_state = c.shape[-2:]
     state_shape = (batch, groups, heads // groups, d_state, dim)
     zero_S0 = jnp.zeros(state_shape, F32)
     S0 = zero_S0 if initial_state is None else jnp.broadcast_to(
@@ -258,6 +253,20 @@ def grouped_ssd(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_state=None, *,
         out = out + flip(attend(flip(c), flip(b), flip(x), flip(next_gates(g)), zero_S0))
         out = out - _grouped_diagonal(c, b, x)
     return out.reshape(*out.shape[:2], heads, dim)
+
+
+def _grouped_inputs(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH):
+    """(C, B in x's dtype, x [B, L, G, R, P], g [B, L, G, R] float32): the heads by group.
+
+    Raises:
+      ValueError: if the groups do not divide the heads.
+    """
+    heads, groups = x_BxLxHxP.shape[2], C_BxLxGxN.shape[-2]
+    if heads % groups:
+        raise ValueError(f"ngroups ({groups}) must divide the number of heads ({heads})")
+    dtype = x_BxLxHxP.dtype
+    g = g_BxLxH.astype(F32).reshape(*g_BxLxH.shape[:2], groups, heads // groups)
+    return (C_BxLxGxN.astype(dtype), B_BxLxGxN.astype(dtype), _by_group(x_BxLxHxP, groups), g)
 
 
 def _grouped_diagonal(c, b, x) -> jax.Array:
@@ -275,14 +284,9 @@ def grouped_ssd_over_sequence(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH, initial_
     `initial_state` on the forward pass, and adds C_t exp(cum_t) S_in. Arguments as
     `grouped_ssd`, except `initial_state`: None or [H, N, P] (one for every row);
     `mesh` None = the mesh in context."""
-    batch, _, heads, dim = x_BxLxHxP.shape
-    groups, d_state = C_BxLxGxN.shape[-2:]
-    if heads % groups:
-        raise ValueError(f"ngroups ({groups}) must divide the number of heads ({heads})")
-    dtype = x_BxLxHxP.dtype
-    c, b = C_BxLxGxN.astype(dtype), B_BxLxGxN.astype(dtype)
-    x = _by_group(x_BxLxHxP, groups)
-    g = g_BxLxH.astype(F32).reshape(*g_BxLxH.shape[:2], groups, heads // groups)
+    heads, dim = x_BxLxHxP.shape[2:]
+    c, b, x, g = _grouped_inputs(C_BxLxGxN, B_BxLxGxN, x_BxLxHxP, g_BxLxH)
+    groups, d_state = c.shape[-2:]
     if initial_state is not None and initial_state.shape != (heads, d_state, dim):
         raise ValueError(f"initial_state must be [H, N, P] = {(heads, d_state, dim)}; "
                          f"got {initial_state.shape}")
