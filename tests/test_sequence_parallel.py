@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_train
 from configs_for_tests import listops_runlocal
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -26,17 +27,10 @@ from lra.training import data, train, workdir
 
 ROWS = ("data", "fsdp")
 
-# A tiny ListOps run (as tests/test_train.py's), with mean pooling: cls adds a position
-# and is refused under mesh_seq > 1 (see test_cls_pooling_is_refused...).
-TINY = {
-    "prepare.num_train": 160, "prepare.num_val": 40, "prepare.num_test": 36,
-    "prepare.min_length": 10, "prepare.max_length": 60,
-    "max_length": 64, "batch_size": 16, "eval_batch_size": 16,
-    "num_train_steps": 20, "warmup_steps": 2, "learning_rate": 3e-3,
-    "log_every": 1, "eval_every": 20, "checkpoint_every": 20,
-    "model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32, "model.num_heads": 2,
-    "model.mlp_dim": 32, "model.pooling": "mean",
-}
+# tests/test_train.py's tiny ListOps run, 20 steps logged each, with mean pooling: cls
+# adds a position and is refused under mesh_seq > 1 (see test_cls_pooling_is_refused...).
+TINY = {**test_train.TINY, "num_train_steps": 20, "log_every": 1, "eval_every": 20,
+        "checkpoint_every": 20, "model.pooling": "mean"}
 
 
 def _config(**overrides):

@@ -25,6 +25,7 @@ the batch sharding, and the model is gathered layer by layer, not all at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -101,6 +102,7 @@ def make_mesh(num_devices: int, fsdp: int = 1, seq: int = 1) -> jax.sharding.Mes
     return mesh
 
 
+@functools.lru_cache(maxsize=8)  # to_global asks for every array of every batch
 def row_group(mesh: jax.sharding.Mesh) -> tuple[int, int]:
     """(this process's row group, the number of groups): the processes whose devices hold
     the same rows of a batch (the (data, fsdp) blocks; with a `seq` axis that spans hosts,

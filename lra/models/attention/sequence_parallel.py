@@ -219,6 +219,17 @@ def shard_positions(index: jax.Array, shard: int, num: int, layout: Layout | str
     return index * shard + local_S
 
 
+def _shard_view(q_BxSxHxD, mask_BxS, axis_name, layout, length):
+    """(devices n on `axis_name`, real length (default n S), this device's token
+    positions [S], keep mask [B, S]): what both kv strategies start from."""
+    num = static_axis_size(axis_name)
+    batch, shard = q_BxSxHxD.shape[:2]
+    length = num * shard if length is None else length
+    qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
+    keep_BxS = jnp.ones((batch, shard), bool) if mask_BxS is None else mask_BxS.astype(bool)
+    return num, length, qpos_S, keep_BxS
+
+
 def ring_attention(
     q_BxSxHxD: jax.Array,
     k_BxSxHxD: jax.Array,
@@ -255,11 +266,7 @@ def ring_attention(
     Returns:
       [B, S, H, D] float32.
     """
-    num = static_axis_size(axis_name)
-    batch, shard = q_BxSxHxD.shape[:2]
-    length = num * shard if length is None else length
-    qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
-    keep_BxS = jnp.ones((batch, shard), bool) if mask_BxS is None else mask_BxS.astype(bool)
+    num, length, qpos_S, keep_BxS = _shard_view(q_BxSxHxD, mask_BxS, axis_name, layout, length)
     attend = _ring(num, axis_name, causal, length)
     return attend(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, keep_BxS, qpos_S)
 
@@ -459,11 +466,7 @@ def all_gather_attention(
     disallowed logits = `MASKED_LOGIT`, keys at positions >= `length` weight 0.
     Arguments and result as `ring_attention`.
     """
-    num = static_axis_size(axis_name)
-    batch, shard = q_BxSxHxD.shape[:2]
-    length = num * shard if length is None else length
-    qpos_S = shard_positions(jax.lax.axis_index(axis_name), shard, num, layout)
-    keep_BxS = jnp.ones((batch, shard), bool) if mask_BxS is None else mask_BxS.astype(bool)
+    _, length, qpos_S, keep_BxS = _shard_view(q_BxSxHxD, mask_BxS, axis_name, layout, length)
     k_BxLxHxD, v_BxLxHxD, keep_BxL = (
         jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
         for x in (k_BxSxHxD, v_BxSxHxD, keep_BxS))
