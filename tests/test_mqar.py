@@ -119,6 +119,7 @@ def tiny_mqar_run(mixer, tmp_path, **overrides):
     return train.train_and_evaluate(config, tmp_path / mixer)
 
 
+@pytest.mark.optimized  # 2,000 steps: faster with XLA's optimisation passes
 @pytest.mark.parametrize("mixer, heads, low, high", [
     ("softmax", 1, 0.99, 1.0),  # attention solves it
     ("linear", 16, 0.0, 0.6),  # a state of 64 numbers cannot hold 4 pairs
