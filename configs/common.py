@@ -176,6 +176,11 @@ def base_config(task: str, args: dict) -> ml_collections.ConfigDict:
     # travel around the devices; O(L / mesh_seq) per device) | all_gather (gathered whole;
     # fewer, larger transfers). The same numbers up to float rounding.
     config.kv_strategy = "ring"
+    # The order of a split sequence's tokens over the seq devices while the blocks run:
+    # contiguous (device i holds one run of L / mesh_seq tokens) | striped (device i holds
+    # tokens i, i + mesh_seq, ...: causal attention costs every device the same; softmax
+    # and memory_efficient only). The same numbers up to float rounding.
+    config.seq_layout = "contiguous"
     config.grad_accum_steps = 1  # micro-batches per step: same steps, 1/N activation memory
     config.dtype = "float32"  # compute: float32 | bfloat16 (parameters, optimizer stay float32)
     config.remat = False  # recompute each block in the backward pass: less memory, more FLOPs

@@ -113,6 +113,26 @@ def test_sequence_parallel_attention_equals_softmax(kv_strategy, layout, data, s
         assert_close(g, want, name)
 
 
+def test_striped_causal_ring_costs_each_device_about_half_the_blocks():
+    """The ring moves in lock step, so a step costs what its busiest device computes.
+    Contiguous and causal, the last device attends every block whole (the others skip
+    the blocks after their queries); striped, every block is about half allowed and each
+    device computes only each query tile's allowed prefix (4 tiles: 10 of 16 tile
+    products). Counted per device from the traced matrix products, a `cond` at its dearer
+    branch (`lra.bench.flops.dot_flops`)."""
+    from lra.bench.flops import dot_flops
+
+    mesh = make_mesh(1, 4)
+    q, k, v, _, mask = inputs(64)
+
+    def per_device_flops(layout):
+        return dot_flops(lambda q, k, v, mask: ring.ring_attention_sharded(
+            q, k, v, mask, causal=True, mesh=mesh, layout=layout), q, k, v, mask)
+
+    ratio = per_device_flops("striped") / per_device_flops("contiguous")
+    assert 0.5 < ratio < 0.66, ratio
+
+
 @pytest.mark.parametrize("kv_strategy, present, absent", [
     ("ring", "collective-permute", "all-gather"),
     ("all_gather", "all-gather", "collective-permute"),

@@ -153,6 +153,57 @@ def test_encoder_splits_its_activations_by_sequence_and_pools_the_same(pooling, 
     assert '{"seq"}' in texts[2]
 
 
+@pytest.mark.parametrize("attention, causal, positions", [
+    ("softmax", True, "rope"), ("memory_efficient", False, "learned")])
+def test_striped_encoder_gives_the_numbers_of_token_order(attention, causal, positions,
+                                                          monkeypatch):
+    """seq_layout='striped' on (data 1, seq 4): the blocks hold tokens i, i + 4, ... on
+    device i, causal masks and rotary angles follow the token positions, and token order
+    comes back: every token's output and every parameter's gradient equal the unsplit
+    encoder's (right padding: one row of 16 real tokens, one of 6)."""
+    encoder = models.Encoder(
+        vocab_size=10, max_len=16, num_layers=2, emb_dim=8, qkv_dim=8, num_heads=2,
+        mlp_dim=8, dropout=0.0, attention_dropout=0.0, pooling="last" if causal else "mean",
+        positions=positions, attention=attention, attention_options={}, causal=causal,
+        rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 10, (2, 16)).astype(np.int32)
+    mask = np.arange(16)[None] < np.array([16, 6])[:, None]
+    cot = rng.normal(size=(2, 16, 8)).astype(np.float32)
+
+    def loss(params, tokens, mask):
+        out = nnx.merge(graphdef, params, rest).tokens(tokens, mask)
+        return jnp.sum(out * cot), out
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, expected), expected_grads = grad(params, tokens, mask)
+    striped = []
+    monkeypatch.setattr(sequence_parallel, "to_striped",
+                        _recording(sequence_parallel.to_striped, striped))
+    mesh = sharding.make_mesh(4, 1, 4)
+    with jax.set_mesh(mesh), sequence_parallel.use_seq_layout("striped"):
+        (_, got), got_grads = grad(params, tokens, mask)
+    assert striped  # the blocks ran striped
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Relative to the largest gradient: the key projection's bias has none but rounding.
+    scale = max(np.abs(e).max() for e in jax.tree.leaves(expected_grads))
+    for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_striped_encoder_refuses_a_mixer_that_needs_token_order():
+    encoder = models.Encoder(
+        vocab_size=10, max_len=16, num_layers=1, emb_dim=8, qkv_dim=8, num_heads=2,
+        mlp_dim=8, dropout=0.0, attention_dropout=0.0, pooling="mean", positions="none",
+        attention="linear", attention_options={}, rngs=nnx.Rngs(0))
+    tokens, mask = np.ones((2, 16), np.int32), np.ones((2, 16), bool)
+    with jax.set_mesh(sharding.make_mesh(4, 1, 2)), sequence_parallel.use_seq_layout("striped"):
+        with pytest.raises(ValueError, match=(r"seq_layout='striped' over the 'seq' axis: "
+                                              r"mixer 'linear' needs the tokens in order")):
+            encoder(tokens, mask)
+
+
 def test_encoder_outside_a_mesh_is_unchanged():
     x = jnp.ones((2, 4, 3))
     assert models.encoder.split_sequence(x) is x
@@ -240,6 +291,13 @@ def _validate(config):
     ("attention=softmax", {"mesh_seq": 0}, r"config.mesh_seq must be a positive integer"),
     ("attention=softmax", {"kv_strategy": "bogus"},
      r"config.kv_strategy must be one of 'ring', 'all_gather'; got 'bogus'"),
+    ("attention=softmax", {"seq_layout": "bogus"},
+     r"config.seq_layout must be one of 'contiguous', 'striped'; got 'bogus'"),
+    ("pattern=softmax+linear", {"seq_layout": "striped"},
+     (r"config.seq_layout='striped' runs only softmax, memory_efficient: mixer 'linear' "
+      r"needs the tokens of its sequence in order")),
+    ("attention=softmax", {"seq_layout": "striped", "model.attention_dropout": 0.1},
+     r"config.seq_layout='striped' needs config.model.attention_dropout=0 \(got 0.1\)"),
     ("attention=softmax", {"batch_size": 3},
      r"config.batch_size=3 is not divisible by 2 batch shards \(4 devices / config.mesh_seq=2\)"),
 ])

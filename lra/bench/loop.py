@@ -32,7 +32,6 @@ import jax
 
 from lra import tasks
 from lra.common import set_path
-from lra.models.attention.sequence_parallel import KvStrategy, use_kv_strategy
 from lra.parallel import sharding
 from lra.training import data, logs, train
 
@@ -93,8 +92,8 @@ def measure(config, *, steps: int, warmup: int, repeats: int, label: str = "") -
     train.validate_config(config, mesh.size)
     data.ensure_prepared(task, config.data_dir, config.prepare)
     splits = {split: task.load(split, config.data_dir) for split in task.splits}
-    kv_strategy = config.get("kv_strategy", KvStrategy.RING)
-    with jax.set_mesh(mesh), use_kv_strategy(kv_strategy), tempfile.TemporaryDirectory() as workdir:
+    with jax.set_mesh(mesh), train.sequence_split_settings(config), \
+            tempfile.TemporaryDirectory() as workdir:
         trainer = train._Trainer(config, task, mesh, Path(workdir), splits)
         log = logs.RunLog(Path(workdir), start_step=0, num_steps=config.num_train_steps)
         dataset = data.train_dataset(splits["train"], batch_size=config.batch_size,

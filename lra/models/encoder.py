@@ -33,7 +33,8 @@ from flax import nnx
 
 from lra.common import Choice
 from lra.models import mixers, stack
-from lra.models.attention.sequence_parallel import SEQ_AXIS, splits_sequence
+from lra.models.attention import sequence_parallel
+from lra.models.attention.sequence_parallel import SEQ_AXIS, Layout, splits_sequence
 from lra.models.norm import make_norm
 from lra.models.pattern import LayerMixer, layer_names
 
@@ -94,6 +95,38 @@ def split_sequence(x_BxLxE: jax.Array) -> jax.Array:
         return x_BxLxE
     rows = tuple(name for name in mesh.axis_names if name != SEQ_AXIS)
     return jax.lax.with_sharding_constraint(x_BxLxE, jax.sharding.PartitionSpec(rows, SEQ_AXIS))
+
+
+def _striped_refusal(pattern: Sequence[LayerMixer], attention_dropout: float) -> str | None:
+    """Why blocks with these mixers cannot run in the striped layout (None if they can):
+    only the exact attentions' ring (`sequence_parallel.STRIPED_MIXERS`, softmax through
+    its xla path, without attention dropout, whose explicit path masks by index) reads
+    each token's position; every other mixer needs the tokens in order."""
+    if attention_dropout > 0:
+        return (f"attention_dropout={attention_dropout} runs softmax's explicit path, "
+                "which needs the tokens in order; set it to 0")
+    for spec in pattern:
+        if spec.name not in sequence_parallel.STRIPED_MIXERS:
+            return (f"mixer {spec.name!r} needs the tokens in order; the striped layout runs "
+                    f"only {', '.join(sequence_parallel.STRIPED_MIXERS)}")
+        implementation = spec.options.get(
+            "implementation", mixers.default_options(spec.name).get("implementation", "xla"))
+        if getattr(implementation, "value", implementation) != "xla":
+            return (f"mixer {spec.name!r} with implementation {implementation!r} does not "
+                    "run over a split sequence; use implementation 'xla'")
+    return None
+
+
+def _to_striped(x_BxLxE: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sequence in striped order, split by sequence: device i of the n on `seq` holds
+    tokens i, i + n, i + 2n, ...
+
+    Raises:
+      ValueError: if n does not divide the length (`sequence_parallel.to_striped`).
+    """
+    num = sequence_parallel.static_seq_size()
+    return (split_sequence(sequence_parallel.to_striped(x_BxLxE, num)),
+            sequence_parallel.to_striped(mask_BxL, num))
 
 
 class Mlp(nnx.Module):
@@ -325,6 +358,7 @@ class Encoder(nnx.Module):
         self.blocks = None if scan_layers else blocks
         self.scanned_blocks = blocks if scan_layers else None
         self.final_norm = nnx.LayerNorm(emb_dim, dtype=self.dtype, rngs=rngs)
+        self.striped_refusal = _striped_refusal(pattern, attention_dropout)
 
     def _embed(
         self, tokens_BxL: jax.Array, mask_BxL: jax.Array
@@ -389,10 +423,35 @@ class Encoder(nnx.Module):
             )
         x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
         x_BxLxE = split_sequence(self.dropout(x_BxLxE, deterministic=deterministic))
-        x_BxLxE = stack.run_blocks(
-            self.scanned_blocks if self.scan_layers else self.blocks, x_BxLxE, mask_BxL,
-            scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
+        layout = self._block_layout()
+        x_BxSxE, mask_BxS = (_to_striped(x_BxLxE, mask_BxL) if layout is Layout.STRIPED
+                             else (x_BxLxE, mask_BxL))
+        with sequence_parallel.tokens_in_layout(layout):
+            x_BxSxE = stack.run_blocks(
+                self.scanned_blocks if self.scan_layers else self.blocks, x_BxSxE, mask_BxS,
+                scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
+        if layout is Layout.STRIPED:  # back to token order
+            x_BxLxE = split_sequence(sequence_parallel.from_striped(
+                x_BxSxE, sequence_parallel.static_seq_size()))
+        else:
+            x_BxLxE = x_BxSxE
         return self.final_norm(x_BxLxE), mask_BxL
+
+    def _block_layout(self) -> Layout:
+        """The order the blocks run the sequence in: striped when the run asks for it
+        (`sequence_parallel.use_seq_layout`, `config.seq_layout`) and the mesh in context
+        splits the sequence; else token order.
+
+        Raises:
+          ValueError: striped asked for with a mixer that needs the tokens in order.
+        """
+        if (sequence_parallel.requested_seq_layout() is Layout.CONTIGUOUS
+                or not splits_sequence()):
+            return Layout.CONTIGUOUS
+        if self.striped_refusal:
+            raise ValueError(f"seq_layout='striped' over the {SEQ_AXIS!r} axis: "
+                             f"{self.striped_refusal}; use seq_layout='contiguous'")
+        return Layout.STRIPED
 
     def init_decode(self, batch_size: int) -> tuple:
         """The empty decoding state of every block (constant size in the length).

@@ -10,53 +10,22 @@ lra.models may not import this package. Here is what works on whole (global) arr
   the length over `seq`; `kv_strategy` ``"ring"`` (default) or ``"all_gather"``.
 - `to_striped` / `from_striped`: the permutation between token order and the striped
   layout (Brandon et al., 2023), where a length-split array's device i holds tokens i,
-  i + n, i + 2n, ... Who applies them: whoever owns the token order of the whole model,
-  once per batch, not the attention. A trainer that runs striped permutes the batch
-  (tokens, mask, targets and the position ids that the embeddings and rotary read) with
-  `to_striped` before placing it on the mesh, every layer then works in striped order
-  (attention called with ``layout="striped"``), and per-token outputs go back with
-  `from_striped`. The attention modules run the contiguous layout (their inputs are in
-  token order); `ring_attention_sharded(..., layout="striped")` expects its inputs striped
-  and returns its outputs striped.
+  i + n, i + 2n, ... `ring_attention_sharded(..., layout="striped")` expects its inputs
+  striped and returns its outputs striped. A whole model runs striped with
+  `config.seq_layout="striped"` (`sequence_parallel.use_seq_layout`): the encoder stripes
+  its embedded sequence once, its blocks run in that order (attention with the striped
+  positions, rotary angles from them) and it restores token order after the last block.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from lra.models.attention.sequence_parallel import sequence_parallel_attention
-
-
-def to_striped(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
-    """Token order -> striped order along `axis`: the result's contiguous shard i of
-    `num_shards` holds tokens i, i + n, i + 2n, ... (token t at shard t mod n, place t // n).
-
-    Raises:
-      ValueError: if `num_shards` does not divide the length.
-    """
-    length = _length(x, num_shards, axis)
-    shape = x.shape[:axis] + (length // num_shards, num_shards) + x.shape[axis + 1:]
-    return jnp.swapaxes(x.reshape(shape), axis, axis + 1).reshape(x.shape)
-
-
-def from_striped(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
-    """Striped order -> token order along `axis` (the inverse of `to_striped`).
-
-    Raises:
-      ValueError: if `num_shards` does not divide the length.
-    """
-    length = _length(x, num_shards, axis)
-    shape = x.shape[:axis] + (num_shards, length // num_shards) + x.shape[axis + 1:]
-    return jnp.swapaxes(x.reshape(shape), axis, axis + 1).reshape(x.shape)
-
-
-def _length(x: jax.Array, num_shards: int, axis: int) -> int:
-    length = x.shape[axis]
-    if num_shards < 1 or length % num_shards:
-        raise ValueError(f"the striped layout needs a length divisible by {num_shards} "
-                         f"shards; got {length}")
-    return length
+from lra.models.attention.sequence_parallel import (  # noqa: F401  (re-exported)
+    from_striped,
+    sequence_parallel_attention,
+    to_striped,
+)
 
 
 def ring_attention_sharded(

@@ -23,8 +23,10 @@ or with BatchNorm, whose statistics are then per micro-batch):
     (`sharding.batch_spec`), and the encoder keeps its block activations so split; only
     the mixers of `sharding.SEQUENCE_PARALLEL_MIXERS` may run with it > 1.
   * `config.kv_strategy`: how the exact attentions reach every key under `mesh_seq` > 1
-    (`ring` or `all_gather`, lra/models/attention/sequence_parallel.py), entered around
-    the loop (the steps are traced inside it).
+    (`ring` or `all_gather`, lra/models/attention/sequence_parallel.py), and
+    `config.seq_layout`, the order the encoder's blocks hold a split sequence in
+    (`contiguous`, or `striped` for causal load balance: exact attentions only), both
+    entered around the loop (`sequence_split_settings`; the steps are traced inside it).
   * `config.grad_accum_steps`: the global batch is split inside the jitted step into that
     many micro-batches (`lax.scan`); their summed losses' gradients and their target counts
     are added, and divided once, before one optimizer update. This is used instead of
@@ -49,6 +51,7 @@ stored results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -67,7 +70,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lra import models, tasks
 from lra.models import mixers, pattern, stack
-from lra.models.attention.sequence_parallel import KvStrategy, use_kv_strategy
+from lra.models.attention.sequence_parallel import (
+    KvStrategy,
+    Layout,
+    use_kv_strategy,
+    use_seq_layout,
+)
 from lra.models.mixers.ssm import SsmParam
 from lra.parallel import distributed, sharding
 from lra.parallel.sharding import batch_spec, make_mesh, state_shardings
@@ -420,9 +428,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         data.check_targets(arrays, objective_spec(config), split)
     precision = config.get("matmul_precision", "default")
     with jax.set_mesh(mesh), jax.default_matmul_precision(
-            None if precision == "default" else precision), use_kv_strategy(
-            config.get("kv_strategy", KvStrategy.RING)):
+            None if precision == "default" else precision), sequence_split_settings(config):
         return _Trainer(config, task, mesh, workdir, splits).run()
+
+
+@contextlib.contextmanager
+def sequence_split_settings(config: ml_collections.ConfigDict):
+    """The run's choices for a sequence split over `seq` (`config.kv_strategy`,
+    `config.seq_layout`), in force while the steps are traced inside it."""
+    with use_kv_strategy(config.get("kv_strategy", KvStrategy.RING)), use_seq_layout(
+            config.get("seq_layout", Layout.CONTIGUOUS)):
+        yield
 
 
 def recurrent_state(config: ml_collections.ConfigDict) -> dict:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from lra import models
 from lra.models import mixers, pattern
-from lra.models.attention.sequence_parallel import KvStrategy
+from lra.models.attention.sequence_parallel import STRIPED_MIXERS, KvStrategy, Layout
 from lra.parallel.sharding import SEQUENCE_PARALLEL_MIXERS
 from lra.training.objectives import Objective
 from lra.training.pretraining import CHECKPOINT_FOLDERS
@@ -142,6 +142,12 @@ def _validate_scaling(config: ml_collections.ConfigDict, num_devices: int) -> No
         KvStrategy(config.get("kv_strategy", KvStrategy.RING))
     except ValueError as error:  # "kv_strategy must be one of 'ring', ...; got ..."
         raise ValueError(f"config.{error}") from None
+    layout = config.get("seq_layout", Layout.CONTIGUOUS)
+    if layout not in [member.value for member in Layout]:
+        raise ValueError(f"config.seq_layout must be one of "
+                         f"{', '.join(repr(member.value) for member in Layout)}; got {layout!r}")
+    if seq > 1 and Layout(layout) is Layout.STRIPED:
+        _validate_striped(config)
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; known: {', '.join(DTYPES)}")
     if config.remat not in (True, False):
@@ -185,6 +191,22 @@ def _validate_sequence_parallel(config: ml_collections.ConfigDict, seq: int) -> 
                 raise ValueError(
                     f"{key}.{option}={value!r} of {layer} {spec.name!r} is not yet supported "
                     f"{where}; supported mixers: {supported}; or set config.mesh_seq=1")
+
+
+def _validate_striped(config: ml_collections.ConfigDict) -> None:
+    """config.seq_layout='striped' runs only the exact attentions (`STRIPED_MIXERS`),
+    without attention dropout (softmax's explicit path masks by index)."""
+    for spec in pattern.layer_mixers(config.model, config.attention):
+        if spec.name not in STRIPED_MIXERS:
+            raise ValueError(
+                f"config.seq_layout='striped' runs only {', '.join(STRIPED_MIXERS)}: mixer "
+                f"{spec.name!r} needs the tokens of its sequence in order; use "
+                "config.seq_layout='contiguous'")
+    if config.model.attention_dropout > 0:
+        raise ValueError(
+            f"config.seq_layout='striped' needs config.model.attention_dropout=0 (got "
+            f"{config.model.attention_dropout}): attention dropout runs softmax's explicit "
+            "path, which needs the tokens in order")
 
 
 def _validate_input_pipeline(config: ml_collections.ConfigDict) -> None:

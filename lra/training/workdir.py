@@ -28,6 +28,7 @@ CONFIG_FILE = "config.json"
 # the alias existed have no `mixer` key and still resume).
 RESUMABLE_CHANGES = ("num_devices", "log_every", "keep_checkpoints", "checkpoint_every",
                      "data_dir", "eval_batch_size", "mesh_fsdp", "mesh_seq", "kv_strategy",
+                     "seq_layout",
                      "grad_accum_steps",
                      "remat",
                      "mixer", "compilation_cache_dir", "data_threads", "data_workers",
@@ -39,6 +40,7 @@ ADDED_DEFAULTS = {
     "model.scan_layers": False,
     "mesh_seq": 1,  # the mesh's seq axis (sequence parallelism); 1 = none, as before
     "kv_strategy": "ring",  # exact attention over the seq axis (only used when mesh_seq > 1)
+    "seq_layout": "contiguous",  # token order over the seq axis (only used when mesh_seq > 1)
     # model.attention_options of the gated and delta-rule families ("auto" = the per-chunk
     # scan on CPU, as before) and of the Mamba2 block (Mamba2's defaults: as before)
     "model.attention_options.chunk_strategy": "auto",

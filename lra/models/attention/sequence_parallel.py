@@ -28,11 +28,16 @@ while tracing (a trainer config key would enter it; not wired yet), default ``ri
 Layouts (`Layout`): ``contiguous`` = device i holds positions [i L/n, (i + 1) L/n), as a
 batch sharded `PartitionSpec(..., "seq")` is; ``striped`` (Brandon et al., 2023, "Striped
 Attention") = device i holds positions i, i + n, i + 2n, ... With causal masking the
-contiguous layout is unbalanced (device i has i + 1 blocks of work, but the ring moves in
-lock step, so every step waits for the device that computes), while striped blocks are
-all about half allowed. The modules run contiguous (their inputs are in token order); a
-caller that stripes the sequence (`lra.parallel.ring.to_striped`, once, on the batch and
-its positions) passes ``layout="striped"`` to `lra.parallel.ring.ring_attention_sharded`.
+contiguous layout is unbalanced: device i has i + 1 blocks of work, but the ring moves in
+lock step, so every ring step waits for a device that computes a whole block. In the
+striped layout every block is about half allowed, and each device computes only the
+query tiles' allowed prefix of each block (`query_tiles`: (T + 1) / 2T of it with T
+tiles), so every step costs every device the same, about half a block. An encoder runs
+its blocks striped under `use_seq_layout("striped")` (`config.seq_layout`): it permutes
+its sequence once (`to_striped`), marks it (`tokens_in_layout`, which the attention's
+default layout and the rotary positions, `token_positions`, read) and restores token
+order after the last block; only `STRIPED_MIXERS` run so. `lra.parallel.ring` offers the
+same on global arrays.
 
 Masking as `SoftmaxAttention`'s xla path: disallowed keys are excluded, queries are not
 masked; a query row with no allowed key (only ever a masked row) gets the plain average
@@ -71,6 +76,13 @@ class Layout(Choice):
 
 # The strategy `sequence_parallel_attention` uses when not given one (`use_kv_strategy`).
 _KV_STRATEGY = contextvars.ContextVar("lra_sequence_parallel", default=KvStrategy.RING)
+# The layout a run asks its encoders for (`use_seq_layout`), and the order the tokens of
+# the sequence being traced are in (`tokens_in_layout`, entered by the encoder only).
+_REQUESTED_LAYOUT = contextvars.ContextVar("lra_seq_layout", default=Layout.CONTIGUOUS)
+_TOKEN_ORDER = contextvars.ContextVar("lra_token_order", default=Layout.CONTIGUOUS)
+# The mixers that run in the striped layout: the exact attentions, whose ring reads each
+# key's position; every other mixer needs the tokens in order.
+STRIPED_MIXERS = ("softmax", "memory_efficient")
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,6 +101,48 @@ def use_kv_strategy(kv_strategy: KvStrategy | str):
         _KV_STRATEGY.reset(token)
 
 
+@contextlib.contextmanager
+def use_seq_layout(layout: Layout | str):
+    """While tracing inside it, an encoder whose sequence is split over `seq` runs its
+    blocks in `layout` (``"contiguous"``, the default, or ``"striped"``; `config.seq_layout`)."""
+    token = _REQUESTED_LAYOUT.set(Layout(layout))
+    try:
+        yield
+    finally:
+        _REQUESTED_LAYOUT.reset(token)
+
+
+def requested_seq_layout() -> Layout:
+    """The layout `use_seq_layout` asks for (contiguous outside any)."""
+    return _REQUESTED_LAYOUT.get()
+
+
+@contextlib.contextmanager
+def tokens_in_layout(layout: Layout | str):
+    """Marks the sequence traced inside it as being in `layout`'s order: the attention
+    over a split sequence and the rotary positions (`token_positions`) read it."""
+    token = _TOKEN_ORDER.set(Layout(layout))
+    try:
+        yield
+    finally:
+        _TOKEN_ORDER.reset(token)
+
+
+def token_positions(length: int) -> jax.Array:
+    """The token position [L] of each place of the sequence being traced: 0 .. L-1 in
+    token order; under `tokens_in_layout("striped")` the striped order of them."""
+    positions_L = jnp.arange(length)
+    if _TOKEN_ORDER.get() is Layout.STRIPED:
+        positions_L = to_striped(positions_L, static_seq_size(), axis=0)
+    return positions_L
+
+
+def static_seq_size(mesh=None) -> int:
+    """The number of devices of `mesh`'s (None: the mesh in context) `seq` axis; 1 if none."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else mesh.shape.get(SEQ_AXIS, 1)
+
+
 def splits_sequence(mesh=None) -> bool:
     """True if `mesh` (None: the mesh in context) has a `seq` axis of more than one device.
 
@@ -97,7 +151,7 @@ def splits_sequence(mesh=None) -> bool:
         a device's shards, for `ring_attention` itself, not for a module.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if mesh.empty or mesh.shape.get(SEQ_AXIS, 1) == 1:
+    if static_seq_size(mesh) == 1:
         return False
     if SEQ_AXIS in getattr(mesh, "manual_axes", ()):
         raise ValueError("attention called inside a shard_map over 'seq': call "
@@ -113,7 +167,7 @@ def sequence_parallel_attention(
     *,
     causal: bool,
     kv_strategy: KvStrategy | str | None = None,
-    layout: Layout | str = Layout.CONTIGUOUS,
+    layout: Layout | str | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> jax.Array:
     """Exact softmax attention on global arrays, the length split over `mesh`'s `seq` axis.
@@ -128,7 +182,8 @@ def sequence_parallel_attention(
       mask_BxL: True = real token (in the layout's order); None = all real.
       causal: if True, position i attends only to positions <= i (token positions).
       kv_strategy: ``"ring"`` or ``"all_gather"``; None = `sequence_parallel`'s.
-      layout: ``"contiguous"`` (token order) or ``"striped"`` (`lra.parallel.ring.to_striped`).
+      layout: ``"contiguous"`` (token order) or ``"striped"`` (`to_striped`); None = the
+        order of the sequence being traced (`tokens_in_layout`; token order outside one).
       mesh: a mesh with a `seq` axis; None = the mesh in context.
 
     Returns:
@@ -140,7 +195,7 @@ def sequence_parallel_attention(
     """
     context = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     strategy = KvStrategy(_KV_STRATEGY.get() if kv_strategy is None else kv_strategy)
-    layout = Layout(layout)
+    layout = Layout(_TOKEN_ORDER.get() if layout is None else layout)
     num = context.shape.get(SEQ_AXIS, 1)
     batch, length = q_BxLxHxD.shape[:2]
     if layout is Layout.STRIPED and length % num:
@@ -211,6 +266,37 @@ def map_over_sequence(
     return jax.tree.map(lambda y: y[:, :length], outputs)
 
 
+def to_striped(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """Token order -> striped order along `axis`: the result's contiguous shard i of
+    `num_shards` holds tokens i, i + n, i + 2n, ... (token t at shard t mod n, place t // n).
+
+    Raises:
+      ValueError: if `num_shards` does not divide the length.
+    """
+    length = _striped_length(x, num_shards, axis)
+    shape = x.shape[:axis] + (length // num_shards, num_shards) + x.shape[axis + 1:]
+    return jnp.swapaxes(x.reshape(shape), axis, axis + 1).reshape(x.shape)
+
+
+def from_striped(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """Striped order -> token order along `axis` (the inverse of `to_striped`).
+
+    Raises:
+      ValueError: if `num_shards` does not divide the length.
+    """
+    length = _striped_length(x, num_shards, axis)
+    shape = x.shape[:axis] + (num_shards, length // num_shards) + x.shape[axis + 1:]
+    return jnp.swapaxes(x.reshape(shape), axis, axis + 1).reshape(x.shape)
+
+
+def _striped_length(x: jax.Array, num_shards: int, axis: int) -> int:
+    length = x.shape[axis]
+    if num_shards < 1 or length % num_shards:
+        raise ValueError(f"the striped layout needs a length divisible by {num_shards} "
+                         f"shards; got {length}")
+    return length
+
+
 def shard_positions(index: jax.Array, shard: int, num: int, layout: Layout | str) -> jax.Array:
     """The token positions [S] that device `index` of `num` holds, `shard` = S of them."""
     local_S = jnp.arange(shard)
@@ -267,11 +353,33 @@ def ring_attention(
       [B, S, H, D] float32.
     """
     num, length, qpos_S, keep_BxS = _shard_view(q_BxSxHxD, mask_BxS, axis_name, layout, length)
-    attend = _ring(num, axis_name, causal, length)
+    tiles = query_tiles(q_BxSxHxD.shape[1], causal, layout)
+    attend = _ring(num, axis_name, causal, length, tiles)
     return attend(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, keep_BxS, qpos_S)
 
 
-def _ring(num: int, axis_name: str, causal: bool, length: int) -> Callable:
+STRIPED_TILES = 4  # query tiles per block under the striped causal layout (`query_tiles`)
+
+
+def query_tiles(shard: int, causal: bool, layout: Layout | str) -> tuple[tuple[slice, int], ...]:
+    """(query rows, number of leading keys) pairs that cover one block's allowed logits.
+
+    Under the striped layout with a causal mask, a query at place p of its device (token
+    p n + i) may see a key of any device only at a place <= p (token p' n + j <= p n + i
+    needs p' <= p), so the query tile of places [a t, (a + 1) t) needs only the first
+    (a + 1) t keys of every block: T tiles compute (T + 1) / 2T of the block's logits, and
+    every device does the same work at every ring step (Brandon et al., 2023). Otherwise
+    one tile: all rows, all keys (a contiguous causal block is whole or skipped).
+    """
+    if not causal or Layout(layout) is Layout.CONTIGUOUS:
+        return ((slice(None), shard),)
+    tiles = next(n for n in (STRIPED_TILES, 2, 1) if shard % n == 0)
+    size = shard // tiles
+    return tuple((slice(a * size, (a + 1) * size), (a + 1) * size) for a in range(tiles))
+
+
+def _ring(num: int, axis_name: str, causal: bool, length: int,
+          tiles: tuple[tuple[slice, int], ...]) -> Callable:
     """`ring_attention`'s computation as a function of (q, k, v, keep, qpos) with its
     ring backward pass (`jax.custom_vjp`)."""
     to_next = [(i, (i + 1) % num) for i in range(num)]
@@ -291,7 +399,8 @@ def _ring(num: int, axis_name: str, causal: bool, length: int) -> Callable:
 
     def forward(q, k, v, keep, qpos):
         def fold(stats, block):
-            return _fold_block(q, qpos, stats, block, causal=causal, length=length), block
+            return _fold_block(q, qpos, stats, block, causal=causal, length=length,
+                               tiles=tiles), block
 
         stats, _ = around(fold, _empty_stats(q), (k, v, keep, qpos))
         return stats
@@ -316,7 +425,8 @@ def _ring(num: int, axis_name: str, causal: bool, length: int) -> Callable:
         # A row with no allowed key is the mean of all `length` values: 1/length each.
         unseen_BxHxD = jnp.where(seen_BxSxH[..., None], 0.0, dout_BxSxHxD).sum(1) / length
         row = (q, qpos, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD)
-        grads = functools.partial(_block_grads, *row, causal=causal, length=length)
+        grads = functools.partial(_block_grads, *row, causal=causal, length=length,
+                                  tiles=tiles)
 
         def fold(dq, block):
             dq_blk, dk, dv = grads(block[:4])
@@ -333,10 +443,11 @@ def _ring(num: int, axis_name: str, causal: bool, length: int) -> Callable:
 
 def _block_grads(
     q_BxSxHxD, qpos_S, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD,
-    block, *, causal: bool, length: int,
+    block, *, causal: bool, length: int, tiles: tuple[tuple[slice, int], ...],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gradients (dq [B,S,H,D], dk, dv [B,C,H,D], float32) from the local queries'
-    rows through one key block (`ring_attention`'s backward pass).
+    rows through one key block (`ring_attention`'s backward pass), tile by tile
+    (`query_tiles`).
 
     p = exp(logit - lse) over allowed keys (rows with an allowed key), dv = p^T dout,
     ds = p (dout v^T - delta), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D); rows with no
@@ -345,27 +456,21 @@ def _block_grads(
     """
     k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
     real_C = kpos_C < length
-    scale = q_BxSxHxD.shape[-1] ** -0.5
     dv_unseen_BxCxHxD = real_C[None, :, None, None] * unseen_BxHxD[:, None]
+    rows = (q_BxSxHxD, qpos_S, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH)
 
     def attend(_):
-        logits_BxSxHxC = jnp.einsum(
-            "bqhd,bkhd->bqhk", q_BxSxHxD, k_BxCxHxD, preferred_element_type=F32) * scale
-        allowed = (keep_BxC & real_C)[:, None, None, :] & seen_BxSxH[..., None]
-        if causal:
-            allowed = allowed & (kpos_C[None, :] <= qpos_S[:, None])[None, :, None, :]
-        probs_BxSxHxC = jnp.where(allowed, jnp.exp(logits_BxSxHxC - lse_BxSxH[..., None]),
-                                  0.0)
-        dv_BxCxHxD = jnp.einsum("bqhk,bqhd->bkhd", probs_BxSxHxC, dout_BxSxHxD,
-                                preferred_element_type=F32)
-        dprobs_BxSxHxC = jnp.einsum("bqhd,bkhd->bqhk", dout_BxSxHxD, v_BxCxHxD,
-                                    preferred_element_type=F32)
-        dlogits_BxSxHxC = probs_BxSxHxC * (dprobs_BxSxHxC - delta_BxSxH[..., None]) * scale
-        dq_BxSxHxD = jnp.einsum("bqhk,bkhd->bqhd", dlogits_BxSxHxC, k_BxCxHxD,
-                                preferred_element_type=F32)
-        dk_BxCxHxD = jnp.einsum("bqhk,bqhd->bkhd", dlogits_BxSxHxC, q_BxSxHxD,
-                                preferred_element_type=F32)
-        return dq_BxSxHxD, dk_BxCxHxD, dv_BxCxHxD
+        dq_parts, dk_BxCxHxD, dv_BxCxHxD = [], 0.0, 0.0
+        for tile, keys in tiles:
+            keys_block = (k_BxCxHxD[:, :keys], v_BxCxHxD[:, :keys],
+                          (keep_BxC & real_C)[:, :keys], kpos_C[:keys])
+            dq, dk, dv = _tile_grads(*(x[:, tile] if x.ndim > 1 else x[tile] for x in rows),
+                                     keys_block, causal=causal)
+            after = ((0, 0), (0, k_BxCxHxD.shape[1] - keys), (0, 0), (0, 0))
+            dq_parts.append(dq)
+            dk_BxCxHxD = dk_BxCxHxD + jnp.pad(dk, after)
+            dv_BxCxHxD = dv_BxCxHxD + jnp.pad(dv, after)
+        return jnp.concatenate(dq_parts, axis=1), dk_BxCxHxD, dv_BxCxHxD
 
     def skip(_):
         return (jnp.zeros_like(q_BxSxHxD, F32), jnp.zeros_like(k_BxCxHxD, F32),
@@ -376,6 +481,30 @@ def _block_grads(
     else:
         dq, dk, dv = attend(None)
     return dq, dk, dv + dv_unseen_BxCxHxD
+
+
+def _tile_grads(q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, delta_BxTxH, block,
+                *, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_block_grads` for T query rows and the K keys of `block` (keys, values, allowed
+    [B, K], positions [K]): (dq [B,T,H,D], dk, dv [B,K,H,D]), float32."""
+    k_BxKxHxD, v_BxKxHxD, allowed_BxK, kpos_K = block
+    scale = q_BxTxHxD.shape[-1] ** -0.5
+    logits_BxTxHxK = jnp.einsum(
+        "bqhd,bkhd->bqhk", q_BxTxHxD, k_BxKxHxD, preferred_element_type=F32) * scale
+    allowed = allowed_BxK[:, None, None, :] & seen_BxTxH[..., None]
+    if causal:
+        allowed = allowed & (kpos_K[None, :] <= qpos_T[:, None])[None, :, None, :]
+    probs_BxTxHxK = jnp.where(allowed, jnp.exp(logits_BxTxHxK - lse_BxTxH[..., None]), 0.0)
+    dv_BxKxHxD = jnp.einsum("bqhk,bqhd->bkhd", probs_BxTxHxK, dout_BxTxHxD,
+                            preferred_element_type=F32)
+    dprobs_BxTxHxK = jnp.einsum("bqhd,bkhd->bqhk", dout_BxTxHxD, v_BxKxHxD,
+                                preferred_element_type=F32)
+    dlogits_BxTxHxK = probs_BxTxHxK * (dprobs_BxTxHxK - delta_BxTxH[..., None]) * scale
+    dq_BxTxHxD = jnp.einsum("bqhk,bkhd->bqhd", dlogits_BxTxHxK, k_BxKxHxD,
+                            preferred_element_type=F32)
+    dk_BxKxHxD = jnp.einsum("bqhk,bqhd->bkhd", dlogits_BxTxHxK, q_BxTxHxD,
+                            preferred_element_type=F32)
+    return dq_BxTxHxD, dk_BxKxHxD, dv_BxKxHxD
 
 
 def _empty_stats(q_BxSxHxD: jax.Array) -> tuple[jax.Array, ...]:
@@ -396,46 +525,60 @@ def _fold_block(
     *,
     causal: bool,
     length: int,
+    tiles: tuple[tuple[slice, int], ...],
 ) -> tuple[jax.Array, ...]:
-    """`stats` with one key block folded in (the online softmax of `ring_attention`).
+    """`stats` with one key block folded in (the online softmax of `ring_attention`),
+    tile by tile (`query_tiles`).
 
     Only allowed keys (real, and if causal not after the query) get weight; the running
-    max is taken over them. The sum
-    of the values of every real key is kept besides, for rows that end with no allowed
-    key. A block entirely after the queries (causal) is skipped with `lax.cond`.
+    max is taken over them. The sum of the values of every real key is kept besides, for
+    rows that end with no allowed key. A block entirely after the queries (causal) is
+    skipped with `lax.cond`.
     """
-    max_BxSxH, sum_BxSxH, acc_BxSxHxD, vsum_BxHxD = stats
+    *softmax_stats, vsum_BxHxD = stats
     k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
     real_C = kpos_C < length
     vsum_BxHxD = vsum_BxHxD + jnp.einsum(
         "bkhd,k->bhd", v_BxCxHxD, real_C.astype(v_BxCxHxD.dtype), preferred_element_type=F32)
 
     def attend(softmax_stats):
-        max_BxSxH, sum_BxSxH, acc_BxSxHxD = softmax_stats
-        logits_BxSxHxC = jnp.einsum(
-            "bqhd,bkhd->bqhk", q_BxSxHxD, k_BxCxHxD, preferred_element_type=F32
-        ) * (q_BxSxHxD.shape[-1] ** -0.5)
-        allowed = (keep_BxC & real_C)[:, None, None, :]
-        if causal:
-            allowed = allowed & (kpos_C[None, :] <= qpos_S[:, None])[None, :, None, :]
-        logits_BxSxHxC = jnp.where(allowed, logits_BxSxHxC, MASKED_LOGIT)
-        new_max_BxSxH = jnp.maximum(max_BxSxH, logits_BxSxHxC.max(-1))
-        weights_BxSxHxC = jnp.where(
-            allowed, jnp.exp(logits_BxSxHxC - new_max_BxSxH[..., None]), 0.0)
-        rescale_BxSxH = jnp.exp(max_BxSxH - new_max_BxSxH)
-        sum_BxSxH = sum_BxSxH * rescale_BxSxH + weights_BxSxHxC.sum(-1)
-        acc_BxSxHxD = acc_BxSxHxD * rescale_BxSxH[..., None] + jnp.einsum(
-            "bqhk,bkhd->bqhd", weights_BxSxHxC.astype(v_BxCxHxD.dtype), v_BxCxHxD,
-            preferred_element_type=F32)
-        return new_max_BxSxH, sum_BxSxH, acc_BxSxHxD
+        parts = [_fold_tile(q_BxSxHxD[:, tile], qpos_S[tile],
+                            tuple(x[:, tile] for x in softmax_stats),
+                            (k_BxCxHxD[:, :keys], v_BxCxHxD[:, :keys],
+                             (keep_BxC & real_C)[:, :keys], kpos_C[:keys]), causal=causal)
+                 for tile, keys in tiles]
+        return tuple(jnp.concatenate(columns, axis=1) for columns in zip(*parts))
 
-    softmax_stats = (max_BxSxH, sum_BxSxH, acc_BxSxHxD)
+    softmax_stats = tuple(softmax_stats)
     if causal:
         after_queries = jnp.min(kpos_C) > jnp.max(qpos_S)
         softmax_stats = jax.lax.cond(after_queries, lambda s: s, attend, softmax_stats)
     else:
         softmax_stats = attend(softmax_stats)
     return (*softmax_stats, vsum_BxHxD)
+
+
+def _fold_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The running (max, sum, weighted values) of T query rows with the K keys of `block`
+    (keys, values, allowed [B, K], positions [K]) folded in."""
+    max_BxTxH, sum_BxTxH, acc_BxTxHxD = softmax_stats
+    k_BxKxHxD, v_BxKxHxD, allowed_BxK, kpos_K = block
+    logits_BxTxHxK = jnp.einsum(
+        "bqhd,bkhd->bqhk", q_BxTxHxD, k_BxKxHxD, preferred_element_type=F32
+    ) * (q_BxTxHxD.shape[-1] ** -0.5)
+    allowed = allowed_BxK[:, None, None, :]
+    if causal:
+        allowed = allowed & (kpos_K[None, :] <= qpos_T[:, None])[None, :, None, :]
+    logits_BxTxHxK = jnp.where(allowed, logits_BxTxHxK, MASKED_LOGIT)
+    new_max_BxTxH = jnp.maximum(max_BxTxH, logits_BxTxHxK.max(-1))
+    weights_BxTxHxK = jnp.where(allowed, jnp.exp(logits_BxTxHxK - new_max_BxTxH[..., None]), 0.0)
+    rescale_BxTxH = jnp.exp(max_BxTxH - new_max_BxTxH)
+    sum_BxTxH = sum_BxTxH * rescale_BxTxH + weights_BxTxHxK.sum(-1)
+    acc_BxTxHxD = acc_BxTxHxD * rescale_BxTxH[..., None] + jnp.einsum(
+        "bqhk,bkhd->bqhd", weights_BxTxHxK.astype(v_BxKxHxD.dtype), v_BxKxHxD,
+        preferred_element_type=F32)
+    return new_max_BxTxH, sum_BxTxH, acc_BxTxHxD
 
 
 def _finish(stats: tuple[jax.Array, ...], length: int) -> jax.Array:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.models import attention as attention_registry
+from lra.models.attention.sequence_parallel import token_positions
 from lra.models.rotary import apply_rotary
 
 
@@ -83,7 +84,7 @@ class MultiHeadAttention(nnx.Module):
     def __call__(
         self, x_BxLxE: jax.Array, mask_BxL: jax.Array, *, deterministic: bool
     ) -> jax.Array:
-        q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = self._qkv(x_BxLxE, jnp.arange(x_BxLxE.shape[1]))
+        q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = self._qkv(x_BxLxE, token_positions(x_BxLxE.shape[1]))
         y_BxLxHxD = self.core(
             q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxL, deterministic=deterministic
         )
