@@ -117,16 +117,15 @@ def _striped_refusal(pattern: Sequence[LayerMixer], attention_dropout: float) ->
     return None
 
 
-def _to_striped(x_BxLxE: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The sequence in striped order, split by sequence: device i of the n on `seq` holds
-    tokens i, i + n, i + 2n, ...
+def _to_striped(x_BxLx_: jax.Array) -> jax.Array:
+    """`x_BxLx_` (activations [B, L, E], kept split by sequence, or the mask [B, L]) in
+    striped order: device i of the n on `seq` holds tokens i, i + n, i + 2n, ...
 
     Raises:
       ValueError: if n does not divide the length (`sequence_parallel.to_striped`).
     """
-    num = sequence_parallel.static_seq_size()
-    return (split_sequence(sequence_parallel.to_striped(x_BxLxE, num)),
-            sequence_parallel.to_striped(mask_BxL, num))
+    striped = sequence_parallel.to_striped(x_BxLx_, sequence_parallel.static_seq_size())
+    return split_sequence(striped) if striped.ndim == 3 else striped
 
 
 class Mlp(nnx.Module):
@@ -424,17 +423,17 @@ class Encoder(nnx.Module):
         x_BxLxE, mask_BxL = self._embed(tokens_BxL, mask_BxL.astype(bool))
         x_BxLxE = split_sequence(self.dropout(x_BxLxE, deterministic=deterministic))
         layout = self._block_layout()
-        x_BxSxE, mask_BxS = (_to_striped(x_BxLxE, mask_BxL) if layout is Layout.STRIPED
-                             else (x_BxLxE, mask_BxL))
+        blocks_mask_BxL = mask_BxL
+        if layout is Layout.STRIPED:  # once, before the blocks: tokens i, i + n, ...
+            x_BxLxE, blocks_mask_BxL = (_to_striped(x) for x in (x_BxLxE, mask_BxL))
         with sequence_parallel.tokens_in_layout(layout):
-            x_BxSxE = stack.run_blocks(
-                self.scanned_blocks if self.scan_layers else self.blocks, x_BxSxE, mask_BxS,
-                scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
+            x_BxLxE = stack.run_blocks(
+                self.scanned_blocks if self.scan_layers else self.blocks, x_BxLxE,
+                blocks_mask_BxL, scan=self.scan_layers, remat=self.remat,
+                deterministic=deterministic)
         if layout is Layout.STRIPED:  # back to token order
             x_BxLxE = split_sequence(sequence_parallel.from_striped(
-                x_BxSxE, sequence_parallel.static_seq_size()))
-        else:
-            x_BxLxE = x_BxSxE
+                x_BxLxE, sequence_parallel.static_seq_size()))
         return self.final_norm(x_BxLxE), mask_BxL
 
     def _block_layout(self) -> Layout:
