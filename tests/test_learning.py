@@ -11,7 +11,7 @@ class is checked to be at most 55%). The encoder pools its CLS token, which sits
 every real token, so both bits must travel to position 0 through the attention.
 
 Training goes through the real code: `train.create_state` builds the encoder and the AdamW
-optimizer from a config, `train.make_train_step` is the jitted step (on one device),
+optimizer from a config, `train.make_train_step` is the jitted step (on the 4 test devices),
 batches come from `data.train_dataset`, and accuracy is `train.evaluate` on held-out
 examples that no training batch contains. The first 256 batches hold new examples, so the
 accuracy of a batch before its update estimates held-out accuracy; training stops when 5
@@ -235,10 +235,7 @@ def train_and_score(name: str, setting: Setting, *, near: bool, seed: int = 0
     """
     config = _config(name, setting)
     config.seed = seed
-    # One device: the sharded step is the same code, and it equals the 4-device one
-    # (tests/test_train.py); 4 fake devices sharing 2 cores ran these steps up to 1.8x
-    # slower beside the suite's other worker (s4d: 21 s, not 11 s; same steps).
-    mesh = sharding.make_mesh(1)
+    mesh = sharding.make_mesh(0)  # the 4 test devices, as a real multi-device run
     train.validate_config(config, mesh.size)
     steps = config.num_train_steps
     stream = data.train_dataset(make_pairs(NUM_TRAIN, seed=1, near=near),
