@@ -91,25 +91,25 @@ STRIPED_MIXERS = ("softmax", "memory_efficient")
 
 
 @contextlib.contextmanager
+def _setting(variable: contextvars.ContextVar, value):
+    """`variable` set to `value` inside the block (read while tracing)."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
 def use_kv_strategy(kv_strategy: KvStrategy | str):
     """While tracing inside it, attention over a split sequence uses `kv_strategy`
     (``"ring"`` or ``"all_gather"``; outside any, ``"ring"``)."""
-    token = _KV_STRATEGY.set(KvStrategy(kv_strategy))
-    try:
-        yield
-    finally:
-        _KV_STRATEGY.reset(token)
+    return _setting(_KV_STRATEGY, KvStrategy(kv_strategy))
 
 
-@contextlib.contextmanager
 def use_seq_layout(layout: Layout | str):
     """While tracing inside it, an encoder whose sequence is split over `seq` runs its
     blocks in `layout` (``"contiguous"``, the default, or ``"striped"``; `config.seq_layout`)."""
-    token = _REQUESTED_LAYOUT.set(Layout(layout))
-    try:
-        yield
-    finally:
-        _REQUESTED_LAYOUT.reset(token)
+    return _setting(_REQUESTED_LAYOUT, Layout(layout))
 
 
 def requested_seq_layout() -> Layout:
@@ -117,15 +117,10 @@ def requested_seq_layout() -> Layout:
     return _REQUESTED_LAYOUT.get()
 
 
-@contextlib.contextmanager
 def tokens_in_layout(layout: Layout | str):
     """Marks the sequence traced inside it as being in `layout`'s order: the attention
     over a split sequence and the rotary positions (`token_positions`) read it."""
-    token = _TOKEN_ORDER.set(Layout(layout))
-    try:
-        yield
-    finally:
-        _TOKEN_ORDER.reset(token)
+    return _setting(_TOKEN_ORDER, Layout(layout))
 
 
 def token_positions(length: int) -> jax.Array:
@@ -196,7 +191,7 @@ def sequence_parallel_attention(
     context = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     strategy = KvStrategy(_KV_STRATEGY.get() if kv_strategy is None else kv_strategy)
     layout = Layout(_TOKEN_ORDER.get() if layout is None else layout)
-    num = context.shape.get(SEQ_AXIS, 1)
+    num = static_seq_size(context)
     batch, length = q_BxLxHxD.shape[:2]
     if layout is Layout.STRIPED and length % num:
         raise ValueError(f"the striped layout needs a length divisible by the {num} devices "
@@ -454,7 +449,7 @@ def _block_grads(
     allowed key add dout / length to every real key's dv and nothing else. A block
     entirely after the queries (causal) skips the logits (`lax.cond`).
     """
-    k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
+    k_BxCxHxD, v_BxCxHxD, _, kpos_C = block
     real_C = kpos_C < length
     dv_unseen_BxCxHxD = real_C[None, :, None, None] * unseen_BxHxD[:, None]
     rows = (q_BxSxHxD, qpos_S, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH)
@@ -462,10 +457,8 @@ def _block_grads(
     def attend(_):
         dq_parts, dk_BxCxHxD, dv_BxCxHxD = [], 0.0, 0.0
         for tile, keys in tiles:
-            keys_block = (k_BxCxHxD[:, :keys], v_BxCxHxD[:, :keys],
-                          (keep_BxC & real_C)[:, :keys], kpos_C[:keys])
             dq, dk, dv = _tile_grads(*(x[:, tile] if x.ndim > 1 else x[tile] for x in rows),
-                                     keys_block, causal=causal)
+                                     _leading_keys(block, real_C, keys), causal=causal)
             after = ((0, 0), (0, k_BxCxHxD.shape[1] - keys), (0, 0), (0, 0))
             dq_parts.append(dq)
             dk_BxCxHxD = dk_BxCxHxD + jnp.pad(dk, after)
@@ -483,6 +476,23 @@ def _block_grads(
     return dq, dk, dv + dv_unseen_BxCxHxD
 
 
+def _leading_keys(block: tuple[jax.Array, ...], real_C: jax.Array, keys: int
+                  ) -> tuple[jax.Array, ...]:
+    """The first `keys` keys of a ring block: (keys, values, allowed [B, K] = real and not
+    masked, positions [K])."""
+    k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
+    return (k_BxCxHxD[:, :keys], v_BxCxHxD[:, :keys], (keep_BxC & real_C)[:, :keys],
+            kpos_C[:keys])
+
+
+def _allowed(allowed_BxK, qpos_T, kpos_K, causal: bool) -> jax.Array:
+    """[B, T, 1, K]: which keys each query row may see (and, if causal, not after it)."""
+    allowed = allowed_BxK[:, None, None, :]
+    if causal:
+        allowed = allowed & (kpos_K[None, :] <= qpos_T[:, None])[None, :, None, :]
+    return allowed
+
+
 def _tile_grads(q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, delta_BxTxH, block,
                 *, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`_block_grads` for T query rows and the K keys of `block` (keys, values, allowed
@@ -491,9 +501,7 @@ def _tile_grads(q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, delta_Bx
     scale = q_BxTxHxD.shape[-1] ** -0.5
     logits_BxTxHxK = jnp.einsum(
         "bqhd,bkhd->bqhk", q_BxTxHxD, k_BxKxHxD, preferred_element_type=F32) * scale
-    allowed = allowed_BxK[:, None, None, :] & seen_BxTxH[..., None]
-    if causal:
-        allowed = allowed & (kpos_K[None, :] <= qpos_T[:, None])[None, :, None, :]
+    allowed = _allowed(allowed_BxK, qpos_T, kpos_K, causal) & seen_BxTxH[..., None]
     probs_BxTxHxK = jnp.where(allowed, jnp.exp(logits_BxTxHxK - lse_BxTxH[..., None]), 0.0)
     dv_BxKxHxD = jnp.einsum("bqhk,bqhd->bkhd", probs_BxTxHxK, dout_BxTxHxD,
                             preferred_element_type=F32)
@@ -536,7 +544,7 @@ def _fold_block(
     skipped with `lax.cond`.
     """
     *softmax_stats, vsum_BxHxD = stats
-    k_BxCxHxD, v_BxCxHxD, keep_BxC, kpos_C = block
+    _, v_BxCxHxD, _, kpos_C = block
     real_C = kpos_C < length
     vsum_BxHxD = vsum_BxHxD + jnp.einsum(
         "bkhd,k->bhd", v_BxCxHxD, real_C.astype(v_BxCxHxD.dtype), preferred_element_type=F32)
@@ -544,8 +552,7 @@ def _fold_block(
     def attend(softmax_stats):
         parts = [_fold_tile(q_BxSxHxD[:, tile], qpos_S[tile],
                             tuple(x[:, tile] for x in softmax_stats),
-                            (k_BxCxHxD[:, :keys], v_BxCxHxD[:, :keys],
-                             (keep_BxC & real_C)[:, :keys], kpos_C[:keys]), causal=causal)
+                            _leading_keys(block, real_C, keys), causal=causal)
                  for tile, keys in tiles]
         return tuple(jnp.concatenate(columns, axis=1) for columns in zip(*parts))
 
@@ -567,9 +574,7 @@ def _fold_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool
     logits_BxTxHxK = jnp.einsum(
         "bqhd,bkhd->bqhk", q_BxTxHxD, k_BxKxHxD, preferred_element_type=F32
     ) * (q_BxTxHxD.shape[-1] ** -0.5)
-    allowed = allowed_BxK[:, None, None, :]
-    if causal:
-        allowed = allowed & (kpos_K[None, :] <= qpos_T[:, None])[None, :, None, :]
+    allowed = _allowed(allowed_BxK, qpos_T, kpos_K, causal)
     logits_BxTxHxK = jnp.where(allowed, logits_BxTxHxK, MASKED_LOGIT)
     new_max_BxTxH = jnp.maximum(max_BxTxH, logits_BxTxHxK.max(-1))
     weights_BxTxHxK = jnp.where(allowed, jnp.exp(logits_BxTxHxK - new_max_BxTxH[..., None]), 0.0)
