@@ -141,7 +141,8 @@ def _grouped_chunked(c, b, x, g, S0, chunk_size):
 
 
 def grouped_chunked_with_state(c, b, x, g, S0, chunk_size):
-    """(outputs, final state [B, G, R, N, P] float32). The causal grouped SSD, one chunk per `lax.scan` step (Listing 1 of the paper,
+    """(outputs, final state [B, G, R, N, P] float32) of the causal grouped SSD, one
+    chunk per `lax.scan` step (Listing 1 of the paper,
     chunk by chunk): the chunk's own [C, C] part, the read of the state that all earlier
     chunks left, and the chunk's contribution to that state.
 
