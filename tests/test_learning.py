@@ -11,7 +11,8 @@ class is checked to be at most 55%). The encoder pools its CLS token, which sits
 every real token, so both bits must travel to position 0 through the attention.
 
 Training goes through the real code: `train.create_state` builds the encoder and the AdamW
-optimizer from a config, `train.make_train_step` is the jitted step (on the 4 test devices),
+optimizer from a config, `train.make_train_step` is the jitted step (on the 4 test devices,
+compiled once; its only collectives may be all-reduces: `assert_moves_no_activations`),
 batches come from `data.train_dataset`, and accuracy is `train.evaluate` on held-out
 examples that no training batch contains. The first 256 batches hold new examples, so the
 accuracy of a batch before its update estimates held-out accuracy; training stops when 5
@@ -34,7 +35,9 @@ the head uses them). With these, most families reach 97% within 20-70 steps.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 import time
 
 import jax
@@ -242,7 +245,9 @@ def train_and_score(name: str, setting: Setting, *, near: bool, seed: int = 0
                                 batch_size=BATCH, max_length=SEQ_LEN, seed=seed)
     with jax.set_mesh(mesh):
         graphdef, rng_state, state, shardings = train.create_state(config, FarPairTask(), mesh)
-        train_step = train.make_train_step(graphdef, shardings, config)
+        train_step = train.make_train_step(graphdef, shardings, config).lower(
+            state, rng_state, data.to_global(stream[0], mesh)).compile()
+        assert_moves_no_activations(train_step.as_text(), name)
         recent = []
         for step in range(steps):
             state, metrics = train_step(state, rng_state, data.to_global(stream[step], mesh))
@@ -253,6 +258,18 @@ def train_and_score(name: str, setting: Setting, *, near: bool, seed: int = 0
                                 make_pairs(NUM_HELDOUT, seed=2, near=near),
                                 config=config, mesh=mesh)
     return scores["accuracy"], step + 1
+
+
+def assert_moves_no_activations(compiled_text: str, name: str) -> None:
+    """A data-parallel step's only collectives are all-reduces (of gradients and
+    metrics): every device computes its own rows. An all-gather, collective-permute or
+    all-to-all means XLA's partitioner moved rows between devices, as it did for the
+    bidirectional gated and delta-rule cores when they concatenated the batch with its
+    reversal (each device then computed the whole batch's chunk terms) and for s4d's
+    FFT."""
+    moved = re.findall(r"\b(all-gather|collective-permute|all-to-all|reduce-scatter)"
+                       r"(?:-start)?\(", compiled_text)
+    assert not moved, (name, collections.Counter(moved))
 
 
 def _marker_positions(tokens_NxL: np.ndarray, ids: tuple[int, int]) -> np.ndarray:

@@ -118,7 +118,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.common import F32, Choice, dot_f32, positive_int
-from lra.models.attention.gated import ChunkStrategy, resolve_chunk_strategy
+from lra.models.attention.gated import (
+    ChunkStrategy,
+    resolve_chunk_strategy,
+    stack_directions,
+    unstack_directions,
+)
 from lra.models.attention.linear import decode_keep
 from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
 from lra.models.attention.short_conv import (
@@ -457,16 +462,15 @@ def delta_rule(q, k, v, beta, log_alpha, *, form: Form, causal: bool, chunk_size
                             chunk_strategy=resolve_chunk_strategy(chunk_strategy))
     if causal:
         return run(q, k, v, beta, log_alpha, chunk_size)
-    batch = q.shape[0]
     q_prev, log_alpha_next = _reverse_inputs(q, log_alpha)
 
     def both(forward, backward):  # the batch stacked with its reversal
-        return None if forward is None else jnp.concatenate([forward, backward[:, ::-1]], 0)
+        return None if forward is None else stack_directions(forward, backward)
 
     out = run(both(q, q_prev), both(k, k), both(v, v), both(beta, beta),
               both(log_alpha, log_alpha_next), chunk_size)
-    reverse_BxLxHxD = out[batch:, ::-1]  # at j: alpha_j q_{j-1} S<-_j
-    return out[:batch] + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+    forward_BxLxHxD, reverse_BxLxHxD = unstack_directions(out)  # at j: alpha_j q_{j-1} S<-_j
+    return forward_BxLxHxD + jnp.pad(reverse_BxLxHxD[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
 
 
 def delta_rule_over_sequence(q, k, v, beta, log_alpha, *, causal: bool, chunk_size: int,

@@ -235,8 +235,9 @@ def chunked_with_state(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO
 
         S_BxHxDxD, out_NxBxCxHxD = jax.lax.scan(body, S0, xs)
     else:
-        merge = lambda x: x.reshape(n * batch, *x.shape[2:])  # chunks x batch as one axis
-        split = lambda x: x.reshape(n, batch, *x.shape[1:])
+        # batch x chunks as one axis, batch-major: a sharded batch stays on its devices
+        merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch * n, *x.shape[2:])
+        split = lambda x: jnp.moveaxis(x.reshape(batch, n, *x.shape[1:]), 1, 0)
         own, q_old, k_new, decay = map(split, _chunk_terms(*map(merge, xs)))
         body = lambda S, terms: _state_step(S, *terms)
         S_BxHxDxD, read_NxBxCxHxD = jax.lax.scan(body, S0, (q_old, k_new, xs[2], decay))
@@ -287,13 +288,35 @@ def retain(q, k, v, g_BxLxHxG, *, form: Form, causal: bool, chunk_size: int,
     flip = lambda x: x[:, ::-1]
     if form == Form.CHUNKED and strategy is ChunkStrategy.BATCHED:
         # one scan over the batch stacked with its reversal (half the sequential steps)
-        both = lambda x, reverse: jnp.concatenate([x, flip(reverse)], 0)
+        both = stack_directions
         out = attend(both(q, q), both(k, k), both(v, v), both(g_BxLxHxG, g_next))
-        fwd_BxLxHxD, rev_BxLxHxD = out[: q.shape[0]], flip(out[q.shape[0]:])
+        fwd_BxLxHxD, rev_BxLxHxD = unstack_directions(out)
     else:
         fwd_BxLxHxD = attend(q, k, v, g_BxLxHxG)
         rev_BxLxHxD = flip(attend(flip(q), flip(k), flip(v), flip(g_next)))
     return fwd_BxLxHxD + rev_BxLxHxD - _diagonal(q, k, v)
+
+
+def stack_directions(forward: jax.Array, backward: jax.Array) -> jax.Array:
+    """One batch [2B, L, ...] for one pass over both directions: row 2b is forward[b],
+    row 2b + 1 is backward[b] (the reverse pass's inputs, in forward order) flipped
+    along L.
+
+    Interleaved, not concatenated: when the batch is sharded over devices each device
+    keeps exactly its own rows, while [forward; backward] would move rows between
+    devices (collective-permutes in the compiled step, and all-gathers of the whole
+    batch after the chunk reshapes). Inside `jax.shard_map` (one device's rows) the
+    state-passing kernels concatenate instead: there nothing moves, and
+    `state_passing.incoming_states` takes the two halves.
+    """
+    return jnp.stack([forward, backward[:, ::-1]], 1).reshape(-1, *forward.shape[1:])
+
+
+def unstack_directions(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`stack_directions`' rows split back: (forward [B, L, ...], reverse pass [B, L, ...]
+    in forward order)."""
+    pairs = out.reshape(-1, 2, *out.shape[1:])
+    return pairs[:, 0], pairs[:, 1, ::-1]
 
 
 def next_gates(g_BxLxHxG: jax.Array) -> jax.Array:

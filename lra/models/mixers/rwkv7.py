@@ -125,7 +125,12 @@ from flax import nnx
 from lra import common
 from lra.common import F32
 from lra.models.attention.delta import Form, inverse_solve, unit_lower_solve
-from lra.models.attention.gated import ChunkStrategy, resolve_chunk_strategy
+from lra.models.attention.gated import (
+    ChunkStrategy,
+    resolve_chunk_strategy,
+    stack_directions,
+    unstack_directions,
+)
 from lra.models.mixers import ssm
 
 NORM_EPS = 64e-5  # the reference's GroupNorm eps (1e-5 * head_size_divisor^2, divisor 8)
@@ -284,16 +289,15 @@ def wkv(r, k, v, kappa, b, log_w, *, form: Form, causal: bool, chunk_size: int,
                             chunk_strategy=resolve_chunk_strategy(chunk_strategy))
     if causal:
         return run(r, k, v, kappa, b, log_w, chunk_size)
-    batch = r.shape[0]
     # Reverse pass, in forward order: at j the query w_j * r_{j-1} (its read lands at
     # j - 1 and crosses the decay between j - 1 and j), the decay log w_{j+1}.
     r_prev = jnp.pad(r[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)]) * jnp.exp(log_w)
     log_w_next = jnp.pad(log_w[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
-    both = lambda forward, backward: jnp.concatenate([forward, backward[:, ::-1]], 0)
+    both = stack_directions
     out = run(both(r, r_prev), both(k, k), both(v, v), both(kappa, kappa), both(b, b),
               both(log_w, log_w_next), chunk_size)
-    reverse = out[batch:, ::-1]  # at j: w_j r_{j-1} R_j
-    return out[:batch] + jnp.pad(reverse[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+    forward, reverse = unstack_directions(out)  # reverse at j: w_j r_{j-1} R_j
+    return forward + jnp.pad(reverse[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
 
 
 # --- the mixer ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from flax import nnx
 
 from lra import common
 from lra.common import Choice
+from lra.models.attention.sequence_parallel import map_over_batch
 from lra.models.mixers import ssm
 
 _F32 = jnp.float32
@@ -125,11 +126,16 @@ def _vandermonde(coef_ExP: jax.Array, dtA_ExP: jax.Array, length: int) -> jax.Ar
 
 def _fft_conv(u_BxLxE: jax.Array, k_Ex2L: jax.Array) -> jax.Array:
     """y_i = sum_j k[(i - j) mod 2L] u_j for i < L: the convolution with a kernel of
-    length 2L (lags 0..L-1 first, then negative lags -L..-1), no wrap-around."""
+    length 2L (lags 0..L-1 first, then negative lags -L..-1), no wrap-around. Each
+    device transforms its own rows (`map_over_batch`)."""
     length = u_BxLxE.shape[1]
-    u_f = jnp.fft.rfft(u_BxLxE, n=2 * length, axis=1)  # [B, L + 1, E]
     k_f = jnp.fft.rfft(k_Ex2L, n=2 * length, axis=-1).T  # [L + 1, E]
-    return jnp.fft.irfft(u_f * k_f[None], n=2 * length, axis=1)[:, :length]
+
+    def rows(u_BxLxE, k_f):
+        u_f = jnp.fft.rfft(u_BxLxE, n=2 * length, axis=1)  # [B, L + 1, E]
+        return jnp.fft.irfft(u_f * k_f[None], n=2 * length, axis=1)[:, :length]
+
+    return map_over_batch(rows, u_BxLxE, shared=(k_f,))
 
 
 class S4D(ssm.DiagonalSsmLayer):
