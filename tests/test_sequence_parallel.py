@@ -272,7 +272,7 @@ def _validate(config):
     ("attention=linformer", {},
      (r"mixer 'linformer' is not yet supported under sequence parallelism \(config.mesh_seq=2\)"
       r"; supported mixers: softmax \(implementation 'xla'\), memory_efficient, linear, ")),
-    ("attention=rwkv7", {}, r"mixer 'rwkv7' is not yet supported .*\(config.mesh_seq=2\)"),
+    ("attention=reformer", {}, r"mixer 'reformer' is not yet supported .*\(config.mesh_seq=2\)"),
     ("attention=s4d", {}, (r"config.model.attention_options.form='conv' of mixer 's4d' is not "
                            r"yet supported .*config.mesh_seq=2.*s4d \(form 'recurrent'\)")),
     ("attention=softmax", {"model.attention_options.implementation": "pallas",

@@ -41,8 +41,9 @@ MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others 
 #   and values, lra/models/attention/sequence_parallel.py);
 # - the linear-time mixers pass states (lra/models/attention/state_passing.py): the
 #   kernelized maps (linear.py), the gated cores (gated.py), the delta rule (delta.py)
-#   the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form)
-#   and the Mamba2 block (mixers/mamba2.py; attention/ssd.py's grouped SSD).
+#   the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form),
+#   the Mamba2 block (mixers/mamba2.py; attention/ssd.py's grouped SSD) and RWKV-7's
+#   generalised delta rule (mixers/rwkv7.py; its token shift reads across the shards).
 # Every other mixer is refused under mesh_seq > 1 (lra/training/validation.py): its scan,
 # whole-length projection (linformer), sorting or blocking would need every position at
 # once (XLA would gather the whole sequence on each device).
@@ -56,6 +57,7 @@ SEQUENCE_PARALLEL_MIXERS = {
     "lru": {},
     "s4d": {"form": ("recurrent",)},  # the FFT convolution needs the whole length
     "mamba2": {},  # its convolution's window and its grouped SSD both pass states
+    "rwkv7": {},  # its token shift and its state both pass across the shards
 }
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than they hold.
 FSDP_MIN_ELEMENTS = 1024

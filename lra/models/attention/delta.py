@@ -133,7 +133,7 @@ from lra.models.attention.short_conv import (
     make_qkv_conv,
 )
 from lra.models.attention.ssd import mamba2_init
-from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
+from lra.models.attention.state_passing import pass_matrix_states
 
 NORM_EPS = 1e-6  # q / sqrt(|q|^2 + eps): a zero (masked) vector stays zero, finite gradient
 
@@ -483,7 +483,7 @@ def delta_rule_over_sequence(q, k, v, beta, log_alpha, *, causal: bool, chunk_si
     [v | 0] from the initial state [0 | I] (D x (D_v + D)): by linearity the outputs are
     [q_t W_t | q_t M_t] and the final state [W | M]. The (M, W) of all devices are
     all-gathered once; each device folds those before it (reverse pass: after it) into
-    its incoming state S_in (state_passing.py) and adds (q_t M_t) S_in. The augmented
+    its incoming state S_in and adds (q_t M_t) S_in (`state_passing.pass_matrix_states`). The augmented
     values double the state's width on each shard. Arguments as `delta_rule`, global
     [B, L, ...]; `mesh` None = the mesh in context.
     """
@@ -501,30 +501,11 @@ def _delta_rule_shard(q, k, v, beta, log_alpha, q_prev, log_alpha_next, *, chunk
                       chunk_strategy):
     """`delta_rule_over_sequence` on one device's shards [b, S, ...]: (forward outputs,
     the reverse pass's in forward order, as `delta_rule` before its shift; None if causal)."""
-    batch, _, heads, dim = k.shape
-    bidirectional = q_prev is not None
-    inputs = (q, k, v, beta, log_alpha)
-    if bidirectional:  # the batch stacked with its reversal, as `delta_rule`
-        both = lambda x, y: None if x is None else jnp.concatenate([x, y[:, ::-1]], 0)
-        inputs = tuple(map(both, inputs, (q_prev, k, v, beta, log_alpha_next)))
-    qs, ks, vs, betas, log_alphas = inputs
-    rows, value_dim = qs.shape[0], vs.shape[-1]
-    v_aug = jnp.concatenate([vs, jnp.zeros_like(vs, shape=(*vs.shape[:-1], dim))], -1)
-    eye_BxHxDxD = jnp.broadcast_to(jnp.eye(dim, dtype=F32), (rows, heads, dim, dim))
-    S0 = jnp.concatenate([jnp.zeros_like(vs, F32, shape=(rows, heads, dim, value_dim)),
-                          eye_BxHxDxD + jnp.zeros_like(vs, F32, shape=())], -1)
-    out, S_aug = chunked_with_state(qs, ks, v_aug, betas, log_alphas, chunk_size,
-                                    chunk_strategy, initial_state=S0)
-    local_BxSxHxD, qM_BxSxHxD = out[..., :value_dim], out[..., value_dim:]
-    W_BxHxDxD, M_BxHxDxD = S_aug[..., :value_dim], S_aug[..., value_dim:]
-    gathered = gather_summaries((M_BxHxDxD, W_BxHxDxD))
-    fold = affine(lambda M, S: jnp.einsum("bhij,bhjd->bhid", M, S))
-    S_in = incoming_states(gathered, fold, jnp.zeros_like(W_BxHxDxD), batch,
-                           bidirectional=bidirectional)
-    out = local_BxSxHxD + jnp.einsum("bshd,bhde->bshe", qM_BxSxHxD, S_in)
-    if not bidirectional:
-        return out, None
-    return out[:batch], out[batch:, ::-1]
+    run = functools.partial(chunked_with_state, chunk_size=chunk_size,
+                            chunk_strategy=chunk_strategy)
+    reverse = None if q_prev is None else (q_prev, k, v, beta, log_alpha_next)
+    return pass_matrix_states(run, (q, k, v, beta, log_alpha), reverse, value_index=2,
+                              key_dim=k.shape[-1])
 
 
 def _reverse_inputs(q, log_alpha):

@@ -124,6 +124,57 @@ def incoming_states(
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *halves)
 
 
+def pass_matrix_states(run_with_state: Callable, inputs: tuple, reverse_inputs: tuple | None,
+                       *, value_index: int, key_dim: int):
+    """One device's outputs of a recurrence whose state S [b, H, D_k, D_v] enters each
+    token as a matrix map, S_t = M_t S_{t-1} + (token t's write), read linearly by the
+    outputs (the delta rule and its generalisations, whose M_t = alpha_t (I - beta_t
+    k_t^T k_t) or diag(w_t) - b_t^T kappa_t), inside `jax.shard_map` over `seq`.
+
+    The shard runs once, from the state [0 | I] with values [v | 0] (state D_k x
+    (D_v + D_k)): by linearity its outputs are [o_t from zero | the read of M_t..M_s]
+    and its final state [W | M], the shard's affine map S -> M S + W. The (M, W) of every
+    device are all-gathered once, each device folds those before it (reverse pass:
+    after it) into its incoming state S_in, and adds its read of M_t..M_s S_in. The
+    augmented values double the state's width on each shard.
+
+    Args:
+      run_with_state: (*inputs, initial_state=[b', H, D_k, D_v']) -> (outputs [b', S, H,
+        D_v'], final state [b', H, D_k, D_v']), float32: the mixer's chunked pass.
+      inputs: the forward pass's arrays [b, S, ...] (None entries pass through).
+      reverse_inputs: the reverse pass's, in forward order, or None (causal); the two
+        run as one batch (the reverse rows flipped after the forward rows).
+      value_index: which of the inputs holds v [b, S, H, D_v].
+      key_dim: D_k, the state's rows.
+
+    Returns:
+      (forward outputs [b, S, H, D_v], the reverse pass's in forward order or None).
+    """
+    batch = inputs[value_index].shape[0]
+    if reverse_inputs is not None:  # concatenated: inside shard_map nothing moves
+        inputs = tuple(None if x is None else jnp.concatenate([x, y[:, ::-1]], 0)
+                       for x, y in zip(inputs, reverse_inputs))
+    v = inputs[value_index]
+    rows, _, heads, value_dim = v.shape
+    v_aug = jnp.concatenate([v, jnp.zeros_like(v, shape=(*v.shape[:-1], key_dim))], -1)
+    eye_BxHxDxD = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32),
+                                   (rows, heads, key_dim, key_dim))
+    S0 = jnp.concatenate([jnp.zeros_like(v, jnp.float32, shape=(rows, heads, key_dim, value_dim)),
+                          eye_BxHxDxD + jnp.zeros_like(v, jnp.float32, shape=())], -1)
+    augmented = (*inputs[:value_index], v_aug, *inputs[value_index + 1:])
+    out, S_aug = run_with_state(*augmented, initial_state=S0)
+    local_BxSxHxD, readM_BxSxHxD = out[..., :value_dim], out[..., value_dim:]
+    W_BxHxDxD, M_BxHxDxD = S_aug[..., :value_dim], S_aug[..., value_dim:]
+    fold = affine(lambda M, S: jnp.einsum("bhij,bhjd->bhid", M, S))
+    S_in = incoming_states(gather_summaries((M_BxHxDxD, W_BxHxDxD)), fold,
+                           jnp.zeros_like(W_BxHxDxD), batch,
+                           bidirectional=reverse_inputs is not None)
+    out = local_BxSxHxD + jnp.einsum("bshd,bhde->bshe", readM_BxSxHxD, S_in)
+    if reverse_inputs is None:
+        return out, None
+    return out[:batch], out[batch:, ::-1]
+
+
 def fold_all(gathered, fold: Callable, empty):
     """`empty` folded with every device's summary in device order (a bidirectional
     mixer whose state only accumulates: every query reads the whole sequence's)."""

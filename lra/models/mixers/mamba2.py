@@ -136,18 +136,6 @@ def _rms_norm(y, scale):
     return y * jax.lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + NORM_EPS) * scale
 
 
-def _take_rows(x_BxLx_: jax.Array, idx_BxL: jax.Array) -> jax.Array:
-    """x_BxLx_[b, idx_BxL[b, l]] for every row b and place l."""
-    return jnp.take_along_axis(x_BxLx_, idx_BxL[..., None], axis=1)
-
-
-def _real_tokens_first(x_BxLxC: jax.Array, keep_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(each row's real tokens moved to its front in order, zeros after them; the order
-    [B, L] that moved them)."""
-    order_BxL = jnp.argsort(~keep_BxL, axis=1, stable=True)
-    return _take_rows(jnp.where(keep_BxL[..., None], x_BxLxC, 0.0), order_BxL), order_BxL
-
-
 class Mamba2Block(nnx.Module):
     """The Mamba2 block (module docstring): x [B, L, E], mask [B, L] -> [B, L, E]."""
 
@@ -284,7 +272,7 @@ class Mamba2Block(nnx.Module):
 
     def _conv(self, xBC_BxLxC, keep_BxL):
         """The depthwise convolution over each row's real tokens (module docstring)."""
-        u, order_BxL = _real_tokens_first(xBC_BxLxC, keep_BxL)
+        u, order_BxL = ssm.real_tokens_first(xBC_BxLxC, keep_BxL)
         before = self.conv_size - 1
         after = self.conv_weight_KxC.shape[0] - 1 - before
         return self._window_sum(jnp.pad(u, [(0, 0), (before, after), (0, 0)]), order_BxL)
@@ -292,10 +280,10 @@ class Mamba2Block(nnx.Module):
     def _window_sum(self, ext_BxWxC, order_BxL):
         """The convolution at each of the L places of `ext_BxWxC` (a row's real tokens
         first, `before` tokens of context ahead of them and `after` behind), back in the
-        row's token order (`order_BxL` from `_real_tokens_first`)."""
+        row's token order (`order_BxL` from `ssm.real_tokens_first`)."""
         w_KxC, length = self.conv_weight_KxC[...], order_BxL.shape[1]
         out = sum(w_KxC[j] * ext_BxWxC[:, j:j + length] for j in range(w_KxC.shape[0]))
-        return _take_rows(out + self.conv_bias_C[...], jnp.argsort(order_BxL, axis=1))
+        return ssm.take_rows(out + self.conv_bias_C[...], jnp.argsort(order_BxL, axis=1))
 
     def _conv_shard(self, xBC_BxSxC, keep_BxS):
         """`_conv` on one device's shard [b, S, C] of a sequence split over `seq`.
@@ -309,24 +297,25 @@ class Mamba2Block(nnx.Module):
         gathered to the front, between the two windows, and convolved as `_conv`."""
         before = self.conv_size - 1
         after = self.conv_weight_KxC.shape[0] - 1 - before
-        u, order_BxS = _real_tokens_first(xBC_BxSxC, keep_BxS)
+        u, order_BxS = ssm.real_tokens_first(xBC_BxSxC, keep_BxS)
         count_B = jnp.sum(keep_BxS, axis=1)
         # this shard's last `before` real tokens, right-aligned (zeros before them)
         last_idx = count_B[:, None] - before + jnp.arange(before)
-        last = jnp.where((last_idx >= 0)[..., None], _take_rows(u, jnp.maximum(last_idx, 0)), 0.0)
+        last = jnp.where((last_idx >= 0)[..., None],
+                         ssm.take_rows(u, jnp.maximum(last_idx, 0)), 0.0)
         first = u[:, :after]  # its first `after` real tokens (zeros past the count)
         gathered = gather_summaries((last, first, count_B))
 
         def fold_before(window_BxKxC, summary):  # the last `before` real tokens so far
             last_j, _, count_j = summary
             shift = jnp.arange(before)[None] + count_j[:, None]
-            older = _take_rows(window_BxKxC, jnp.minimum(shift, before - 1))
+            older = ssm.take_rows(window_BxKxC, jnp.minimum(shift, before - 1))
             return jnp.where((shift < before)[..., None], older, last_j)
 
         def fold_after(window_BxKxC, summary):  # the first `after` real tokens after
             _, first_j, count_j = summary
             shift = jnp.arange(after)[None] - count_j[:, None]
-            later = _take_rows(window_BxKxC, jnp.maximum(shift, 0))
+            later = ssm.take_rows(window_BxKxC, jnp.maximum(shift, 0))
             return jnp.where((shift < 0)[..., None], first_j, later)
 
         ext = jnp.concatenate([incoming_state(gathered, fold_before, jnp.zeros_like(last)), u,

@@ -131,6 +131,12 @@ from lra.models.attention.gated import (
     stack_directions,
     unstack_directions,
 )
+from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
+from lra.models.attention.state_passing import (
+    gather_summaries,
+    incoming_state,
+    pass_matrix_states,
+)
 from lra.models.mixers import ssm
 
 NORM_EPS = 64e-5  # the reference's GroupNorm eps (1e-5 * head_size_divisor^2, divisor 8)
@@ -230,10 +236,17 @@ def _chunk_terms(r, k, v, kappa, b, log_w, solve=unit_lower_solve):
 
 
 def _chunked(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy=ChunkStrategy.SCAN):
-    """Inclusive causal outputs, chunk by chunk (module docstring): `scan` forms each
-    chunk's terms inside the scan step, `batched` those of all chunks before the scan
-    (the triangular solve by `delta.inverse_solve`, no row loop), which then carries only
-    the state."""
+    """Inclusive causal outputs [B, L, H, N_v] float32 (`chunked_with_state`)."""
+    return chunked_with_state(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy)[0]
+
+
+def chunked_with_state(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy=ChunkStrategy.SCAN,
+                       initial_state=None):
+    """Inclusive causal outputs [B, L, H, N_v] and the final state [B, H, N, N_v], float32,
+    from `initial_state` (None: zero), chunk by chunk (module docstring): `scan` forms
+    each chunk's terms inside the scan step, `batched` those of all chunks before the
+    scan (the triangular solve by `delta.inverse_solve`, no row loop), which then
+    carries only the state."""
     batch, length, heads, dim = r.shape
     chunk = min(chunk_size, length)
     n = -(-length // chunk)
@@ -252,16 +265,17 @@ def _chunked(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy=ChunkStrategy.
              + jnp.einsum("bhcd,bhce->bhde", b_write, E))
         return S, out
 
-    S0 = jnp.zeros((batch, heads, dim, v.shape[-1]), F32)
+    S0 = (jnp.zeros_like(v, F32, shape=(batch, heads, dim, v.shape[-1]))
+          if initial_state is None else initial_state.astype(F32))
     xs = tuple(map(chunks, (r, k, v, kappa, b, log_w)))
     if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
         body = lambda S, xs: state_step(S, (*_chunk_terms(*xs), xs[2]))
-        _, out = jax.lax.scan(body, S0, xs)
+        S, out = jax.lax.scan(body, S0, xs)
     else:
         terms = (*_chunk_terms(*xs, solve=inverse_solve), xs[2])
-        _, out = jax.lax.scan(state_step, S0, terms)
+        S, out = jax.lax.scan(state_step, S0, terms)
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, n * chunk, heads, -1)
-    return out[:, :length]
+    return out[:, :length], S
 
 
 _FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
@@ -289,15 +303,47 @@ def wkv(r, k, v, kappa, b, log_w, *, form: Form, causal: bool, chunk_size: int,
                             chunk_strategy=resolve_chunk_strategy(chunk_strategy))
     if causal:
         return run(r, k, v, kappa, b, log_w, chunk_size)
-    # Reverse pass, in forward order: at j the query w_j * r_{j-1} (its read lands at
-    # j - 1 and crosses the decay between j - 1 and j), the decay log w_{j+1}.
-    r_prev = jnp.pad(r[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)]) * jnp.exp(log_w)
-    log_w_next = jnp.pad(log_w[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+    r_prev, log_w_next = _reverse_inputs(r, log_w)
     both = stack_directions
     out = run(both(r, r_prev), both(k, k), both(v, v), both(kappa, kappa), both(b, b),
               both(log_w, log_w_next), chunk_size)
-    forward, reverse = unstack_directions(out)  # reverse at j: w_j r_{j-1} R_j
+    return _add_reverse(*unstack_directions(out))
+
+
+def _reverse_inputs(r, log_w):
+    """The reverse pass's queries and log-decays, in forward order: at j the query
+    w_j * r_{j-1} (its read lands at j - 1 and crosses the decay between j - 1 and j),
+    the decay log w_{j+1} (0 after the last token)."""
+    r_prev = jnp.pad(r[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)]) * jnp.exp(log_w)
+    return r_prev, jnp.pad(log_w[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+def _add_reverse(forward, reverse):
+    """Forward outputs plus the exclusive reverse pass's (`reverse` at j: w_j r_{j-1} R_j,
+    the read for token j - 1)."""
     return forward + jnp.pad(reverse[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
+
+
+def wkv_over_sequence(r, k, v, kappa, b, log_w, *, causal: bool, chunk_size: int,
+                      chunk_strategy: str = ChunkStrategy.AUTO, mesh=None):
+    """`wkv` (any form: the same numbers) with the length split over the `seq` mesh axis,
+    by state passing: each shard's affine map S -> M S + W from its chunked pass with
+    augmented values, one all-gather of the (M, W), each device's incoming state folded
+    from those before it (reverse pass: after it; `state_passing.pass_matrix_states`).
+    Arguments as `wkv`, global [B, L, ...]; `mesh` None = the mesh in context."""
+    run = functools.partial(chunked_with_state, chunk_size=chunk_size,
+                            chunk_strategy=resolve_chunk_strategy(chunk_strategy))
+
+    def kernel(r, k, v, kappa, b, log_w, r_prev, log_w_next):
+        reverse = None if r_prev is None else (r_prev, k, v, kappa, b, log_w_next)
+        return pass_matrix_states(run, (r, k, v, kappa, b, log_w), reverse, value_index=2,
+                                  key_dim=k.shape[-1])
+
+    if causal:
+        return map_over_sequence(kernel, r, k, v, kappa, b, log_w, None, None, mesh=mesh)[0]
+    r_prev, log_w_next = _reverse_inputs(r, log_w)  # shifts across the shards
+    return _add_reverse(*map_over_sequence(kernel, r, k, v, kappa, b, log_w, r_prev,
+                                           log_w_next, mesh=mesh))
 
 
 # --- the mixer ---------------------------------------------------------------------------
@@ -445,15 +491,30 @@ class Rwkv7TimeMix(nnx.Module):
         return self.dropout(self.output(y.astype(self.dtype)), deterministic=deterministic)
 
     @staticmethod
-    def _previous_real(x_BxLxE, keep_BxL):
-        """Each real token's previous real token's input (0 before the first), zero at
-        masked positions: the token shift over the real tokens only."""
-        order_BxL = jnp.argsort(~keep_BxL, axis=1, stable=True)  # real tokens first
-        gather = lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=1)
-        u = gather(jnp.where(keep_BxL[..., None], x_BxLxE, 0.0), order_BxL)
-        u_prev = jnp.pad(u[:, :-1], [(0, 0), (1, 0), (0, 0)])
-        x_prev = gather(u_prev, jnp.argsort(order_BxL, axis=1))
+    def _previous_real(x_BxLxE, keep_BxL, entering_BxE=None):
+        """Each real token's previous real token's input, zero at masked positions: the
+        token shift over the real tokens only. The first real token's previous one is
+        `entering_BxE` (None: 0, the sequence's start)."""
+        u, order_BxL = ssm.real_tokens_first(x_BxLxE, keep_BxL)
+        entering = jnp.zeros_like(u[:, :1]) if entering_BxE is None else entering_BxE[:, None]
+        u_prev = jnp.concatenate([entering.astype(u.dtype), u[:, :-1]], 1)
+        x_prev = ssm.take_rows(u_prev, jnp.argsort(order_BxL, axis=1))
         return jnp.where(keep_BxL[..., None], x_prev, 0.0)
+
+    @classmethod
+    def _previous_real_shard(cls, x_BxSxE, keep_BxS):
+        """`_previous_real` on one device's shard [b, S, E] of a sequence split over `seq`:
+        the token entering the shard is the last real token of the devices before it,
+        however many padded positions lie between (each device's last real token and
+        whether it has one are all-gathered and folded in device order, as state
+        passing)."""
+        u, _ = ssm.real_tokens_first(x_BxSxE, keep_BxS)
+        count_B = jnp.sum(keep_BxS, axis=1)
+        last_BxE = ssm.take_rows(u, jnp.maximum(count_B - 1, 0)[:, None])[:, 0]
+        fold = lambda entering, summary: jnp.where(summary[1][:, None], summary[0], entering)
+        entering_BxE = incoming_state(gather_summaries((last_BxE, count_B > 0)), fold,
+                                      jnp.zeros_like(last_BxE))
+        return cls._previous_real(x_BxSxE, keep_BxS, entering_BxE)
 
     # --- the contract -------------------------------------------------------------------
 
@@ -463,10 +524,16 @@ class Rwkv7TimeMix(nnx.Module):
         keep_BxL = (jnp.ones(x_BxLxE.shape[:2], bool) if mask_BxL is None
                     else mask_BxL.astype(bool))
         x = ssm.masked(x_BxLxE, keep_BxL)
-        r, k, v, kappa, b, log_w, g = self._features(x, self._previous_real(x, keep_BxL),
-                                                     keep_BxL)
-        o = wkv(r, k, v, kappa, b, log_w, form=self.form, causal=self.causal,
-                chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
+        split = splits_sequence()  # the sequence split over the `seq` mesh axis
+        x_prev = (map_over_sequence(self._previous_real_shard, x, keep_BxL) if split
+                  else self._previous_real(x, keep_BxL))
+        r, k, v, kappa, b, log_w, g = self._features(x, x_prev, keep_BxL)
+        if split:
+            o = wkv_over_sequence(r, k, v, kappa, b, log_w, causal=self.causal,
+                                  chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
+        else:
+            o = wkv(r, k, v, kappa, b, log_w, form=self.form, causal=self.causal,
+                    chunk_size=self.chunk_size, chunk_strategy=self.chunk_strategy)
         return self._finish(o, r, k, v, g, deterministic).astype(x_BxLxE.dtype)
 
     def init_state(self, batch_size: int) -> State:

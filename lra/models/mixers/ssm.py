@@ -42,6 +42,20 @@ def masked(x_BxLxE: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
     return jnp.where(mask_BxL[..., None], x_BxLxE, jnp.zeros((), x_BxLxE.dtype))
 
 
+def take_rows(x_BxLx_: jax.Array, idx_BxL: jax.Array) -> jax.Array:
+    """x_BxLx_[b, idx_BxL[b, l]] for every row b and place l."""
+    return jnp.take_along_axis(x_BxLx_, idx_BxL[..., None], axis=1)
+
+
+def real_tokens_first(x_BxLxC: jax.Array, keep_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(each row's real tokens moved to its front in order, zeros after them; the order
+    [B, L] that moved them: `take_rows(y, jnp.argsort(order, axis=1))` moves them back).
+    How the mixers whose token windows skip padding (the Mamba2 block's convolution,
+    RWKV-7's token shift) see only real tokens."""
+    order_BxL = jnp.argsort(~keep_BxL, axis=1, stable=True)
+    return take_rows(jnp.where(keep_BxL[..., None], x_BxLxC, 0.0), order_BxL), order_BxL
+
+
 def step_input(x_BxE: jax.Array, mask_B: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """One decoding step's (keep_B, x with zeros at padding): keep_B is bool [B], True at
     real tokens (all True when mask is None); a recurrence keeps its state where False."""
