@@ -79,6 +79,14 @@ def _loss(model, tokens, mask):
     return model(tokens, mask, deterministic=False).sum()
 
 
+@nnx.jit
+def _logits(model, tokens, mask):
+    return model(tokens, mask)
+
+
+_gradient = nnx.jit(nnx.grad(_loss))  # compiled (measured: 36 s for both cases, 47 s op by op)
+
+
 @pytest.mark.parametrize("attention, norm, remat", [  # outputs alone: test_mixers_scan
     ("softmax", "batch", True), ("s5", "batch", False)])
 def test_scanned_layers_give_the_unrolled_outputs_gradients_and_statistics(attention, norm,
@@ -89,11 +97,11 @@ def test_scanned_layers_give_the_unrolled_outputs_gradients_and_statistics(atten
     _load_unrolled_into(scanned, unrolled)
     tokens, mask = _batch()
 
-    np.testing.assert_allclose(scanned(tokens, mask), unrolled(tokens, mask), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(_logits(scanned, tokens, mask), _logits(unrolled, tokens, mask),
+                               rtol=1e-5, atol=1e-6)
     # Training mode (BatchNorm uses and updates batch statistics): gradients and the
     # updated state match too.
-    gradient = lambda model: nnx.grad(_loss)(model, tokens, mask)
+    gradient = lambda model: _gradient(model, tokens, mask)
     expected = nnx.to_pure_dict(gradient(unrolled))
     _assert_trees_close(nnx.to_pure_dict(gradient(scanned)), _stacked(expected))
     if norm == "batch":
@@ -101,11 +109,6 @@ def test_scanned_layers_give_the_unrolled_outputs_gradients_and_statistics(atten
                             _stacked(nnx.to_pure_dict(nnx.state(unrolled, nnx.BatchStat))))
         # The statistics moved, so the check above compared something.
         assert not np.allclose(scanned.encoder.scanned_blocks.mlp_norm.mean[...], 0)
-
-
-@nnx.jit
-def _logits(model, tokens, mask):
-    return model(tokens, mask)
 
 
 # One mixer per kind of state a scanned stack must carry: parameters only, non-trainable
