@@ -252,13 +252,20 @@ def map_over_sequence(
     def pad(x):
         return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)) if extra else x
 
-    others = tuple(name for name in context.axis_names if name != SEQ_AXIS)
-    split_batch = bool(others) and batch % math.prod(context.shape[a] for a in others) == 0
-    spec = jax.sharding.PartitionSpec(others if split_batch else None, SEQ_AXIS)
+    spec = jax.sharding.PartitionSpec(_row_axes_dividing(context, batch), SEQ_AXIS)
     mapped = jax.shard_map(kernel, in_specs=tuple(None if x is None else spec for x in arrays),
                            out_specs=spec, **({} if mesh is None else {"mesh": mesh}))
     outputs = mapped(*(None if x is None else pad(x) for x in arrays))
     return jax.tree.map(lambda y: y[:, :length], outputs)
+
+
+def _row_axes_dividing(mesh, batch: int) -> tuple[str, ...] | None:
+    """The mesh's row axes (every axis but `seq`: data and fsdp) if their devices divide
+    `batch` (the batch is then split over them), else None (whole on each device)."""
+    axes = tuple(name for name in mesh.axis_names if name != SEQ_AXIS)
+    if not axes or batch % math.prod(mesh.shape[name] for name in axes):
+        return None
+    return axes
 
 
 def map_over_batch(kernel: Callable, *rows: jax.Array, shared: tuple = ()):
@@ -275,9 +282,8 @@ def map_over_batch(kernel: Callable, *rows: jax.Array, shared: tuple = ()):
     rows (the mixer's split form is its business).
     """
     context = jax.sharding.get_abstract_mesh()
-    axes = tuple(name for name in context.axis_names if name != SEQ_AXIS)
-    devices = math.prod(context.shape[name] for name in axes)
-    if devices == 1 or rows[0].shape[0] % devices:
+    axes = _row_axes_dividing(context, rows[0].shape[0])
+    if axes is None or math.prod(context.shape[name] for name in axes) == 1:
         return kernel(*rows, *shared)
     spec, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
     mapped = jax.shard_map(kernel, in_specs=(spec,) * len(rows) + (whole,) * len(shared),
