@@ -1,16 +1,18 @@
 """Sequence parallelism of the linear-time mixers (issue 24): state passing over the `seq`
 mesh axis (lra/models/attention/state_passing.py).
 
-Every mixer of `sharding.SEQUENCE_PARALLEL_MIXERS` other than the exact attentions
-(tests/test_ring_attention.py) runs on 4 fake CPU devices with the sequence split in 4
-(a few in 2, beside a data axis of 2, at a length the split does not divide) and is
-compared with the same mixer on one device: outputs and the gradients of the inputs and
-of every parameter, every family causal and bidirectional (`CASES`), with
-right padding (one row ending inside the first shard), a row whose holes cover a whole
-shard, and, where the family has them, short convolutions (their window crosses the
-shard boundaries) and chunks shorter than a shard. The compiled program is checked for
-one all-gather of a state summary per recurrence and for holding about a quarter of the
-activations per device.
+Every mixer of `sharding.SEQUENCE_PARALLEL_MIXERS` runs on 4 fake CPU devices with the
+sequence split in 4 (a few in 2, beside a data axis of 2, at a length the split does not
+divide) and is compared with the same computation on one device, in both directions:
+in one direction as one layer (outputs and the gradients of the inputs and of every
+parameter; the exact attentions' layers in tests/test_ring_attention.py), in the other
+as a layer of a whole encoder of half the families (embeddings, norms, MLPs, pooling;
+per-token outputs and every parameter's gradient). The inputs have right padding (one
+row ending inside the first shard) and a row whose holes cover a whole shard; where the
+family has them, short convolutions (their window crosses the shard boundaries) and
+chunks shorter than a shard. The compiled program is checked for one all-gather of a
+state summary per recurrence and for holding about a quarter of the activations per
+device.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lra import models
 from lra.models import mixers
+from lra.models.pattern import LayerMixer
 from lra.parallel import sharding
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices")
@@ -39,17 +43,22 @@ def make_mesh(data: int, seq: int) -> jax.sharding.Mesh:
     return sharding.make_mesh(data * seq, 1, seq)
 
 
-def build(name: str, causal: bool, length: int = LENGTH, options: dict | None = None):
-    """The mixer with the options that exercise the split: chunks of 4 tokens (2 per
-    shard), short convolutions of width 4, each option's required value, and `options`."""
+def split_options(name: str, options: dict | None = None) -> dict:
+    """The options that exercise the split: chunks of 4 tokens (2 per shard), short
+    convolutions of width 4, each option's required value, and `options`."""
     options = {**{option: values[0] for option, values in
                   sharding.SEQUENCE_PARALLEL_MIXERS[name].items()}, **(options or {})}
     accepted = mixers.family_options(name)
     options.update({key: value for key, value in (("chunk_size", 4), ("short_conv", 4))
                     if key in accepted and key not in options})
+    return options
+
+
+def build(name: str, causal: bool, length: int = LENGTH, options: dict | None = None):
+    """The mixer `name` with `split_options`."""
     return mixers.make(name, emb_dim=EMB, qkv_dim=EMB, num_heads=HEADS, max_len=length,
                        dropout=0.0, attention_dropout=0.0, causal=causal, dtype=jnp.float32,
-                       rngs=nnx.Rngs(0), **options)
+                       rngs=nnx.Rngs(0), **split_options(name, options))
 
 
 def inputs(length: int = LENGTH):
@@ -78,14 +87,14 @@ def on_mesh(mesh, *arrays):
     return [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), "seq"))) for x in arrays]
 
 
-def assert_trees_close(got, want, rel=1e-5):
-    """Every leaf's largest difference <= rel x its largest |value| (all finite)."""
+def assert_trees_close(got, want, rel=1e-5, floor=1e-12):
+    """Every leaf's largest difference <= rel x its largest |value| + floor (all finite)."""
     for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
                           jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert np.isfinite(g).all(), path[0]
         error, scale = np.abs(g - w).max(), np.abs(w).max()
-        assert error <= rel * scale + 1e-12, f"{path[0]}: {error:.3g} > {rel} x {scale:.3g}"
+        assert error <= rel * scale + floor, f"{path[0]}: {error:.3g} > {rel} x {scale:.3g}"
 
 
 def split_and_whole(name, causal, data, seq, length=LENGTH, options=None):
@@ -99,11 +108,19 @@ def split_and_whole(name, causal, data, seq, length=LENGTH, options=None):
     return (got, got_grads), (want, want_grads)
 
 
-# Every family in both directions; the Mamba2 block in its own test below. Three cases run
-# on (data 2, seq 2) at length 30, which `seq` does not divide (each shard of 15 tokens is
+# Every family of SEQUENCE_PARALLEL_MIXERS (the exact attentions included) is a layer of one
+# of two whole encoders, one causal and one bidirectional, taken alternately
+# (`test_an_encoder_of_every_family_...`), and runs as one layer here in the other
+# direction, so every family is split in both directions, once in a whole encoder; the
+# exact attentions' layers in both directions: tests/test_ring_attention.py. The Mamba2
+# block's layer runs in both directions in its own test below. Three cases run on
+# (data 2, seq 2) at length 30, which `seq` does not divide (each shard of 15 tokens is
 # padded inside to 16); the others on (data 1, seq 4) at length 32.
+FAMILIES = tuple(sharding.SEQUENCE_PARALLEL_MIXERS)
+ENCODERS = {True: FAMILIES[0::2], False: FAMILIES[1::2]}
 TWO_BY_TWO = (("performer", True), ("gated_deltanet", False), ("s5", False))
-CASES = [(name, causal) for name in STATE_PASSING if name != "mamba2" for causal in (True, False)]
+CASES = [(name, causal) for name in STATE_PASSING if name != "mamba2" for causal in (True, False)
+         if name not in ENCODERS[causal] or (name, causal) in TWO_BY_TWO]
 
 
 @pytest.mark.parametrize("name, causal", CASES,
@@ -124,6 +141,43 @@ def test_mamba2_block_with_groups_a_learned_initial_state_and_holes(causal):
                                 options={"ngroups": 2, "learnable_init_states": True,
                                          "head_dim": 4, "d_state": 16})
     assert_trees_close(got, want)
+
+
+# Small enough for the Mamba2 block at width 8 (its own test above covers its groups).
+MAMBA2_OPTIONS = {"head_dim": 4, "d_state": 16}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_an_encoder_of_every_family_over_a_split_sequence_equals_the_whole(causal):
+    """An encoder whose layers are half the families in turn (`ENCODERS`), with
+    embeddings, norms, MLPs and pooling, on (data 1, seq 4): its per-token outputs and
+    the gradients of every parameter equal the unsplit encoder's (right padding and the
+    holes row of `inputs`), each gradient within 1e-5 of its own largest value plus 1e-5
+    of the largest of all (softmax's key bias has a zero gradient but for rounding)."""
+    pattern = [LayerMixer(name, split_options(name, MAMBA2_OPTIONS if name == "mamba2"
+                                              else None), True)
+               for name in ENCODERS[causal]]
+    encoder = models.Encoder(
+        vocab_size=10, max_len=LENGTH, num_layers=len(pattern), emb_dim=EMB, qkv_dim=EMB,
+        num_heads=HEADS, mlp_dim=EMB, dropout=0.0, attention_dropout=0.0,
+        pooling="last" if causal else "mean", positions="sinusoidal",
+        attention=pattern[0].name, attention_options=pattern[0].options, causal=causal,
+        pattern=pattern, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+    _, cot, mask = inputs()
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, 10)
+
+    def loss(params, tokens, mask):
+        out = nnx.merge(graphdef, params, rest).tokens(tokens, mask)
+        return jnp.sum(out * cot), out
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, want), want_grads = grad(params, tokens, mask)
+    mesh = make_mesh(1, 4)
+    with jax.set_mesh(mesh):
+        (_, got), got_grads = grad(params, *on_mesh(mesh, tokens, mask))
+    scale = max(np.abs(w).max() for w in jax.tree.leaves(want_grads))
+    assert_trees_close((got, got_grads), (want, want_grads), floor=1e-5 * scale)
 
 
 def _compiled(name, causal, length, mesh=None):
