@@ -271,7 +271,8 @@ def _validate(config):
 @pytest.mark.parametrize("arg, overrides, message", [
     ("attention=linformer", {},
      (r"mixer 'linformer' is not yet supported under sequence parallelism \(config.mesh_seq=2\)"
-      r"; supported mixers: softmax \(implementation 'xla'\), memory_efficient, linear, ")),
+      r"; supported mixers: softmax \(implementation 'xla'\), memory_efficient, fox \(form "
+      r"'blockwise'\), linear, ")),
     ("attention=reformer", {}, r"mixer 'reformer' is not yet supported .*\(config.mesh_seq=2\)"),
     ("attention=s4d", {}, (r"config.model.attention_options.form='conv' of mixer 's4d' is not "
                            r"yet supported .*config.mesh_seq=2.*s4d \(form 'recurrent'\)")),
@@ -279,8 +280,11 @@ def _validate(config):
                            "model.attention_dropout": 0.0},
      (r"config.model.attention_options.implementation='pallas' of mixer 'softmax' is not yet "
       r"supported under sequence parallelism \(config.mesh_seq=2\)")),
-    ("pattern=softmax+fox", {},
-     r"per-layer pattern's mixer 'fox' is not yet supported .*config.mesh_seq=2"),
+    ("pattern=softmax+longformer", {},
+     r"per-layer pattern's mixer 'longformer' is not yet supported .*config.mesh_seq=2"),
+    ("attention=fox", {"model.attention_options.form": "quadratic"},
+     (r"config.model.attention_options.form='quadratic' of mixer 'fox' is not yet supported "
+      r".*config.mesh_seq=2")),
     ("attention=softmax", {"max_length": 63},
      r"config.max_length=63 must be divisible by config.mesh_seq=2"),
     ("attention=softmax", {"model.pooling": "cls"},
@@ -311,7 +315,7 @@ def test_what_cannot_split_the_sequence_is_refused_naming_the_key(arg, overrides
 
 
 @pytest.mark.parametrize("arg", ["attention=softmax", "attention=memory_efficient",
-                                 "attention=gated_deltanet", "pattern=s5+linear"])
+                                 "attention=gated_deltanet", "pattern=s5+fox"])
 def test_supported_mixers_are_accepted_and_batches_split_over_fewer_shards(arg):
     config = listops_config.get_config(f"runlocal,{arg}")
     config.mesh_seq, config.model.pooling = 2, "mean"

@@ -38,7 +38,8 @@ MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others 
 # Mixers that run with the sequence split over the `seq` axis (config.mesh_seq > 1), each
 # with the option values it needs (option -> the values allowed):
 # - the exact attentions attend across the split (ring attention or all-gather of keys
-#   and values, lra/models/attention/sequence_parallel.py);
+#   and values, lra/models/attention/sequence_parallel.py); FoX gathers its keys, values
+#   and cumulative forget gates (lra/models/attention/fox.py);
 # - the linear-time mixers pass states (lra/models/attention/state_passing.py): the
 #   kernelized maps (linear.py), the gated cores (gated.py), the delta rule (delta.py)
 #   the diagonal SSMs (mixers/ssm.py's `linear_recurrence`; S4D in its recurrent form),
@@ -50,6 +51,7 @@ MESH_AXES = ("data", "fsdp", SEQ_AXIS)  # SEQ_AXIS splits sequences; the others 
 SEQUENCE_PARALLEL_MIXERS = {
     "softmax": {"implementation": ("xla",)},  # the fused kernels (cudnn, pallas) are not
     "memory_efficient": {},
+    "fox": {"form": ("blockwise",)},  # keys, values and gates gathered (fox.py)
     **{name: {} for name in ("linear", "performer", "cosformer", "taylor")},
     **{name: {} for name in ("retnet", "gla", "ssd")},
     **{name: {} for name in ("deltanet", "gated_deltanet", "kda", "gated_deltaproduct")},

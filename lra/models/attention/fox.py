@@ -71,6 +71,16 @@ Forms (option `form`; both the same numbers, outputs and gradients):
   quadratic  the full [B, L, H, L] logits + decay, masked, float32 softmax: the
              reference; dropout on the probabilities as `softmax`'s explicit path.
 
+Sequence parallelism (a mesh in context whose `seq` axis has n > 1 devices,
+`config.mesh_seq`; blockwise form only): each device keeps its L/n queries; the
+cumulative log-gates cross the split as a state (each device's sum of log f, one
+all-gather, the earlier devices' sums added: `state_passing`), then keys, values, mask
+and c are all-gathered whole and the local queries run the blockwise form against them
+(`blockwise_attention` with the queries' offset). Per device: O(L) keys, values and
+gates, logits of one (Q, C) block pair at a time; every device visits every key block
+(the unsplit blockwise form does too). The transposes of the gathers reduce-scatter the
+key, value and gate gradients. Not a ring: no `kv_strategy` applies.
+
 Masking: log f = 0 at masked positions (no decay: the decay between two real tokens is
 the sum of the real tokens' gates between them) and masked keys get a large negative
 logit (`MASKED_LOGIT`, after the bias), so their q, k, v change no real output or
@@ -94,8 +104,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lra.common import F32, MASKED_LOGIT, Choice, positive_int, real_number
-from lra.models.attention import check_length
+from lra.models.attention import check_length, state_passing
 from lra.models.attention.memory_efficient import BlockBias, blockwise_attention
+from lra.models.attention.sequence_parallel import (
+    SEQ_AXIS,
+    map_over_sequence,
+    splits_sequence,
+)
 from lra.models.attention.softmax import kv_cache_shapes
 
 GATE_INIT_STD = 0.02  # the authors' initializer_range: w_f ~ N(0, 0.02^2), b_f = 0
@@ -240,6 +255,10 @@ class FoxAttention(nnx.Module):
         check_length("fox", length, self.max_len)
         keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
         log_f_BxLxH = jnp.where(keep_BxL[..., None], self.log_forget(k), 0.0)
+        if self.form is Form.BLOCKWISE and splits_sequence():
+            out = map_over_sequence(functools.partial(self._over_gathered_keys, length=length),
+                                    q, k, v, keep_BxL, log_f_BxLxH)
+            return out.astype(q.dtype)
         cum_BxLxH = jnp.cumsum(log_f_BxLxH, axis=1)
         if self.form is Form.QUADRATIC:
             if self.dropout.rate > 0 and not deterministic:
@@ -254,6 +273,24 @@ class FoxAttention(nnx.Module):
                                       chunk_size=self.chunk_size,
                                       query_chunk_size=self.query_chunk_size, bias=bias)
         return out.astype(q.dtype)
+
+    def _over_gathered_keys(self, q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, keep_BxS, log_f_BxSxH, *,
+                            length: int) -> jax.Array:
+        """The blockwise form on one device's S queries of a sequence split over `seq`
+        (inside `jax.shard_map`; module docstring, "Sequence parallelism")."""
+        cum_local_BxSxH = jnp.cumsum(log_f_BxSxH, axis=1)
+        gathered_NxBxH = state_passing.gather_summaries(cum_local_BxSxH[:, -1])
+        earlier_BxH = state_passing.incoming_state(
+            gathered_NxBxH, jnp.add, jnp.zeros_like(cum_local_BxSxH[:, -1]))
+        cum_BxSxH = cum_local_BxSxH + earlier_BxH[:, None]
+        k_BxLxHxD, v_BxLxHxD, keep_BxL, cum_BxLxH = (
+            jax.lax.all_gather(x, SEQ_AXIS, axis=1, tiled=True)
+            for x in (k_BxSxHxD, v_BxSxHxD, keep_BxS, cum_BxSxH))
+        bias = BlockBias(functools.partial(decay_bias, causal=self.causal), cum_BxSxH, cum_BxLxH)
+        return blockwise_attention(
+            q_BxSxHxD, k_BxLxHxD, v_BxLxHxD, keep_BxL, causal=self.causal,
+            chunk_size=self.chunk_size, query_chunk_size=self.query_chunk_size, bias=bias,
+            query_offset=state_passing.shard_offset(q_BxSxHxD.shape[1]), key_length=length)
 
     def kv_cache(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         """What causal decoding would carry (there is no `step`): the keys and values of

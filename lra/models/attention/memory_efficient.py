@@ -151,37 +151,52 @@ def blockwise_attention(
     chunk_size: int,
     query_chunk_size: int,
     bias: BlockBias | None = None,
+    query_offset: jax.Array | int = 0,
+    key_length: int | None = None,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D) [+ bias]) v by the online softmax (class docstring).
 
+    The keys are at positions 0 .. K - 1 and the queries at query_offset + 0 .. L - 1:
+    usually the same L tokens (K = L, offset 0); under sequence parallelism one device's
+    queries against the whole gathered sequence (fox.py).
+
     Args:
-      q, k, v: [B, L, H, D].
-      mask: [B, L] bool (True = real) or None.
+      q: [B, L, H, D].
+      k, v: [B, K, H, D].
+      mask: [B, K] bool (True = real key) or None.
       causal: if True, position i attends only to positions <= i.
-      chunk_size: C, keys per scan step (clipped to L).
+      chunk_size: C, keys per scan step (clipped to K).
       query_chunk_size: Q, queries per chunk (clipped to L).
-      bias: an optional `BlockBias`; None adds nothing.
+      bias: an optional `BlockBias` (its query side [B, L, ...], key side [B, K, ...]);
+        None adds nothing.
+      query_offset: the position of q's first row (an int or a traced int scalar).
+      key_length: keys at positions >= key_length are padding: weight 0 even in a row
+        with no allowed key (whose output is the mean of the key_length values before
+        them); default K.
 
     Returns:
       [B, L, H, D] float32.
     """
     batch, length = q.shape[:2]
-    keep_BxL = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-    key_chunk, query_chunk = min(chunk_size, length), min(query_chunk_size, length)
+    num_keys = k.shape[1]
+    keep_BxK = jnp.ones((batch, num_keys), bool) if mask is None else mask.astype(bool)
+    key_chunk, query_chunk = min(chunk_size, num_keys), min(query_chunk_size, length)
     k_NxBxCxHxD, kpos_NxC = _chunks(k, key_chunk)
     v_NxBxCxHxD, _ = _chunks(v, key_chunk)
-    keep_NxBxC, _ = _chunks(keep_BxL, key_chunk)
+    keep_NxBxC, _ = _chunks(keep_BxK, key_chunk)
     q_MxBxQxHxD, qpos_MxQ = _chunks(q, query_chunk)
     bias_fn, query_side, key_side = (None, None, None) if bias is None else bias
     query_side_M = jax.tree.map(lambda x: _chunks(x, query_chunk)[0], query_side)
     key_side_N = jax.tree.map(lambda x: _chunks(x, key_chunk)[0], key_side)
     attend = jax.checkpoint(
-        functools.partial(_attend_query_chunk, causal=causal, length=length, bias_fn=bias_fn),
+        functools.partial(_attend_query_chunk, causal=causal,
+                          length=num_keys if key_length is None else key_length,
+                          bias_fn=bias_fn),
         prevent_cse=False,
     )
     out_MxBxQxHxD = jax.lax.map(
         lambda xs: attend(*xs, k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC, key_side_N),
-        (q_MxBxQxHxD, qpos_MxQ, query_side_M),
+        (q_MxBxQxHxD, qpos_MxQ + query_offset, query_side_M),
     )
     return jnp.moveaxis(out_MxBxQxHxD, 0, 1).reshape((batch, -1) + q.shape[2:])[:, :length]
 
@@ -210,7 +225,8 @@ def _attend_query_chunk(
     length: int,
     bias_fn: Callable | None,
 ) -> jax.Array:
-    """One query chunk against all key chunks (online softmax) -> float32 [B, Q, H, D].
+    """One query chunk against all key chunks (online softmax) -> float32 [B, Q, H, D];
+    keys at positions >= `length` are padding.
 
     `query_side` / `key_side_N` are the `BlockBias` inputs of this query chunk and of
     every key chunk (None without a bias)."""
@@ -246,10 +262,10 @@ def _attend_query_chunk(
         )
         return (new_max_BxQxH, sum_BxQxH, acc_BxQxHxD), None
 
-    init = (
-        jnp.full((batch, chunk, heads), MASKED_LOGIT),
-        jnp.zeros((batch, chunk, heads), jnp.float32),
-        jnp.zeros((batch, chunk, heads, dim), jnp.float32),
+    init = (  # made `like` q: inside `shard_map` they vary over the same axes as q
+        jnp.full_like(q_BxQxHxD, MASKED_LOGIT, jnp.float32, shape=(batch, chunk, heads)),
+        jnp.zeros_like(q_BxQxHxD, jnp.float32, shape=(batch, chunk, heads)),
+        jnp.zeros_like(q_BxQxHxD, jnp.float32),
     )
     xs = (k_NxBxCxHxD, v_NxBxCxHxD, keep_NxBxC, kpos_NxC, key_side_N)
     (_, sum_BxQxH, acc_BxQxHxD), _ = jax.lax.scan(
