@@ -60,9 +60,9 @@ def outputs_and_grads(attend, q, k, v, cot, mask):
     return (out, *grads)
 
 
-def core(name: str, causal: bool, length: int = LENGTH):
+def core(name: str, causal: bool, length: int = LENGTH, **options):
     return attention.make(name, num_heads=HEADS, head_dim=DIM, max_len=length, causal=causal,
-                          rngs=nnx.Rngs(0))
+                          rngs=nnx.Rngs(0), **options)
 
 
 _REFERENCE = {}
@@ -83,20 +83,26 @@ def assert_close(got, want, label="", rel=1e-5):
     assert error <= rel * scale, f"{label}: max error {error:.3g} > {rel} x {scale:.3g}"
 
 
-@pytest.mark.parametrize("kv_strategy, layout, data, seq, causal", [
-    ("ring", "contiguous", 1, 4, True),
-    ("ring", "contiguous", 1, 4, False),
-    ("ring", "striped", 1, 4, True),
-    ("ring", "striped", 1, 4, False),
-    ("ring", "contiguous", 2, 2, True),
-    ("ring", "contiguous", 2, 2, False),
-    ("ring", "striped", 2, 2, True),
-    ("all_gather", "contiguous", 1, 4, True),
-    ("all_gather", "contiguous", 1, 4, False),
-    ("all_gather", "striped", 1, 4, True),
-    ("all_gather", "contiguous", 2, 2, True),
+# key_chunk 3 folds a block of 8 (seq 4) or 16 (seq 2) keys in chunks of 3, the last
+# padded; under the striped causal layout each query tile's leading keys are chunked.
+@pytest.mark.parametrize("kv_strategy, layout, data, seq, causal, key_chunk", [
+    ("ring", "contiguous", 1, 4, True, None),
+    ("ring", "contiguous", 1, 4, False, None),
+    ("ring", "striped", 1, 4, True, None),
+    ("ring", "striped", 1, 4, False, None),
+    ("ring", "contiguous", 2, 2, True, None),
+    ("ring", "contiguous", 2, 2, False, None),
+    ("ring", "striped", 2, 2, True, None),
+    ("ring", "contiguous", 1, 4, True, 3),
+    ("ring", "contiguous", 2, 2, False, 3),
+    ("ring", "striped", 1, 4, True, 3),
+    ("all_gather", "contiguous", 1, 4, True, None),
+    ("all_gather", "contiguous", 1, 4, False, None),
+    ("all_gather", "striped", 1, 4, True, None),
+    ("all_gather", "contiguous", 2, 2, True, None),
 ])
-def test_sequence_parallel_attention_equals_softmax(kv_strategy, layout, data, seq, causal):
+def test_sequence_parallel_attention_equals_softmax(kv_strategy, layout, data, seq, causal,
+                                                    key_chunk):
     mesh = make_mesh(data, seq)
     arrays = inputs()
     if layout == "striped":
@@ -104,7 +110,8 @@ def test_sequence_parallel_attention_equals_softmax(kv_strategy, layout, data, s
 
     def attend(q, k, v, mask):
         return ring.ring_attention_sharded(q, k, v, mask, causal=causal, mesh=mesh,
-                                           kv_strategy=kv_strategy, layout=layout)
+                                           kv_strategy=kv_strategy, layout=layout,
+                                           key_chunk=key_chunk)
 
     got = outputs_and_grads(attend, *on_mesh(mesh, *arrays))
     if layout == "striped":
@@ -149,8 +156,9 @@ def test_compiled_program_holds_the_strategy_collective(kv_strategy, present, ab
 @pytest.mark.parametrize("name, kv_strategy", [
     ("softmax", "ring"), ("softmax", "all_gather"), ("memory_efficient", "ring")])
 def test_module_under_a_seq_mesh_equals_the_module_without(name, kv_strategy):
+    """memory_efficient's ring folds its blocks of 16 keys 5 at a time (its chunk_size)."""
     mesh = make_mesh(2, 2)
-    module = core(name, causal=True)
+    module = core(name, causal=True, **({"chunk_size": 5} if name == "memory_efficient" else {}))
     with jax.set_mesh(mesh), sequence_parallel.use_kv_strategy(kv_strategy):
         got = outputs_and_grads(module, *on_mesh(mesh, *inputs()))
         q, k, v, _, mask = on_mesh(mesh, *inputs())

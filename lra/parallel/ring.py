@@ -38,6 +38,7 @@ def ring_attention_sharded(
     mesh: jax.sharding.Mesh,
     kv_strategy: str = "ring",
     layout: str = "contiguous",
+    key_chunk: int | None = None,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v over real (and, if causal, earlier) keys, on `mesh`.
 
@@ -58,6 +59,8 @@ def ring_attention_sharded(
         logits [L/n x L]).
       layout: ``"contiguous"`` (token order; a length that `seq` does not divide is padded
         inside) or ``"striped"`` (inputs from `to_striped`; outputs striped too).
+      key_chunk: the ring folds each block's keys this many at a time (None: whole
+        blocks; the all-gather strategy ignores it).
 
     Returns:
       [B, L, H, D] in q's dtype.
@@ -67,4 +70,4 @@ def ring_attention_sharded(
         length that `seq` does not divide.
     """
     return sequence_parallel_attention(q, k, v, mask, causal=causal, kv_strategy=kv_strategy,
-                                       layout=layout, mesh=mesh)
+                                       layout=layout, mesh=mesh, key_chunk=key_chunk)

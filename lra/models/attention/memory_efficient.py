@@ -53,9 +53,10 @@ class MemoryEfficientAttention(nnx.Module):
     carries of one query chunk, O(B Q H D L / C)).
 
     Inside a mesh context whose `seq` axis has more than one device the sequence is
-    split over it and `sequence_parallel.sequence_parallel_attention` runs (ring attention by
-    default: its logits are one [L/n x L/n] block per step, not chunked further); the
-    chunk options do not apply there. Without a `seq` axis, or with one of size 1,
+    split over it and `sequence_parallel.sequence_parallel_attention` runs: ring attention
+    by default, each travelling block's keys folded `chunk_size` at a time (logits
+    [L/n x C] per step; `query_chunk_size` does not apply there); under the all-gather
+    strategy the logits are [L/n x L]. Without a `seq` axis, or with one of size 1,
     nothing changes.
     """
 
@@ -117,7 +118,8 @@ class MemoryEfficientAttention(nnx.Module):
         del deterministic
         check_length("memory_efficient", q.shape[1], self.max_len)
         if splits_sequence():
-            return sequence_parallel_attention(q, k, v, mask, causal=self.causal)
+            return sequence_parallel_attention(q, k, v, mask, causal=self.causal,
+                                               key_chunk=self.chunk_size)
         out_BxLxHxD = blockwise_attention(
             q, k, v, mask, causal=self.causal, chunk_size=self.chunk_size,
             query_chunk_size=self.query_chunk_size)

@@ -14,7 +14,8 @@ its queries to every key by one of two strategies (`KvStrategy`):
   devices (n - 1 `jax.lax.ppermute`s of keys, values, mask and key positions), and each
   device folds every block into an online softmax of its queries (running max, sum and
   weighted values, float32). No device ever holds more than two key blocks, and the
-  logits are [L/n x L/n] per step. Causal: a block entirely after every query of the
+  logits are [L/n x L/n] per step, or [L/n x key_chunk] when the block's keys are folded
+  in chunks (`key_chunk`: memory_efficient's chunk_size). Causal: a block entirely after every query of the
   device is skipped with `lax.cond` (no logits computed); inside a block the causal and
   padding masks are arithmetic (`jnp.where`).
 - ``all_gather``: `all_gather_attention`. Keys, values and mask are gathered whole over
@@ -164,6 +165,7 @@ def sequence_parallel_attention(
     kv_strategy: KvStrategy | str | None = None,
     layout: Layout | str | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    key_chunk: int | None = None,
 ) -> jax.Array:
     """Exact softmax attention on global arrays, the length split over `mesh`'s `seq` axis.
 
@@ -180,6 +182,9 @@ def sequence_parallel_attention(
       layout: ``"contiguous"`` (token order) or ``"striped"`` (`to_striped`); None = the
         order of the sequence being traced (`tokens_in_layout`; token order outside one).
       mesh: a mesh with a `seq` axis; None = the mesh in context.
+      key_chunk: under the ring, each block's keys are folded `key_chunk` at a time (the
+        logits of one step are then [L/n x key_chunk], not [L/n x L/n]); None = whole
+        blocks. The all-gather strategy ignores it.
 
     Returns:
       [B, L, H, D] in q's dtype, in the layout's order.
@@ -198,7 +203,10 @@ def sequence_parallel_attention(
                          f"of {SEQ_AXIS!r}; got {length}")
     keep_BxL = (jnp.ones((batch, length), bool) if mask_BxL is None
                 else mask_BxL.astype(bool))
-    attend = ring_attention if strategy is KvStrategy.RING else all_gather_attention
+    if strategy is KvStrategy.RING:
+        attend = functools.partial(ring_attention, key_chunk=key_chunk)
+    else:
+        attend = all_gather_attention
     kernel = functools.partial(attend, causal=causal, axis_name=SEQ_AXIS, layout=layout,
                                length=length)
     out_BxLxHxD = map_over_sequence(kernel, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, keep_BxL,
@@ -351,6 +359,7 @@ def ring_attention(
     axis_name: str = SEQ_AXIS,
     layout: Layout | str = Layout.CONTIGUOUS,
     length: int | None = None,
+    key_chunk: int | None = None,
 ) -> jax.Array:
     """Ring attention on one device's shards, inside `jax.shard_map` over `axis_name`.
 
@@ -373,13 +382,15 @@ def ring_attention(
       layout: which positions each device holds (`Layout`).
       length: the number of real positions (default n S); positions >= length are
         padding that no query sees.
+      key_chunk: keys folded at a time within a block, forward and backward (a
+        `lax.scan` over the block's chunks, the last zero-padded); None = the whole block.
 
     Returns:
       [B, S, H, D] float32.
     """
     num, length, qpos_S, keep_BxS = _shard_view(q_BxSxHxD, mask_BxS, axis_name, layout, length)
     tiles = query_tiles(q_BxSxHxD.shape[1], causal, layout)
-    attend = _ring(num, axis_name, causal, length, tiles)
+    attend = _ring(num, axis_name, causal, length, tiles, key_chunk)
     return attend(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, keep_BxS, qpos_S)
 
 
@@ -404,7 +415,7 @@ def query_tiles(shard: int, causal: bool, layout: Layout | str) -> tuple[tuple[s
 
 
 def _ring(num: int, axis_name: str, causal: bool, length: int,
-          tiles: tuple[tuple[slice, int], ...]) -> Callable:
+          tiles: tuple[tuple[slice, int], ...], key_chunk: int | None) -> Callable:
     """`ring_attention`'s computation as a function of (q, k, v, keep, qpos) with its
     ring backward pass (`jax.custom_vjp`)."""
     to_next = [(i, (i + 1) % num) for i in range(num)]
@@ -425,7 +436,7 @@ def _ring(num: int, axis_name: str, causal: bool, length: int,
     def forward(q, k, v, keep, qpos):
         def fold(stats, block):
             return _fold_block(q, qpos, stats, block, causal=causal, length=length,
-                               tiles=tiles), block
+                               tiles=tiles, key_chunk=key_chunk), block
 
         stats, _ = around(fold, _empty_stats(q), (k, v, keep, qpos))
         return stats
@@ -451,7 +462,7 @@ def _ring(num: int, axis_name: str, causal: bool, length: int,
         unseen_BxHxD = jnp.where(seen_BxSxH[..., None], 0.0, dout_BxSxHxD).sum(1) / length
         row = (q, qpos, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD)
         grads = functools.partial(_block_grads, *row, causal=causal, length=length,
-                                  tiles=tiles)
+                                  tiles=tiles, key_chunk=key_chunk)
 
         def fold(dq, block):
             dq_blk, dk, dv = grads(block[:4])
@@ -469,6 +480,7 @@ def _ring(num: int, axis_name: str, causal: bool, length: int,
 def _block_grads(
     q_BxSxHxD, qpos_S, dout_BxSxHxD, lse_BxSxH, seen_BxSxH, delta_BxSxH, unseen_BxHxD,
     block, *, causal: bool, length: int, tiles: tuple[tuple[slice, int], ...],
+    key_chunk: int | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gradients (dq [B,S,H,D], dk, dv [B,C,H,D], float32) from the local queries'
     rows through one key block (`ring_attention`'s backward pass), tile by tile
@@ -487,8 +499,9 @@ def _block_grads(
     def attend(_):
         dq_parts, dk_BxCxHxD, dv_BxCxHxD = [], 0.0, 0.0
         for tile, keys in tiles:
-            dq, dk, dv = _tile_grads(*(x[:, tile] if x.ndim > 1 else x[tile] for x in rows),
-                                     _leading_keys(block, real_C, keys), causal=causal)
+            dq, dk, dv = _chunked_tile_grads(
+                *(x[:, tile] if x.ndim > 1 else x[tile] for x in rows),
+                _leading_keys(block, real_C, keys), causal=causal, key_chunk=key_chunk)
             after = ((0, 0), (0, k_BxCxHxD.shape[1] - keys), (0, 0), (0, 0))
             dq_parts.append(dq)
             dk_BxCxHxD = dk_BxCxHxD + jnp.pad(dk, after)
@@ -564,6 +577,7 @@ def _fold_block(
     causal: bool,
     length: int,
     tiles: tuple[tuple[slice, int], ...],
+    key_chunk: int | None,
 ) -> tuple[jax.Array, ...]:
     """`stats` with one key block folded in (the online softmax of `ring_attention`),
     tile by tile (`query_tiles`).
@@ -580,9 +594,10 @@ def _fold_block(
         "bkhd,k->bhd", v_BxCxHxD, real_C.astype(v_BxCxHxD.dtype), preferred_element_type=F32)
 
     def attend(softmax_stats):
-        parts = [_fold_tile(q_BxSxHxD[:, tile], qpos_S[tile],
-                            tuple(x[:, tile] for x in softmax_stats),
-                            _leading_keys(block, real_C, keys), causal=causal)
+        parts = [_fold_chunked_tile(q_BxSxHxD[:, tile], qpos_S[tile],
+                                    tuple(x[:, tile] for x in softmax_stats),
+                                    _leading_keys(block, real_C, keys), causal=causal,
+                                    key_chunk=key_chunk)
                  for tile, keys in tiles]
         return tuple(jnp.concatenate(columns, axis=1) for columns in zip(*parts))
 
@@ -593,6 +608,59 @@ def _fold_block(
     else:
         softmax_stats = attend(softmax_stats)
     return (*softmax_stats, vsum_BxHxD)
+
+
+def _key_chunks(block: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
+    """A tile's keys (keys, values [B, K, H, D], allowed [B, K], positions [K]) cut into
+    [N, ...] chunks of `size` keys; the last chunk is padded with keys not allowed."""
+    num = -(-block[0].shape[1] // size)
+    extra = num * size - block[0].shape[1]
+
+    def cut(x, axis):
+        x = jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
+        x = x.reshape(x.shape[:axis] + (num, size) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    k_BxKxHxD, v_BxKxHxD, allowed_BxK, kpos_K = block
+    return cut(k_BxKxHxD, 1), cut(v_BxKxHxD, 1), cut(allowed_BxK, 1), cut(kpos_K, 0)
+
+
+def _fold_chunked_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool,
+                       key_chunk: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_fold_tile` over the block's keys `key_chunk` at a time (None: all at once)."""
+    if key_chunk is None or block[0].shape[1] <= key_chunk:
+        return _fold_tile(q_BxTxHxD, qpos_T, softmax_stats, block, causal=causal)
+
+    def step(stats, chunk):
+        return _fold_tile(q_BxTxHxD, qpos_T, stats, chunk, causal=causal), None
+
+    softmax_stats, _ = jax.lax.scan(step, softmax_stats, _key_chunks(block, key_chunk))
+    return softmax_stats
+
+
+def _chunked_tile_grads(q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, delta_BxTxH,
+                        block, *, causal: bool, key_chunk: int | None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_tile_grads` over the block's keys `key_chunk` at a time (None: all at once): each
+    key's gradients depend only on its own logits, given the rows' lse and delta."""
+    rows = (q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, delta_BxTxH)
+    num_keys = block[0].shape[1]
+    if key_chunk is None or num_keys <= key_chunk:
+        return _tile_grads(*rows, block, causal=causal)
+
+    def step(dq_BxTxHxD, chunk):
+        dq, dk, dv = _tile_grads(*rows, chunk, causal=causal)
+        return dq_BxTxHxD + dq, (dk, dv)
+
+    dq_BxTxHxD, (dk_NxBxCxHxD, dv_NxBxCxHxD) = jax.lax.scan(
+        step, jnp.zeros_like(q_BxTxHxD, F32), _key_chunks(block, key_chunk))
+
+    def join(x_NxBxCxHxD):
+        x_BxNxCxHxD = jnp.moveaxis(x_NxBxCxHxD, 0, 1)
+        return x_BxNxCxHxD.reshape((x_BxNxCxHxD.shape[0], -1) + x_BxNxCxHxD.shape[3:])[
+            :, :num_keys]
+
+    return dq_BxTxHxD, join(dk_NxBxCxHxD), join(dv_NxBxCxHxD)
 
 
 def _fold_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool
