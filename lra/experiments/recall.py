@@ -158,6 +158,7 @@ def plot_recall(points: Sequence[Point], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     grouped = panels(points)
     mixers = sorted({p.mixer for p in points})
@@ -181,6 +182,9 @@ def plot_recall(points: Sequence[Point], path: Path) -> None:
         top.set_xscale("log", base=2)
         top.set_xlabel("model width")
         bottom.set_xscale("log")
+        # Labels at the decades only: within one decade matplotlib labels the minor
+        # ticks too, and they overlap.
+        bottom.xaxis.set_minor_formatter(NullFormatter())
         bottom.set_xlabel("state per layer per sequence (bytes)")
         for axis in (top, bottom):
             axis.set_ylabel("test accuracy (%)")
