@@ -61,6 +61,23 @@ def dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
 
+def to_chunks(x_BxLxZ: jax.Array, size: int, fill: float = 0) -> jax.Array:
+    """[B, L, ...] -> [N, B, size, ...]: the sequence axis cut into N = ceil(L / size)
+    chunks, the last padded with `fill`, the chunk axis first (the axis `lax.scan` walks)."""
+    batch, length = x_BxLxZ.shape[:2]
+    num = -(-length // size)
+    pad = [(0, 0), (0, num * size - length)] + [(0, 0)] * (x_BxLxZ.ndim - 2)
+    x_BxNSxZ = jnp.pad(x_BxLxZ, pad, constant_values=fill)
+    return jnp.moveaxis(x_BxNSxZ.reshape(batch, num, size, *x_BxLxZ.shape[2:]), 1, 0)
+
+
+def from_chunks(x_NxBxSxZ: jax.Array, length: int) -> jax.Array:
+    """[N, B, S, ...] -> [B, length, ...]: the inverse of `to_chunks` (padding dropped)."""
+    num, batch, size = x_NxBxSxZ.shape[:3]
+    x_BxNxSxZ = jnp.moveaxis(x_NxBxSxZ, 0, 1)
+    return x_BxNxSxZ.reshape(batch, num * size, *x_NxBxSxZ.shape[3:])[:, :length]
+
+
 def set_path(config, path: str, value) -> None:
     """config.<path> = value for a dotted path such as "model.attention_options.proj_len"."""
     *parents, name = path.split(".")

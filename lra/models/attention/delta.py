@@ -117,7 +117,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, Choice, dot_f32, positive_int
+from lra.common import F32, Choice, dot_f32, from_chunks, positive_int, to_chunks
 from lra.models.attention.gated import (
     ChunkStrategy,
     resolve_chunk_strategy,
@@ -400,14 +400,10 @@ def chunked_with_state(q, k, v, beta, log_alpha, chunk_size,
     """
     batch, length, heads, dim = q.shape
     chunk = min(chunk_size, length)
-    n = -(-length // chunk)
-    pad = n * chunk - length
     dtype = q.dtype
 
     def chunks(x):  # [B, L, H, ...] -> [N, B, H, C, ...]; padding = identity tokens
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(batch, n, chunk, *x.shape[2:])
-        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+        return jnp.swapaxes(to_chunks(x, chunk), 2, 3)
 
     def state_step(S_BxHxDxD, terms):
         q_read, P_xCxC, W, U, k_write, decay_BxHxDx1 = terms
@@ -429,8 +425,7 @@ def chunked_with_state(q, k, v, beta, log_alpha, chunk_size,
     else:  # every chunk's terms before the scan, batched over the chunk axis
         terms = _chunk_terms(*xs, solve=inverse_solve)
         S_BxHxDxD, out_NxBxHxCxD = jax.lax.scan(state_step, S0, terms)
-    out_BxNxCxHxD = out_NxBxHxCxD.transpose(1, 0, 3, 2, 4)
-    return out_BxNxCxHxD.reshape(batch, n * chunk, heads, -1)[:, :length], S_BxHxDxD
+    return from_chunks(jnp.swapaxes(out_NxBxHxCxD, 2, 3), length), S_BxHxDxD
 
 
 _FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}

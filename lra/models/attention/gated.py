@@ -72,16 +72,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, Choice, dot_f32, positive_int
+from lra.common import F32, Choice, dot_f32, from_chunks, positive_int, to_chunks
 from lra.models.attention.linear import Form, decode_keep
 from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
-from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
 from lra.models.attention.short_conv import (
     History,
     convolve_qkv,
     empty_history,
     make_qkv_conv,
 )
+from lra.models.attention.state_passing import affine, gather_summaries, incoming_states
 
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default, as RetNet's GroupNorm
 
@@ -219,14 +219,10 @@ def chunked_with_state(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO
     batch, length, heads, dim = v.shape
     chunk = min(chunk_size, length)
     n = -(-length // chunk)
-
-    def chunks(x):  # [B, L, ...] -> [N, B, C, ...], zero-padded: zero k, v and log-gate
-        x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-
     # zeros_like: inside shard_map the state varies over the mesh axes as v does
     S0 = jnp.zeros_like(v, F32, shape=(batch, heads, q.shape[-1], dim))
-    xs = tuple(chunks(x) for x in (q, k, v, g))
+    # [N, B, C, ...], zero-padded: zero k, v and log-gate leave the state as it is
+    xs = tuple(to_chunks(x, chunk) for x in (q, k, v, g))
     if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
         def body(S_BxHxDxD, xs):
             own_BxCxHxD, q_old, k_new, decay = _chunk_terms(*xs)
@@ -242,8 +238,7 @@ def chunked_with_state(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO
         body = lambda S, terms: _state_step(S, *terms)
         S_BxHxDxD, read_NxBxCxHxD = jax.lax.scan(body, S0, (q_old, k_new, xs[2], decay))
         out_NxBxCxHxD = own + read_NxBxCxHxD
-    out_BxLxHxD = jnp.moveaxis(out_NxBxCxHxD, 0, 1).reshape(batch, n * chunk, heads, dim)
-    return out_BxLxHxD[:, :length], S_BxHxDxD
+    return from_chunks(out_NxBxCxHxD, length), S_BxHxDxD
 
 
 def _recurrent_step(S_BxHxDxD, q_BxHxD, k_BxHxD, v_BxHxD, g_BxHxG):

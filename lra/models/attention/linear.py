@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, Choice, dot_f32, positive_int
+from lra.common import F32, Choice, dot_f32, from_chunks, positive_int, to_chunks
 from lra.models.attention import check_length
 from lra.models.attention.sequence_parallel import map_over_sequence, splits_sequence
 from lra.models.attention.short_conv import (
@@ -51,7 +51,11 @@ from lra.models.attention.short_conv import (
     empty_history,
     make_qkv_conv,
 )
-from lra.models.attention.state_passing import fold_all, gather_summaries, incoming_state
+from lra.models.attention.state_passing import (
+    fold_all,
+    gather_summaries,
+    incoming_state,
+)
 
 EPS = 1e-6  # added to the denominator phi(q_i) . z_i
 _NEG = -1e30  # log-scale of a masked key and of an empty state: "no key yet"
@@ -152,17 +156,10 @@ def _empty_state(batch: int, heads: int, features: int, head_dim: int, like=None
 def _scan(body, qf, kf, v, s, chunk: int):
     """Runs `body(state, (qf, kf, v, s) of one chunk)` over chunks of `chunk` tokens."""
     batch, length, heads, features = qf.shape
-    n = -(-length // chunk)
-    pad = n * chunk - length
-
-    def chunks(x, fill=0.0):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-
-    xs = (chunks(qf), chunks(kf), chunks(v), None if s is None else chunks(s, _NEG))
+    xs = (*(to_chunks(x, chunk) for x in (qf, kf, v)),
+          None if s is None else to_chunks(s, chunk, fill=_NEG))
     state, ys = jax.lax.scan(body, _empty_state(batch, heads, features, v.shape[-1], v), xs)
-    unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, n * chunk, *y.shape[3:])[:, :length]
-    return state, jax.tree.map(unchunk, ys)
+    return state, jax.tree.map(lambda y: from_chunks(y, length), ys)
 
 
 def _chunked(qf, kf, v, s, causal, chunk_size):

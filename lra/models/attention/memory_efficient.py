@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import MASKED_LOGIT
+from lra.common import MASKED_LOGIT, to_chunks
 from lra.models.attention import check_length
 from lra.models.attention.sequence_parallel import (
     sequence_parallel_attention,
@@ -205,12 +205,8 @@ def blockwise_attention(
 
 def _chunks(x_BxLx: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     """[B, L, ...] -> [N, B, size, ...] (zero/False padded) and positions [N, size]."""
-    batch, length = x_BxLx.shape[:2]
-    num = -(-length // size)
-    pad = [(0, 0), (0, num * size - length)] + [(0, 0)] * (x_BxLx.ndim - 2)
-    x_BxNCx = jnp.pad(x_BxLx, pad)
-    x_NxBxCx = jnp.moveaxis(x_BxNCx.reshape((batch, num, size) + x_BxLx.shape[2:]), 1, 0)
-    return x_NxBxCx, jnp.arange(num * size).reshape(num, size)
+    x_NxBxCx = to_chunks(x_BxLx, size)
+    return x_NxBxCx, jnp.arange(x_NxBxCx.shape[0] * size).reshape(-1, size)
 
 
 def _attend_query_chunk(

@@ -56,7 +56,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from lra.common import F32, MASKED_LOGIT, Choice
+from lra.common import F32, MASKED_LOGIT, Choice, from_chunks, to_chunks
 
 SEQ_AXIS = "seq"  # the mesh axis that splits the sequence (length) across devices
 
@@ -613,16 +613,9 @@ def _fold_block(
 def _key_chunks(block: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
     """A tile's keys (keys, values [B, K, H, D], allowed [B, K], positions [K]) cut into
     [N, ...] chunks of `size` keys; the last chunk is padded with keys not allowed."""
-    num = -(-block[0].shape[1] // size)
-    extra = num * size - block[0].shape[1]
-
-    def cut(x, axis):
-        x = jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
-        x = x.reshape(x.shape[:axis] + (num, size) + x.shape[axis + 1:])
-        return jnp.moveaxis(x, axis, 0)
-
     k_BxKxHxD, v_BxKxHxD, allowed_BxK, kpos_K = block
-    return cut(k_BxKxHxD, 1), cut(v_BxKxHxD, 1), cut(allowed_BxK, 1), cut(kpos_K, 0)
+    return (*(to_chunks(x, size) for x in (k_BxKxHxD, v_BxKxHxD, allowed_BxK)),
+            to_chunks(kpos_K[None], size)[:, 0])
 
 
 def _fold_chunked_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool,
@@ -654,13 +647,8 @@ def _chunked_tile_grads(q_BxTxHxD, qpos_T, dout_BxTxHxD, lse_BxTxH, seen_BxTxH, 
 
     dq_BxTxHxD, (dk_NxBxCxHxD, dv_NxBxCxHxD) = jax.lax.scan(
         step, jnp.zeros_like(q_BxTxHxD, F32), _key_chunks(block, key_chunk))
-
-    def join(x_NxBxCxHxD):
-        x_BxNxCxHxD = jnp.moveaxis(x_NxBxCxHxD, 0, 1)
-        return x_BxNxCxHxD.reshape((x_BxNxCxHxD.shape[0], -1) + x_BxNxCxHxD.shape[3:])[
-            :, :num_keys]
-
-    return dq_BxTxHxD, join(dk_NxBxCxHxD), join(dv_NxBxCxHxD)
+    return (dq_BxTxHxD, from_chunks(dk_NxBxCxHxD, num_keys),
+            from_chunks(dv_NxBxCxHxD, num_keys))
 
 
 def _fold_tile(q_BxTxHxD, qpos_T, softmax_stats, block, *, causal: bool

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lra.common import F32, dot_f32
+from lra.common import F32, dot_f32, from_chunks, to_chunks
 from lra.models.attention.gated import GatedAttention, next_gates
 from lra.models.attention.linear import Form
 from lra.models.attention.sequence_parallel import map_over_sequence
@@ -151,14 +151,9 @@ def grouped_chunked_with_state(c, b, x, g, S0, chunk_size):
     the per-head decay only in the product with it; the state is read with C per group
     and written with B per group, the per-head decays applied to x and to the output.
     """
-    batch, length = x.shape[:2]
+    length = x.shape[1]
     chunk = min(chunk_size, length)
-    n = -(-length // chunk)
     dtype = x.dtype
-
-    def chunks(a):  # [B, L, ...] -> [n, B, C, ...], zero-padded (zero b, x and log-gate)
-        a = jnp.pad(a, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (a.ndim - 2))
-        return jnp.moveaxis(a.reshape(batch, n, chunk, *a.shape[2:]), 1, 0)
 
     def body(S_BxGxRxNxP, xs):
         c_BxCxGxN, b_BxCxGxN, x_BxCxGxRxP, g_BxCxGxR = xs
@@ -175,9 +170,10 @@ def grouped_chunked_with_state(c, b, x, g, S0, chunk_size):
                        + dot_f32("bjgn,bjgrp->bgrnp", b_BxCxGxN, x_end))
         return S_BxGxRxNxP, out
 
-    S, out_nxBxCxGxRxP = jax.lax.scan(body, S0, tuple(chunks(a) for a in (c, b, x, g)))
-    out = jnp.moveaxis(out_nxBxCxGxRxP, 0, 1)
-    return out.reshape(batch, n * chunk, *x.shape[2:])[:, :length], S
+    # [n, B, C, ...], zero-padded: zero b, x and log-gate leave the state as it is
+    chunks = tuple(to_chunks(a, chunk) for a in (c, b, x, g))
+    S, out_nxBxCxGxRxP = jax.lax.scan(body, S0, chunks)
+    return from_chunks(out_nxBxCxGxRxP, length), S
 
 
 def _grouped_parallel(c, b, x, g, S0, chunk_size):

@@ -249,13 +249,9 @@ def chunked_with_state(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy=Chun
     carries only the state."""
     batch, length, heads, dim = r.shape
     chunk = min(chunk_size, length)
-    n = -(-length // chunk)
-    pad = n * chunk - length
 
     def chunks(x):  # [B, L, H, N] -> [n, B, H, C, N]; padding = neutral tokens
-        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
-        x = x.reshape(batch, n, chunk, heads, x.shape[-1])
-        return x.transpose(1, 0, 3, 2, 4)
+        return jnp.swapaxes(common.to_chunks(x, chunk), 2, 3)
 
     def state_step(S, terms):
         r_read, P_k, P_b, W, U, k_write, b_write, decay, V = terms
@@ -274,8 +270,7 @@ def chunked_with_state(r, k, v, kappa, b, log_w, chunk_size, chunk_strategy=Chun
     else:
         terms = (*_chunk_terms(*xs, solve=inverse_solve), xs[2])
         S, out = jax.lax.scan(state_step, S0, terms)
-    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, n * chunk, heads, -1)
-    return out[:, :length], S
+    return common.from_chunks(jnp.swapaxes(out, 2, 3), length), S
 
 
 _FORMS = {Form.CHUNKED: _chunked, Form.RECURRENT: _recurrent}
