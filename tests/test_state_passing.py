@@ -87,14 +87,20 @@ def on_mesh(mesh, *arrays):
     return [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), "seq"))) for x in arrays]
 
 
-def assert_trees_close(got, want, rel=1e-5, floor=1e-12):
-    """Every leaf's largest difference <= rel x its largest |value| + floor (all finite)."""
+def assert_trees_close(got, want, rel=1e-5):
+    """Every leaf's largest difference <= rel x (its largest |value| + the largest |value|
+    of any leaf), all finite. The second term is there for leaves that are sums with
+    cancellation: a key bias's gradient (softmax is invariant to it, FoX's nearly so) is
+    rounding-accurate to the size of its terms, not to the size of its sum (measured: FoX's
+    bidirectional key bias 2.7e-6 apart, its largest value 0.13)."""
+    overall = max(np.abs(np.asarray(w, np.float64)).max() for w in jax.tree.leaves(want))
     for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
                           jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert np.isfinite(g).all(), path[0]
         error, scale = np.abs(g - w).max(), np.abs(w).max()
-        assert error <= rel * scale + floor, f"{path[0]}: {error:.3g} > {rel} x {scale:.3g}"
+        assert error <= rel * (scale + overall), (
+            f"{path[0]}: {error:.3g} > {rel} x ({scale:.3g} + {overall:.3g})")
 
 
 def split_and_whole(name, causal, data, seq, length=LENGTH, options=None):
@@ -152,8 +158,8 @@ def test_an_encoder_of_every_family_over_a_split_sequence_equals_the_whole(causa
     """An encoder whose layers are half the families in turn (`ENCODERS`), with
     embeddings, norms, MLPs and pooling, on (data 1, seq 4): its per-token outputs and
     the gradients of every parameter equal the unsplit encoder's (right padding and the
-    holes row of `inputs`), each gradient within 1e-5 of its own largest value plus 1e-5
-    of the largest of all (softmax's key bias has a zero gradient but for rounding)."""
+    holes row of `inputs`), to `assert_trees_close`'s bound (softmax's key bias has a zero
+    gradient but for rounding)."""
     pattern = [LayerMixer(name, split_options(name, MAMBA2_OPTIONS if name == "mamba2"
                                               else None), True)
                for name in ENCODERS[causal]]
@@ -176,8 +182,7 @@ def test_an_encoder_of_every_family_over_a_split_sequence_equals_the_whole(causa
     mesh = make_mesh(1, 4)
     with jax.set_mesh(mesh):
         (_, got), got_grads = grad(params, *on_mesh(mesh, tokens, mask))
-    scale = max(np.abs(w).max() for w in jax.tree.leaves(want_grads))
-    assert_trees_close((got, got_grads), (want, want_grads), floor=1e-5 * scale)
+    assert_trees_close((got, got_grads), (want, want_grads))
 
 
 def _compiled(name, causal, length, mesh=None):
