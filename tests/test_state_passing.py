@@ -88,12 +88,13 @@ def on_mesh(mesh, *arrays):
 
 
 def assert_trees_close(got, want, rel=1e-5):
-    """Every leaf's largest difference <= rel x (its largest |value| + the largest |value|
-    of any leaf), all finite. The second term is there for leaves that are sums with
-    cancellation: a key bias's gradient (softmax is invariant to it, FoX's nearly so) is
-    rounding-accurate to the size of its terms, not to the size of its sum (measured: FoX's
-    bidirectional key bias 2.7e-6 apart, its largest value 0.13)."""
-    overall = max(np.abs(np.asarray(w, np.float64)).max() for w in jax.tree.leaves(want))
+    """got, want: (outputs, gradients). Every leaf's largest difference <= rel x (its
+    largest |value| + the largest |value| of any gradient), all finite. The second term is
+    there for gradients that are sums with cancellation: a key bias's gradient (softmax is
+    invariant to it, FoX's nearly so) is rounding-accurate to the size of its terms, not to
+    the size of its sum (measured: FoX's bidirectional key bias 2.7e-6 apart, its largest
+    value 0.13)."""
+    overall = max(np.abs(np.asarray(w, np.float64)).max() for w in jax.tree.leaves(want[1]))
     for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
                           jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)

@@ -217,12 +217,11 @@ def chunked_with_state(q, k, v, g, chunk_size, chunk_strategy=ChunkStrategy.AUTO
     `batched` every chunk's part is computed before the scan, batched over chunks, and
     the scan does only the read and the update (module docstring)."""
     batch, length, heads, dim = v.shape
-    chunk = min(chunk_size, length)
-    n = -(-length // chunk)
     # zeros_like: inside shard_map the state varies over the mesh axes as v does
     S0 = jnp.zeros_like(v, F32, shape=(batch, heads, q.shape[-1], dim))
     # [N, B, C, ...], zero-padded: zero k, v and log-gate leave the state as it is
-    xs = tuple(to_chunks(x, chunk) for x in (q, k, v, g))
+    xs = tuple(to_chunks(x, min(chunk_size, length)) for x in (q, k, v, g))
+    n = xs[0].shape[0]
     if resolve_chunk_strategy(chunk_strategy) is ChunkStrategy.SCAN:
         def body(S_BxHxDxD, xs):
             own_BxCxHxD, q_old, k_new, decay = _chunk_terms(*xs)
